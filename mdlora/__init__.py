@@ -1,0 +1,3 @@
+"""mdlora: multi-domain CTR prediction with low-rank adapters."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,382 @@
+"""The artifact directory: the plain, pickle-free format training writes and serving loads.
+
+::
+
+    manifest.json                       schema version, model config, stage, tensor lists,
+                                        adapter list with versions and checksums, metrics
+    encoder.json                        the feature encoder (vocabularies), when given
+    backbone.safetensors                the frozen backbone
+    gate.safetensors                    MoE gate / MultiLoRA fusion and cell norms (if any)
+    adapters/<division>/<domain>/<version>/adapter_config.json
+                                       /adapter_model.safetensors
+
+An adapter package (the last two files) is also what ``mdlora add-domain`` writes and what
+the service's admin API accepts. Every load checks names, shapes, dtypes, finiteness and
+SHA-256 checksums before a tensor reaches the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from models.model import ModelConfig, MultiDomainModel
+from models.state import (
+    TensorMismatchError,
+    adapter_signature,
+    adapter_tensors,
+    check_tensors,
+    install_adapter,
+    load_shared,
+    shared_tensors,
+)
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+GATE_PREFIXES = ("gate.", "tower.fusions.", "tower.domain_norms.cell.")
+
+
+class ArtifactError(ValueError):
+    """An artifact or adapter package cannot be used; the message says what to fix."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _describe(tensors: dict[str, Tensor]) -> dict[str, dict[str, Any]]:
+    return {
+        k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+        for k, v in sorted(tensors.items())
+    }
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ArtifactError(f"unknown dtype {name!r} in manifest")
+    return dtype
+
+
+def _expected(listing: dict[str, dict[str, Any]]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {k: (tuple(v["shape"]), _dtype(v["dtype"])) for k, v in listing.items()}
+
+
+def load_safetensors_bytes(data: bytes, what: str) -> dict[str, Tensor]:
+    """Parse safetensors bytes (never pickle), turning any parse failure into ArtifactError."""
+    if len(data) < 8:
+        raise ArtifactError(f"{what}: not a safetensors file (only {len(data)} bytes)")
+    try:
+        return st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise ArtifactError(f"{what}: not a valid safetensors file ({exc})") from None
+
+
+def model_signature(config: ModelConfig) -> str:
+    """Hash of what an adapter must agree with: backbone, tower, ranks, features, method."""
+    key = {
+        "backbone": config.backbone,
+        "tower": list(config.tower),
+        "ranks": config.lora_ranks(),
+        "method": config.method,
+        "experts_per_domain": config.experts_per_domain,
+        "gate_dim": config.gate_dim,
+        "embed_dim": config.embed_dim,
+        "features": config.features.to_dict(),
+        "backbone_options": config.backbone_options,
+    }
+    return sha256_bytes(json.dumps(key, sort_keys=True).encode())[:16]
+
+
+# ---------------------------------------------------------------------------- adapters
+@dataclass
+class AdapterPackage:
+    """One domain's adapter: its config (JSON) and tensors."""
+
+    config: dict[str, Any]
+    tensors: dict[str, Tensor]
+
+    @property
+    def division(self) -> str:
+        return str(self.config["division"])
+
+    @property
+    def domain(self) -> str:
+        return str(self.config["domain"])
+
+
+def make_adapter_package(
+    model: MultiDomainModel, division: str, domain: str, version: int = 1, **extra: Any
+) -> AdapterPackage:
+    tensors = adapter_tensors(model, division, domain)
+    cfg = model.config
+    config = {
+        "format": "mdlora-adapter",
+        "schema_version": SCHEMA_VERSION,
+        "method": cfg.method,
+        "backbone": cfg.backbone,
+        "model_signature": model_signature(cfg),
+        "division": division,
+        "domain": domain,
+        "version": version,
+        "ranks": cfg.lora_ranks(),
+        "experts": cfg.experts_per_domain if cfg.method == "moe" else 1,
+        "tensors": _describe(tensors),
+        **extra,
+    }
+    return AdapterPackage(config, tensors)
+
+
+def adapter_package_bytes(pkg: AdapterPackage) -> tuple[bytes, bytes]:
+    """``(adapter_config.json, adapter_model.safetensors)`` contents."""
+    weights = st_save(pkg.tensors, metadata={"format": "pt"})
+    config = dict(pkg.config, sha256=sha256_bytes(weights))
+    return json.dumps(config, indent=2, sort_keys=True).encode(), weights
+
+
+def write_adapter_package(pkg: AdapterPackage, directory: Path) -> Path:
+    config_bytes, weights = adapter_package_bytes(pkg)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(directory / ADAPTER_WEIGHTS, weights)
+    _atomic_write(directory / ADAPTER_CONFIG, config_bytes)
+    return directory
+
+
+def parse_adapter_package(
+    config_bytes: bytes, weights: bytes, max_bytes: int | None = None
+) -> AdapterPackage:
+    """Parse and self-check a package (JSON config + safetensors), without a model."""
+    if max_bytes is not None and len(weights) > max_bytes:
+        raise ArtifactError(f"adapter weights are {len(weights)} bytes, over the {max_bytes} limit")
+    try:
+        config = json.loads(config_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{ADAPTER_CONFIG} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or config.get("format") != "mdlora-adapter":
+        raise ArtifactError(f"{ADAPTER_CONFIG} is not an mdlora adapter config (format field)")
+    for key in ("division", "domain", "model_signature", "tensors"):
+        if key not in config:
+            raise ArtifactError(f"{ADAPTER_CONFIG} lacks the {key!r} field")
+    if not str(config["domain"]).strip():
+        raise ArtifactError("adapter domain name is empty")
+    if "sha256" in config and config["sha256"] != sha256_bytes(weights):
+        raise ArtifactError(f"{ADAPTER_WEIGHTS} does not match the checksum in {ADAPTER_CONFIG}")
+    tensors = load_safetensors_bytes(weights, ADAPTER_WEIGHTS)
+    try:
+        check_tensors(_expected(config["tensors"]), tensors, ADAPTER_WEIGHTS)
+    except TensorMismatchError as exc:
+        raise ArtifactError(str(exc)) from None
+    return AdapterPackage(config, tensors)
+
+
+def read_adapter_package(directory: Path, max_bytes: int | None = None) -> AdapterPackage:
+    directory = Path(directory)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (directory / name).is_file():
+            raise ArtifactError(f"{directory}: {name} is missing")
+    return parse_adapter_package(
+        (directory / ADAPTER_CONFIG).read_bytes(), (directory / ADAPTER_WEIGHTS).read_bytes(),
+        max_bytes,
+    )  # fmt: skip
+
+
+def check_adapter_fits(model: MultiDomainModel, pkg: AdapterPackage, max_rank: int | None = None) -> None:
+    """Refuse a package that does not fit ``model`` (ArtifactError says why)."""
+    cfg = model.config
+    if pkg.config.get("method") != cfg.method or pkg.config.get("backbone") != cfg.backbone:
+        raise ArtifactError(
+            f"adapter is for a {pkg.config.get('method')}/{pkg.config.get('backbone')} model, "
+            f"this model is {cfg.method}/{cfg.backbone}"
+        )
+    if pkg.config["model_signature"] != model_signature(cfg):
+        raise ArtifactError(
+            "adapter was trained against a different backbone or feature spec "
+            f"(signature {pkg.config['model_signature']}, model {model_signature(cfg)})"
+        )
+    if max_rank is not None and max(pkg.config.get("ranks", [0])) > max_rank:
+        raise ArtifactError(f"adapter rank {pkg.config.get('ranks')} exceeds the cap {max_rank}")
+    try:
+        check_tensors(adapter_signature(model, pkg.division), pkg.tensors, "adapter")
+    except (TensorMismatchError, KeyError, ValueError) as exc:
+        raise ArtifactError(str(exc).strip("'\"")) from None
+
+
+def apply_adapter(model: MultiDomainModel, pkg: AdapterPackage, max_rank: int | None = None) -> int:
+    """Validate ``pkg`` against ``model`` and install it (adds the domain if new)."""
+    check_adapter_fits(model, pkg, max_rank)
+    return install_adapter(
+        model, pkg.division, pkg.domain, pkg.tensors, str(pkg.config.get("gate_scope", "all"))
+    )
+
+
+# ---------------------------------------------------------------------------- artifacts
+@dataclass
+class Artifact:
+    model: MultiDomainModel
+    manifest: dict[str, Any]
+    encoder: dict[str, Any] | None = None
+    path: Path | None = None
+    adapter_versions: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def adapter_dir(root: Path, division: str, domain: str, version: int) -> Path:
+    return Path(root) / "adapters" / _safe(division) / _safe(domain) / str(version)
+
+
+def _safe(name: str) -> str:
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+        raise ArtifactError(f"name {name!r} cannot be used as a path component")
+    return name
+
+
+def save_artifact(
+    model: MultiDomainModel,
+    directory: Path | str,
+    encoder: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (and the encoder dict) as an artifact directory.
+
+    Written to a temporary sibling and renamed into place, so a crash never leaves half an
+    artifact where a previous one was.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        shared = shared_tensors(model)
+        gate = {k: v for k, v in shared.items() if k.startswith(GATE_PREFIXES)}
+        backbone = {k: v for k, v in shared.items() if k not in gate}
+        files: dict[str, Any] = {}
+        for name, tensors in (("backbone.safetensors", backbone), ("gate.safetensors", gate)):
+            if not tensors:
+                continue
+            data = st_save(tensors, metadata={"format": "pt"})
+            (tmp / name).write_bytes(data)
+            files[name] = {"sha256": sha256_bytes(data), "tensors": _describe(tensors)}
+        adapters = []
+        cfg = model.config
+        adapted = {"mlora": 1, "moe": 1, "multilora": 2}.get(cfg.method, 0)
+        for div in cfg.divisions[:adapted]:
+            for dom in div.domains:
+                pkg = make_adapter_package(model, div.name, dom, 1)
+                path = write_adapter_package(pkg, adapter_dir(tmp, div.name, dom, 1))
+                adapters.append({
+                    "division": div.name, "domain": dom, "version": 1,
+                    "path": str(path.relative_to(tmp)),
+                    "sha256": sha256_bytes((path / ADAPTER_WEIGHTS).read_bytes()),
+                })  # fmt: skip
+        if encoder is not None:
+            (tmp / "encoder.json").write_text(json.dumps(encoder))
+        manifest = {
+            "format": "mdlora-artifact",
+            "schema_version": SCHEMA_VERSION,
+            "model": cfg.to_dict(),
+            "model_signature": model_signature(cfg),
+            "stage": {"name": model.stage.name, "division": model.stage.division},
+            "routing": model.routing,
+            "files": files,
+            "encoder": "encoder.json" if encoder is not None else None,
+            "adapters": adapters,
+            "metrics": metrics or {},
+            **(extra or {}),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_manifest(directory: Path | str) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{directory} is not an mdlora artifact: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc})") from None
+    if manifest.get("format") != "mdlora-artifact":
+        raise ArtifactError(f"{path} is not an mdlora manifest (format field)")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{path}: schema version {manifest.get('schema_version')} is not supported "
+            f"(this mdlora reads version {SCHEMA_VERSION})"
+        )
+    return manifest
+
+
+def load_artifact(directory: Path | str, map_location: str | torch.device = "cpu") -> Artifact:
+    """Rebuild the model of an artifact directory, checking every file against the manifest."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    config = ModelConfig.from_dict(manifest["model"])
+    model = MultiDomainModel(config)
+    shared: dict[str, Tensor] = {}
+    for name, info in manifest["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise ArtifactError(f"{directory}: {name} is listed in the manifest but missing")
+        data = path.read_bytes()
+        if sha256_bytes(data) != info["sha256"]:
+            raise ArtifactError(f"{path}: checksum does not match the manifest (file changed?)")
+        tensors = load_safetensors_bytes(data, str(path))
+        try:
+            check_tensors(_expected(info["tensors"]), tensors, str(path))
+        except TensorMismatchError as exc:
+            raise ArtifactError(str(exc)) from None
+        shared.update(tensors)
+    try:
+        load_shared(model, shared)
+    except TensorMismatchError as exc:
+        raise ArtifactError(f"{directory}: {exc}") from None
+    versions: dict[tuple[str, str], int] = {}
+    for entry in manifest["adapters"]:
+        pkg_dir = directory / entry["path"]
+        pkg = read_adapter_package(pkg_dir)
+        if sha256_bytes((pkg_dir / ADAPTER_WEIGHTS).read_bytes()) != entry["sha256"]:
+            raise ArtifactError(f"{pkg_dir}: checksum does not match the manifest")
+        apply_adapter(model, pkg)
+        versions[(entry["division"], entry["domain"])] = int(entry["version"])
+    stage = manifest.get("stage", {})
+    model.set_stage(stage.get("name", "backbone"), division=stage.get("division"))
+    model.set_routing(manifest.get("routing", "bag"))
+    model.eval()
+    encoder = None
+    if manifest.get("encoder"):
+        encoder = json.loads((directory / manifest["encoder"]).read_text())
+    return Artifact(model.to(map_location), manifest, encoder, directory, versions)

@@ -1,0 +1,223 @@
+"""Low-rank adapter banks: all experts' (A, B, c[, s]) of one tower layer in stacked tensors.
+
+One bank serves the three methods:
+
+* MLoRA: one expert per domain, routed by the domain index (a one-hot gate);
+* MoE-MLoRA: k experts per domain, mixed by a soft gate ``g`` of shape ``[B, E]``;
+* MultiLoRA: as MLoRA but with a row scale ``s`` (``delta = s * (x A B) + e``).
+
+For an expert ``e`` the change to the layer's pre-activation is ``s_e * (x A_e B_e) + c_e``
+(``s_e = 1`` without a row scale). Routing a mixed-domain batch never loops over domains:
+
+* hard routing (one expert per sample) uses ``embedding_bag`` with per-sample weights twice:
+  ``u = sum_k x_k A[e, k, :]`` and ``delta = sum_j u_j B[e, j, :] + c_e``. Each sample reads only
+  its own expert's rows, so the cost is the low-rank FLOPs and nothing else, the result of a
+  sample does not depend on the other experts in the bank (adding one is bit-exact for the
+  others), and autograd handles it as is;
+* soft routing (a gate over all experts) folds the mixture into two matmuls over the stacked
+  experts, ``((x @ A_cat) * g_r) @ B_cat + g @ C`` (ARCHITECTURE.md, property 2);
+* ``fused_down`` (inference, hard routing) computes ``x @ A_cat`` as one GEMM and gathers each
+  sample's ``r`` columns; it pays when ``E * r`` is small next to the layer width.
+
+At inference the MoE gate depends only on the domain, so :func:`fold_experts` turns it into
+one effective adapter per domain and the hard path applies (``InferenceBank``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+ROUTING_STRATEGIES = ("bag", "fused_down")
+
+
+def rank_from_alpha(out_dim: int, alpha: float) -> int:
+    """MLoRA's rank rule ``r = max(floor(out / alpha), 1)``."""
+    return max(int(math.floor(out_dim / alpha)), 1)
+
+
+class AdapterBank(nn.Module):
+    """Trainable stacked low-rank experts for one ``in_dim -> out_dim`` layer.
+
+    ``A``: ``[E, in, r]`` Glorot-normal, ``B``: ``[E, r, out]`` zeros, ``bias``: ``[E, out]``
+    zeros, so a fresh bank leaves the layer unchanged. With ``row_scale`` (MultiLoRA) ``scale``
+    is ``[E, out]`` random Gaussian.
+    """
+
+    def __init__(
+        self, num_experts: int, in_dim: int, out_dim: int, rank: int, row_scale: bool = False
+    ) -> None:
+        super().__init__()
+        if num_experts < 1 or rank < 1:
+            raise ValueError(f"need num_experts >= 1 and rank >= 1, got {num_experts}, {rank}")
+        self.in_dim, self.out_dim, self.rank = in_dim, out_dim, rank
+        self.A = nn.Parameter(self._init_a(num_experts))
+        self.B = nn.Parameter(torch.zeros(num_experts, rank, out_dim))
+        self.bias = nn.Parameter(torch.zeros(num_experts, out_dim))
+        self.scale: nn.Parameter | None = (
+            nn.Parameter(torch.randn(num_experts, out_dim)) if row_scale else None
+        )
+
+    def _init_a(self, n: int) -> Tensor:
+        a = torch.empty(n, self.in_dim, self.rank)
+        std = math.sqrt(2.0 / (self.in_dim + self.rank))
+        return a.normal_(0.0, std)
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.A.shape[0])
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.num_experts}, in={self.in_dim}, out={self.out_dim}, "
+            f"rank={self.rank}, row_scale={self.scale is not None}"
+        )
+
+    def scaled_b(self) -> Tensor:
+        """B with the row scale folded in (``s * (u B) == u (B * s)``)."""
+        return self.B if self.scale is None else self.B * self.scale.unsqueeze(1)
+
+    def forward(
+        self, x: Tensor, index: Tensor | None = None, weights: Tensor | None = None
+    ) -> Tensor:
+        """The adapter change ``[B, out]`` for inputs ``x`` ``[B, in]``.
+
+        Give exactly one of ``index`` (``[B]`` expert per sample) or ``weights`` (``[B, E]``).
+        """
+        if (index is None) == (weights is None):
+            raise ValueError("give exactly one of index (hard routing) or weights (soft gate)")
+        if index is not None:
+            return lowrank_bag(x, self.A, self.scaled_b(), self.bias, index)
+        assert weights is not None
+        return lowrank_soft(x, self.A, self.scaled_b(), self.bias, weights)
+
+    @torch.no_grad()
+    def grow(self, n: int = 1) -> None:
+        """Append ``n`` fresh experts; existing rows are copied unchanged."""
+        e, out = self.num_experts, self.out_dim
+        self.A = nn.Parameter(torch.cat([self.A.data, self._init_a(n).to(self.A)], 0))
+        self.B = nn.Parameter(torch.cat([self.B.data, self.B.new_zeros(n, self.rank, out)], 0))
+        self.bias = nn.Parameter(torch.cat([self.bias.data, self.bias.new_zeros(n, out)], 0))
+        if self.scale is not None:
+            new = torch.randn(n, out).to(self.scale)
+            self.scale = nn.Parameter(torch.cat([self.scale.data, new], 0))
+        assert self.num_experts == e + n
+
+
+def _bag_rows(index: Tensor, width: int) -> Tensor:
+    """Row ids ``index * width + [0..width)`` of each sample's block in a flattened bank."""
+    return index.unsqueeze(1) * width + torch.arange(width, device=index.device)
+
+
+def lowrank_bag(x: Tensor, a: Tensor, b: Tensor, c: Tensor, index: Tensor) -> Tensor:
+    """Hard-routed ``x A[i] B[i] + c[i]`` with two weighted ``embedding_bag`` sums.
+
+    ``a``: ``[E, in, r]``, ``b``: ``[E, r, out]``, ``c``: ``[E, out]``, ``index``: ``[B]``.
+    """
+    e, in_dim, r = a.shape
+    u = F.embedding_bag(
+        _bag_rows(index, in_dim), a.reshape(e * in_dim, r), per_sample_weights=x, mode="sum"
+    )
+    return lowrank_up(u, b, c, index)
+
+
+def lowrank_up(u: Tensor, b: Tensor, c: Tensor, index: Tensor) -> Tensor:
+    """``u B[i] + c[i]`` for per-sample low-rank activations ``u`` ``[B, r]``."""
+    e, r, out = b.shape
+    rows = torch.cat([_bag_rows(index, r), (index + e * r).unsqueeze(1)], 1)
+    table = torch.cat([b.reshape(e * r, out), c], 0)
+    weights = torch.cat([u, u.new_ones(u.shape[0], 1)], 1)
+    return F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
+
+
+def lowrank_soft(x: Tensor, a: Tensor, b: Tensor, c: Tensor, weights: Tensor) -> Tensor:
+    """Gate-weighted mixture ``sum_e g_e (x A_e B_e + c_e)`` as two matmuls."""
+    e, in_dim, r = a.shape
+    u = x @ a.permute(1, 0, 2).reshape(in_dim, e * r)
+    u = u * weights.repeat_interleave(r, dim=1)
+    return torch.addmm(weights @ c, u, b.reshape(e * r, -1))
+
+
+@dataclass
+class InferenceBank:
+    """Per-domain effective adapters of one layer, laid out for hard routing at inference.
+
+    ``a``: ``[D, in, R]``, ``b``: ``[D, R, out]`` (row scale folded), ``c``: ``[D, out]``.
+    ``strategy`` picks how a mixed batch is routed (see module docstring); ``a_cat`` is the
+    ``[in, D*R]`` matrix the ``fused_down`` strategy multiplies by.
+    """
+
+    a: Tensor
+    b: Tensor
+    c: Tensor
+    strategy: str = "bag"
+    a_cat: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ROUTING_STRATEGIES:
+            raise ValueError(f"unknown routing strategy {self.strategy!r}: {ROUTING_STRATEGIES}")
+        if self.strategy == "fused_down" and self.a_cat is None:
+            d, i, r = self.a.shape
+            self.a_cat = self.a.permute(1, 0, 2).reshape(i, d * r).contiguous()
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[2])
+
+    def with_strategy(self, strategy: str) -> InferenceBank:
+        return InferenceBank(self.a, self.b, self.c, strategy)
+
+    def delta(self, x: Tensor, index: Tensor) -> Tensor:
+        if self.strategy == "bag":
+            return lowrank_bag(x, self.a, self.b, self.c, index)
+        assert self.a_cat is not None
+        r = self.rank
+        u = (x @ self.a_cat).gather(1, _bag_rows(index, r))
+        return lowrank_up(u, self.b, self.c, index)
+
+
+def fold_experts(
+    a: Tensor, b: Tensor, c: Tensor, gate: Tensor, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fold a per-domain gate over experts into one effective adapter per domain.
+
+    ``gate``: ``[D, E]`` mixture weights per domain; ``mask``: ``[D, E]`` bool, experts a domain
+    may use. Domain ``d`` gets ``A'_d = [A_e]`` and ``B'_d = [g_de B_e]`` over its own experts
+    (rank ``E_d * r``), zero-padded to the largest ``E_d``; each domain is folded on its own so
+    that adding experts for a new domain leaves the others' effective adapters bit-identical.
+    """
+    n_dom, n_exp = gate.shape
+    _, in_dim, r = a.shape
+    out = b.shape[2]
+    if mask is None:
+        mask = torch.ones(n_dom, n_exp, dtype=torch.bool, device=gate.device)
+    width = int(mask.sum(1).max().item()) * r
+    full = width > min(in_dim, out)
+    if full:
+        # The concatenation would be wider than the layer: a dense per-domain update
+        # dW_d (rank <= min(in, out)) written as (I, dW_d) or (dW_d, I) is cheaper.
+        width = min(in_dim, out)
+    fa = a.new_zeros(n_dom, in_dim, width)
+    fb = b.new_zeros(n_dom, width, out)
+    fc = c.new_zeros(n_dom, out)
+    for d in range(n_dom):
+        sel = mask[d].nonzero().squeeze(1)
+        g = gate[d, sel]
+        k = sel.numel() * r
+        cat_a = a[sel].permute(1, 0, 2).reshape(in_dim, k)
+        cat_b = (b[sel] * g[:, None, None]).reshape(k, out)
+        if not full:
+            fa[d, :, :k] = cat_a
+            fb[d, :k] = cat_b
+        elif in_dim <= out:
+            fa[d] = torch.eye(in_dim, dtype=a.dtype, device=a.device)
+            fb[d] = cat_a @ cat_b
+        else:
+            fa[d] = cat_a @ cat_b
+            fb[d] = torch.eye(out, dtype=b.dtype, device=b.device)
+        fc[d] = g @ c[sel]
+    return fa, fb, fc

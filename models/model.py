@@ -1,0 +1,368 @@
+"""The multi-domain CTR model: one backbone, and the adapters of one method.
+
+``MultiDomainModel(config)`` builds embeddings -> interaction -> adapted tower -> head for
+``config.backbone`` and attaches what ``config.method`` needs:
+
+* ``base``: nothing (Base / Mix, Single, Fine-tune baselines);
+* ``mlora``: one adapter per domain of the primary division;
+* ``moe``: ``experts_per_domain`` experts per domain and a :class:`DomainGate`;
+* ``multilora``: a LoRA set with row scale under the natural and the auxiliary division, a
+  domain norm per division and per cell, and the fusion attention.
+
+Which of them a forward pass uses is the model's :class:`Stage` (the training phases switch
+it; an exported model keeps its final stage). A mixed-domain batch is always one call.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models.backbones import MOVIELENS_ALPHA, build_interaction
+from models.features import EncodedBatch, FeatureSpec, FieldEmbedding
+from models.gate import DomainGate
+from models.lora import ROUTING_STRATEGIES, InferenceBank, fold_experts, rank_from_alpha
+from models.tower import AdaptedTower, Route
+
+METHODS = ("base", "mlora", "moe", "multilora")
+STAGES = {
+    "base": ("backbone",),
+    "mlora": ("backbone", "adapters"),
+    "moe": ("backbone", "expert", "gate"),
+    "multilora": ("backbone", "lora", "fusion"),
+}
+FINAL_STAGE = {"base": "backbone", "mlora": "adapters", "moe": "gate", "multilora": "fusion"}
+
+
+@dataclass(frozen=True)
+class Division:
+    """A domain division: a name and its domain names (domain id = position)."""
+
+    name: str
+    domains: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.domains:
+            raise ValueError(f"division {self.name!r} has no domains")
+        if len(set(self.domains)) != len(self.domains):
+            raise ValueError(f"division {self.name!r} has duplicate domain names")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model; saved in the artifact's manifest."""
+
+    features: FeatureSpec
+    divisions: tuple[Division, ...]
+    backbone: str = "deepfm"  # mlp, wdl, deepfm, nfm, autoint, pnn, dcn, fibinet, xdeepfm
+    embed_dim: int = 8
+    tower: tuple[int, ...] = (256, 128, 64)
+    dropout: float = 0.5  # on each tower layer's base output
+    activation: str = "relu"
+    tower_norm: str = "none"  # "none" or "batch" (shared batch norm in the tower)
+    backbone_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"cross_layers": 2}
+    method: str = "base"  # base, mlora, moe, multilora
+    alpha: float | None = None  # MLoRA rank temperature; None = the published MovieLens value
+    ranks: tuple[int, ...] | None = None  # explicit per-layer ranks (override alpha)
+    experts_per_domain: int = 1  # MoE-MLoRA: k experts per domain
+    gate_dim: int = 4  # MoE-MLoRA: domain embedding size of the gate
+    fusion: str = "attention"  # MultiLoRA: attention, add or avg
+    fusion_rank: int = 8  # MultiLoRA: r of W_Q, W_K
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not self.divisions:
+            raise ValueError("a model needs at least one division")
+        if self.method == "multilora" and len(self.divisions) < 2:
+            raise ValueError("multilora needs two divisions (natural, auxiliary)")
+        if self.experts_per_domain < 1:
+            raise ValueError("experts_per_domain must be >= 1")
+        self.tower = tuple(self.tower)
+        if not self.tower:
+            raise ValueError("the tower needs at least one layer")
+
+    def lora_ranks(self) -> list[int]:
+        if self.ranks is not None:
+            if len(self.ranks) != len(self.tower):
+                raise ValueError(f"ranks {self.ranks} must have one entry per layer {self.tower}")
+            return list(self.ranks)
+        alpha = self.alpha if self.alpha is not None else MOVIELENS_ALPHA.get(self.backbone, 16)
+        return [rank_from_alpha(o, alpha) for o in self.tower]
+
+    def division(self, name: str) -> Division:
+        for d in self.divisions:
+            if d.name == name:
+                return d
+        raise KeyError(f"unknown division {name!r}; known: {[d.name for d in self.divisions]}")
+
+    def division_index(self, name: str) -> int:
+        return [d.name for d in self.divisions].index(self.division(name).name)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["features"] = self.features.to_dict()
+        d["divisions"] = [{"name": v.name, "domains": list(v.domains)} for v in self.divisions]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        d = dict(d)
+        d["features"] = FeatureSpec.from_dict(d["features"])
+        d["divisions"] = tuple(Division(v["name"], tuple(v["domains"])) for v in d["divisions"])
+        d["tower"] = tuple(d["tower"])
+        if d.get("ranks") is not None:
+            d["ranks"] = tuple(d["ranks"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Which parts a forward pass uses: ``name`` plus the expert or division it is about."""
+
+    name: str
+    expert: int | None = None  # MoE "expert" stage: the one active expert
+    division: str | None = None  # MultiLoRA "lora" stage: the division whose set is used
+
+
+class MultiDomainModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        spec = config.features
+        self.embedding = FieldEmbedding(spec, config.embed_dim)
+        self.interaction = build_interaction(
+            config.backbone, spec.num_embedded, config.embed_dim, len(spec.dense),
+            dict(config.backbone_options),
+        )  # fmt: skip
+        self.tower = AdaptedTower(
+            self.interaction.tower_in, config.tower, config.dropout, config.activation,
+            config.tower_norm,
+        )  # fmt: skip
+        self.head = nn.Linear(self.tower.out_dim + self.interaction.side_dim, 1)
+        self.linear: FieldEmbedding | None = None
+        self.dense_linear: nn.Linear | None = None
+        if self.interaction.uses_linear:
+            self.linear = FieldEmbedding(spec, 1)
+            if spec.dense:
+                self.dense_linear = nn.Linear(len(spec.dense), 1, bias=False)
+        self.gate: DomainGate | None = None
+        primary = config.divisions[0]
+        ranks = config.lora_ranks()
+        if config.method == "mlora":
+            self.tower.banks = self.tower.add_banks(len(primary.domains), ranks)
+        elif config.method == "moe":
+            n = len(primary.domains)
+            self.tower.banks = self.tower.add_banks(n * config.experts_per_domain, ranks)
+            self.gate = DomainGate(n, n * config.experts_per_domain, config.gate_dim)
+        elif config.method == "multilora":
+            for div in config.divisions[:2]:
+                self.tower.lora_sets[div.name] = self.tower.add_banks(
+                    len(div.domains), ranks, row_scale=True
+                )
+                self.tower.domain_norms[f"div:{div.name}"] = self.tower.add_domain_norms(
+                    len(div.domains)
+                )
+            n_cells = len(config.divisions[0].domains) * len(config.divisions[1].domains)
+            self.tower.domain_norms["cell"] = self.tower.add_domain_norms(n_cells)
+            self.tower.fusions = self.tower.add_fusions(config.fusion_rank, config.fusion)
+        self.stage = Stage(FINAL_STAGE[config.method])
+        self.routing: list[str] = ["bag"] * len(config.tower)
+        self._inference_cache: tuple[tuple[Any, ...], list[InferenceBank]] | None = None
+
+    # ----------------------------------------------------------------- stages and routing
+    def set_stage(self, name: str, expert: int | None = None, division: str | None = None) -> None:
+        """Switch what the forward pass uses (see ``STAGES`` for each method's stages)."""
+        allowed = STAGES[self.config.method]
+        if name not in allowed:
+            raise ValueError(f"method {self.config.method!r} has stages {allowed}, not {name!r}")
+        if name == "expert":
+            assert self.tower.banks is not None
+            n = self.tower.banks[0].num_experts
+            if expert is None or not 0 <= expert < n:
+                raise ValueError(f"stage 'expert' needs expert in [0, {n}), got {expert}")
+        if name == "lora":
+            self.config.division(division or "")
+        self.stage = Stage(name, expert, division)
+
+    def set_routing(self, strategies: str | list[str]) -> None:
+        """Choose how each tower layer routes a mixed batch at inference (``bag``/``fused_down``)."""
+        if isinstance(strategies, str):
+            strategies = [strategies] * len(self.config.tower)
+        for s in strategies:
+            if s not in ROUTING_STRATEGIES:
+                raise ValueError(f"unknown routing strategy {s!r}; choose from {ROUTING_STRATEGIES}")
+        self.routing = list(strategies)
+        self._inference_cache = None
+
+    def _route(self, domains: Tensor) -> Route | None:
+        stage, cfg = self.stage.name, self.config
+        if stage == "backbone":
+            return None
+        primary = domains[:, 0]
+        if stage == "adapters":
+            if self.training:
+                return Route(index=primary)
+            return Route(index=primary, banks=self.inference_banks())
+        if stage == "expert":
+            return Route(index=torch.full_like(primary, self.stage.expert or 0))
+        if stage == "gate":
+            assert self.gate is not None
+            if self.training:
+                return Route(weights=self.gate(primary))
+            return Route(index=primary, banks=self.inference_banks())
+        nat, aux = cfg.divisions[0].name, cfg.divisions[1].name
+        if stage == "lora":
+            div = self.stage.division or nat
+            idx = domains[:, cfg.division_index(div)]
+            return Route(lora={div: idx}, norm=(f"div:{div}", idx))
+        n_aux = len(cfg.divisions[1].domains)
+        cell = primary * n_aux + domains[:, 1]
+        return Route(lora={nat: primary, aux: domains[:, 1]}, norm=("cell", cell), fuse=True)
+
+    def _bank_tensors(self) -> list[Tensor]:
+        tensors: list[Tensor] = []
+        if self.tower.banks is not None:
+            tensors += list(self.tower.banks.parameters())
+        if self.gate is not None:
+            tensors += [*self.gate.parameters(), *self.gate.buffers()]
+        return tensors
+
+    @torch.no_grad()
+    def inference_banks(self) -> list[InferenceBank]:
+        """Per-domain effective adapters for the primary division (MoE gate folded in).
+
+        Cached until any adapter or gate tensor changes (tracked by tensor versions).
+        """
+        key = tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in self._bank_tensors())
+        key = (*key, tuple(self.routing))
+        if self._inference_cache is not None and self._inference_cache[0] == key:
+            return self._inference_cache[1]
+        assert self.tower.banks is not None
+        banks = []
+        if self.gate is not None:
+            gate, usable = self.gate.table()
+        for bank, strategy in zip(self.tower.banks, self.routing):
+            if self.gate is not None:
+                a, b, c = fold_experts(bank.A, bank.scaled_b(), bank.bias, gate, usable)
+            else:
+                a, b, c = bank.A.detach(), bank.scaled_b().detach(), bank.bias.detach()
+            banks.append(InferenceBank(a.contiguous(), b.contiguous(), c.contiguous(), strategy))
+        self._inference_cache = (key, banks)
+        return banks
+
+    @torch.no_grad()
+    def tune_routing(self, batch: EncodedBatch, repeats: int = 20) -> list[str]:
+        """Time each routing strategy per layer on ``batch`` and keep the fastest.
+
+        Strategies give the same scores up to float rounding, so this only changes speed.
+        """
+        if self.stage.name not in ("adapters", "gate"):
+            return self.routing
+        was_training = self.training
+        self.eval()
+        best: list[str] = []
+        for layer in range(len(self.config.tower)):
+            times = {}
+            for s in ROUTING_STRATEGIES:
+                trial = list(self.routing)
+                trial[layer] = s
+                self.set_routing(trial)
+                self.score_batch(batch)
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    self.score_batch(batch)
+                times[s] = time.perf_counter() - t0
+            best.append(min(times, key=times.__getitem__))
+            self.set_routing(best + self.routing[layer + 1 :])
+        self.set_routing(best)
+        self.train(was_training)
+        return best
+
+    # ----------------------------------------------------------------------- forward
+    def forward(
+        self, sparse: Tensor, dense: Tensor, domains: Tensor, multi_hot: Tensor | None = None
+    ) -> Tensor:
+        """Logits ``[B]`` for one (possibly mixed-domain) batch."""
+        emb = self.embedding(sparse, multi_hot)
+        tower_in, side, extra = self.interaction(emb, dense)
+        h = self.tower(tower_in, self._route(domains))
+        if side is not None:
+            h = torch.cat([side, h], 1)
+        logit = self.head(h).squeeze(-1)
+        if extra is not None:
+            logit = logit + extra
+        if self.linear is not None:
+            logit = logit + self.linear(sparse, multi_hot).sum((1, 2))
+            if self.dense_linear is not None:
+                logit = logit + self.dense_linear(dense).squeeze(-1)
+        return logit
+
+    def score_batch(self, batch: EncodedBatch) -> Tensor:
+        """Click probabilities ``[B]`` for an :class:`EncodedBatch`."""
+        return torch.sigmoid(self(batch.sparse, batch.dense, batch.domains, batch.multi_hot))
+
+    # ------------------------------------------------------------------------ growth
+    @torch.no_grad()
+    def add_domain(self, division: str, name: str, gate_scope: str = "all") -> int:
+        """Add domain ``name`` to ``division`` without touching any existing weight.
+
+        MLoRA: one more adapter (A random, B and c zero, so it starts as the backbone).
+        MoE-MLoRA: ``experts_per_domain`` more experts and a gate row (see ``DomainGate.grow``).
+        MultiLoRA: one more LoRA in that division's set, its domain norms and norm cells.
+        Returns the new domain id.
+        """
+        cfg = self.config
+        div_i = cfg.division_index(division)
+        div = cfg.divisions[div_i]
+        if name in div.domains:
+            raise ValueError(f"domain {name!r} already exists in division {division!r}")
+        new_id = len(div.domains)
+        divisions = list(cfg.divisions)
+        divisions[div_i] = Division(div.name, (*div.domains, name))
+        if cfg.method == "mlora" and div_i == 0:
+            assert self.tower.banks is not None
+            for bank in self.tower.banks:
+                bank.grow(1)
+        elif cfg.method == "moe" and div_i == 0:
+            assert self.tower.banks is not None and self.gate is not None
+            for bank in self.tower.banks:
+                bank.grow(cfg.experts_per_domain)
+            self.gate.grow(cfg.experts_per_domain, gate_scope)
+        elif cfg.method == "multilora" and div_i < 2:
+            for bank in self.tower.lora_sets[div.name]:
+                bank.grow(1)
+            for norm in self.tower.domain_norms[f"div:{div.name}"]:
+                norm.grow(1)
+            self._regrid_cells(div_i)
+        self.config = replace(cfg, divisions=tuple(divisions))
+        self._inference_cache = None
+        return new_id
+
+    def _regrid_cells(self, grown: int) -> None:
+        """Re-lay the MultiLoRA cell norms (``nat * n_aux + aux``) after one division grew."""
+        n_nat = len(self.config.divisions[0].domains)
+        n_aux = len(self.config.divisions[1].domains)
+        new_nat, new_aux = n_nat + (grown == 0), n_aux + (grown == 1)
+        old_cells = torch.arange(n_nat * n_aux)
+        nat, aux = old_cells // n_aux, old_cells % n_aux
+        new_pos = nat * new_aux + aux
+        fresh = self.tower.add_domain_norms(new_nat * new_aux).to(self.device)
+        fresh.train(self.training)
+        for old, new in zip(self.tower.domain_norms["cell"], fresh):
+            for attr in ("weight", "bias", "running_mean", "running_var"):
+                getattr(new, attr).data[new_pos] = getattr(old, attr).data
+        self.tower.domain_norms["cell"] = fresh
+
+    # ------------------------------------------------------------------------ helpers
+    def domain_names(self, division: str | None = None) -> tuple[str, ...]:
+        div = self.config.divisions[0] if division is None else self.config.division(division)
+        return div.domains
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device

@@ -1,0 +1,171 @@
+"""A model's weights as named tensor groups: shared weights, and one adapter per domain.
+
+This is the in-memory half of the artifact format (the files are written by
+``mdlora.artifact``): ``shared_tensors`` is everything that is not one domain's adapter (the
+backbone, plus the MoE gate or MultiLoRA fusion and cell norms), and ``adapter_tensors`` is one
+domain's own rows with PEFT-like names. ``install_adapter`` validates a domain's tensors
+against the model (names, shapes, dtypes, finite values) before it changes anything.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from models.model import MultiDomainModel
+
+ADAPTER_PREFIXES = ("tower.banks.", "tower.lora_sets.", "tower.domain_norms.div:")
+
+
+class TensorMismatchError(ValueError):
+    """A tensor file does not fit the model: the message names the tensor and both shapes."""
+
+
+def shared_tensors(model: MultiDomainModel) -> dict[str, Tensor]:
+    """All weights and buffers except the per-domain adapter banks and domain norms."""
+    return {
+        k: v.detach().contiguous()
+        for k, v in model.state_dict().items()
+        if not k.startswith(ADAPTER_PREFIXES)
+    }
+
+
+def load_shared(model: MultiDomainModel, tensors: dict[str, Tensor]) -> None:
+    """Load ``shared_tensors`` output into ``model`` after checking every name and shape."""
+    expected = shared_tensors(model)
+    check_tensors(expected, tensors, "shared weights")
+    state = model.state_dict()
+    with torch.no_grad():
+        for k, v in tensors.items():
+            state[k].copy_(v)
+    model._inference_cache = None
+
+
+def _adapted(model: MultiDomainModel, division: str) -> int:
+    cfg = model.config
+    i = cfg.division_index(division)
+    adapted = {"mlora": 1, "moe": 1, "multilora": 2}.get(cfg.method, 0)
+    if i >= adapted:
+        raise ValueError(
+            f"division {division!r} has no per-domain adapters in a {cfg.method} model"
+        )
+    return i
+
+
+def _rows(model: MultiDomainModel, division: str, domain_id: int) -> list[int]:
+    if model.config.method == "moe":
+        assert model.gate is not None
+        return (model.gate.owner == domain_id).nonzero().squeeze(1).tolist()
+    return [domain_id]
+
+
+def adapter_tensors(model: MultiDomainModel, division: str, domain: str) -> dict[str, Tensor]:
+    """One domain's adapter: its rows of every bank (and gate / norm rows), by name."""
+    _adapted(model, division)
+    names = model.domain_names(division)
+    if domain not in names:
+        raise KeyError(f"unknown domain {domain!r} in division {division!r}; known: {names}")
+    d = names.index(domain)
+    out: dict[str, Tensor] = {}
+    tower = model.tower
+    if model.config.method in ("mlora", "moe"):
+        assert tower.banks is not None
+        rows = _rows(model, division, d)
+        for i, bank in enumerate(tower.banks):
+            for j, e in enumerate(rows):
+                tag = f"tower.{i}" if model.config.method == "mlora" else f"tower.{i}.experts.{j}"
+                out[f"{tag}.lora_A"] = bank.A[e]
+                out[f"{tag}.lora_B"] = bank.B[e]
+                out[f"{tag}.bias"] = bank.bias[e]
+        if model.gate is not None:
+            out["gate.embedding"] = model.gate.embedding.weight[d]
+            out["gate.proj_weight"] = model.gate.proj.weight[rows]
+            out["gate.proj_bias"] = model.gate.proj.bias[rows]
+    else:
+        for i, bank in enumerate(tower.lora_sets[division]):
+            out[f"tower.{i}.lora_A"] = bank.A[d]
+            out[f"tower.{i}.lora_B"] = bank.B[d]
+            out[f"tower.{i}.bias"] = bank.bias[d]
+            assert bank.scale is not None
+            out[f"tower.{i}.scale"] = bank.scale[d]
+        for i, norm in enumerate(tower.domain_norms[f"div:{division}"]):
+            for attr in ("weight", "bias", "running_mean", "running_var"):
+                out[f"norm.{i}.{attr}"] = getattr(norm, attr)[d]
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def adapter_signature(model: MultiDomainModel, division: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Names, shapes and dtypes a domain adapter of ``division`` must have for this model."""
+    _adapted(model, division)
+    probe = adapter_tensors(model, division, model.domain_names(division)[0])
+    return {k: (tuple(v.shape), v.dtype) for k, v in probe.items()}
+
+
+def check_tensors(
+    expected: dict[str, Tensor] | dict[str, tuple[tuple[int, ...], torch.dtype]],
+    given: dict[str, Tensor],
+    what: str,
+) -> None:
+    """Raise :class:`TensorMismatchError` unless ``given`` has exactly the expected tensors."""
+    missing = sorted(set(expected) - set(given))
+    extra = sorted(set(given) - set(expected))
+    if missing:
+        raise TensorMismatchError(f"{what}: missing tensor(s) {missing}")
+    if extra:
+        raise TensorMismatchError(f"{what}: unexpected tensor(s) {extra}")
+    for name, exp in expected.items():
+        shape, dtype = (tuple(exp.shape), exp.dtype) if isinstance(exp, Tensor) else exp
+        got = given[name]
+        if tuple(got.shape) != shape or got.dtype != dtype:
+            raise TensorMismatchError(
+                f"{what}: tensor {name!r} has shape {tuple(got.shape)} {got.dtype}, "
+                f"expected {shape} {dtype}"
+            )
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            if not name.endswith(("mask",)):
+                raise TensorMismatchError(f"{what}: tensor {name!r} has NaN or infinite values")
+
+
+@torch.no_grad()
+def install_adapter(
+    model: MultiDomainModel,
+    division: str,
+    domain: str,
+    tensors: dict[str, Tensor],
+    gate_scope: str = "all",
+) -> int:
+    """Write one domain's adapter into ``model``, adding the domain if it is new.
+
+    Everything is validated before the model changes; on error the model is untouched.
+    Returns the domain id.
+    """
+    _adapted(model, division)
+    check_tensors(adapter_signature(model, division), tensors, f"adapter {division}/{domain}")
+    names = model.domain_names(division)
+    d = names.index(domain) if domain in names else model.add_domain(division, domain, gate_scope)
+    tower = model.tower
+    if model.config.method in ("mlora", "moe"):
+        assert tower.banks is not None
+        rows = _rows(model, division, d)
+        for i, bank in enumerate(tower.banks):
+            for j, e in enumerate(rows):
+                tag = f"tower.{i}" if model.config.method == "mlora" else f"tower.{i}.experts.{j}"
+                bank.A[e] = tensors[f"{tag}.lora_A"]
+                bank.B[e] = tensors[f"{tag}.lora_B"]
+                bank.bias[e] = tensors[f"{tag}.bias"]
+        if model.gate is not None:
+            model.gate.embedding.weight[d] = tensors["gate.embedding"]
+            model.gate.proj.weight[rows] = tensors["gate.proj_weight"]
+            model.gate.proj.bias[rows] = tensors["gate.proj_bias"]
+    else:
+        for i, bank in enumerate(tower.lora_sets[division]):
+            bank.A[d] = tensors[f"tower.{i}.lora_A"]
+            bank.B[d] = tensors[f"tower.{i}.lora_B"]
+            bank.bias[d] = tensors[f"tower.{i}.bias"]
+            assert bank.scale is not None
+            bank.scale[d] = tensors[f"tower.{i}.scale"]
+        for i, norm in enumerate(tower.domain_norms[f"div:{division}"]):
+            for attr in ("weight", "bias", "running_mean", "running_var"):
+                getattr(norm, attr)[d] = tensors[f"norm.{i}.{attr}"]
+    model._inference_cache = None
+    return d

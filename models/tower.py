@@ -1,0 +1,113 @@
+"""The DNN tower, the part of every backbone that domain adapters act on.
+
+Layer ``l`` computes ``act(norm(dropout(x W + b) + delta(x)))`` where ``delta`` is the routed
+adapter change (MLoRA / MoE-MLoRA bank, or MultiLoRA's LoRA sets, fused or single) and
+``norm`` is nothing, a shared batch norm, or MultiLoRA's per-domain norm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from models.fusion import FusionAttention
+from models.lora import AdapterBank, InferenceBank
+from models.norm import DomainBatchNorm
+
+ACTIVATIONS = {"relu": nn.ReLU, "prelu": nn.PReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+
+
+@dataclass
+class Route:
+    """How one batch is routed through the tower's adapters.
+
+    ``index``/``weights``: hard expert index ``[B]`` or soft gate ``[B, E]`` for the primary
+    bank (MLoRA, MoE). ``banks``: inference banks per layer (folded), replacing ``index``'s
+    lookup into the trainable bank. ``lora``: MultiLoRA division name -> domain index ``[B]``
+    for the LoRA sets to apply; ``norm``: ``(norm set name, index)`` for domain norms;
+    ``fuse``: whether the two LoRA sets are fused by attention.
+    """
+
+    index: Tensor | None = None
+    weights: Tensor | None = None
+    banks: list[InferenceBank] | None = None
+    lora: dict[str, Tensor] = field(default_factory=dict)
+    norm: tuple[str, Tensor] | None = None
+    fuse: bool = False
+
+
+class AdaptedTower(nn.Module):
+    def __init__(
+        self,
+        in_dim: int,
+        hidden: tuple[int, ...],
+        dropout: float = 0.0,
+        activation: str = "relu",
+        norm: str = "none",
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}")
+        if norm not in ("none", "batch"):
+            raise ValueError("tower norm must be 'none' or 'batch'")
+        dims = [in_dim, *hidden]
+        self.dims = dims
+        self.linears = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims[:-1], dims[1:]))
+        self.acts = nn.ModuleList(ACTIVATIONS[activation]() for _ in hidden)
+        self.norms = nn.ModuleList(nn.BatchNorm1d(o) for o in hidden) if norm == "batch" else None
+        self.dropout = nn.Dropout(dropout)
+        for lin in self.linears:
+            nn.init.xavier_normal_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        # Adapter slots, filled by the model for its method.
+        self.banks: nn.ModuleList | None = None  # primary bank per layer (MLoRA / MoE)
+        self.lora_sets = nn.ModuleDict()  # MultiLoRA: division -> bank per layer
+        self.domain_norms = nn.ModuleDict()  # norm set name -> DomainBatchNorm per layer
+        self.fusions: nn.ModuleList | None = None
+
+    @property
+    def out_dim(self) -> int:
+        return self.dims[-1]
+
+    def forward(self, x: Tensor, route: Route | None = None) -> Tensor:
+        for i, lin in enumerate(self.linears):
+            z = self.dropout(lin(x))
+            if route is not None:
+                z = self._adapt(i, x, z, route)
+            if self.norms is not None:
+                z = self.norms[i](z)
+            x = self.acts[i](z)
+        return x
+
+    def _adapt(self, i: int, x: Tensor, z: Tensor, route: Route) -> Tensor:
+        if route.banks is not None:
+            assert route.index is not None
+            z = z + route.banks[i].delta(x, route.index)
+        elif route.index is not None or route.weights is not None:
+            assert self.banks is not None
+            z = z + self.banks[i](x, index=route.index, weights=route.weights)
+        if route.lora:
+            deltas = [self.lora_sets[name][i](x, index=idx) for name, idx in route.lora.items()]
+            if route.fuse:
+                assert self.fusions is not None and len(deltas) == 2
+                z = z + self.fusions[i](z, deltas[0], deltas[1])
+            else:
+                for d in deltas:
+                    z = z + d
+        if route.norm is not None:
+            name, idx = route.norm
+            z = self.domain_norms[name][i](z, idx)
+        return z
+
+    def add_banks(self, num_experts: int, ranks: list[int], row_scale: bool = False) -> nn.ModuleList:
+        return nn.ModuleList(
+            AdapterBank(num_experts, i, o, r, row_scale)
+            for i, o, r in zip(self.dims[:-1], self.dims[1:], ranks)
+        )
+
+    def add_domain_norms(self, num_domains: int) -> nn.ModuleList:
+        return nn.ModuleList(DomainBatchNorm(num_domains, o) for o in self.dims[1:])
+
+    def add_fusions(self, rank: int, mode: str) -> nn.ModuleList:
+        return nn.ModuleList(FusionAttention(o, rank, mode) for o in self.dims[1:])
