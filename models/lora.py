@@ -17,7 +17,9 @@ For an expert ``e`` the change to the layer's pre-activation is ``s_e * (x A_e B
 * soft routing (a gate over all experts) folds the mixture into two matmuls over the stacked
   experts, ``((x @ A_cat) * g_r) @ B_cat + g @ C`` (ARCHITECTURE.md, property 2);
 * ``fused_down`` (inference, hard routing) computes ``x @ A_cat`` as one GEMM and gathers each
-  sample's ``r`` columns; it pays when ``E * r`` is small next to the layer width.
+  sample's ``r`` columns; it pays when ``E * r`` is small next to the layer width;
+* ``gather`` materialises each sample's ``A[e]``, ``B[e]`` and uses batched matmuls: slow on
+  CPU, but made of plain Gather/MatMul operators, so it is what the ONNX export uses.
 
 At inference the MoE gate depends only on the domain, so :func:`fold_experts` turns it into
 one effective adapter per domain and the hard path applies (``InferenceBank``).
@@ -32,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-ROUTING_STRATEGIES = ("bag", "fused_down")
+ROUTING_STRATEGIES = ("bag", "fused_down", "gather")
 
 
 def rank_from_alpha(out_dim: int, alpha: float) -> int:
@@ -134,6 +136,12 @@ def lowrank_up(u: Tensor, b: Tensor, c: Tensor, index: Tensor) -> Tensor:
     return F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
 
 
+def lowrank_gather(x: Tensor, a: Tensor, b: Tensor, c: Tensor, index: Tensor) -> Tensor:
+    """Hard-routed ``x A[i] B[i] + c[i]`` with gathered per-sample matrices (ONNX-friendly)."""
+    u = torch.bmm(x.unsqueeze(1), a[index])
+    return torch.bmm(u, b[index]).squeeze(1) + c[index]
+
+
 def lowrank_soft(x: Tensor, a: Tensor, b: Tensor, c: Tensor, weights: Tensor) -> Tensor:
     """Gate-weighted mixture ``sum_e g_e (x A_e B_e + c_e)`` as two matmuls."""
     e, in_dim, r = a.shape
@@ -174,6 +182,8 @@ class InferenceBank:
     def delta(self, x: Tensor, index: Tensor) -> Tensor:
         if self.strategy == "bag":
             return lowrank_bag(x, self.a, self.b, self.c, index)
+        if self.strategy == "gather":
+            return lowrank_gather(x, self.a, self.b, self.c, index)
         assert self.a_cat is not None
         r = self.rank
         u = (x @ self.a_cat).gather(1, _bag_rows(index, r))
