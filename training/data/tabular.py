@@ -1,0 +1,304 @@
+"""The user's own data: a Parquet or CSV table with a declared :class:`TableSchema`.
+
+In memory: :func:`read_table` + :func:`prepare_table` (split, fit on train only, encode).
+Larger than memory: :func:`fit_stream` fits the encoder chunk by chunk and
+:func:`iter_parquet_batches` streams encoded chunks (pyarrow ``ParquetFile.iter_batches``; CSV
+files are streamed with pandas ``chunksize``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from mdlora.encoder import (
+    FeatureEncoder,
+    LabeledArrays,
+    MultiHotColumn,
+    canonical_value,
+    natural_order,
+)
+from training.data.prepared import PreparedData, encode_splits, labels_from
+from training.data.splits import random_split, stratified_domain_split, subsample
+
+__all__ = [
+    "TableSchema",
+    "fit_stream",
+    "iter_frames",
+    "iter_parquet_batches",
+    "prepare_table",
+    "read_table",
+    "validate_table",
+]
+
+_PARQUET = (".parquet", ".pq", ".parq")
+
+
+@dataclass
+class TableSchema:
+    """Which columns of a table are what.
+
+    Args:
+        label: the 0/1 label column (booleans accepted).
+        divisions: domain columns, the primary one first (at least one).
+        sparse / multi_hot / dense: feature columns. A division column may also be listed in
+            ``sparse`` to embed the domain as a feature.
+        multi_hot_delimiter: separator of multi-hot cells given as strings ("Action|Comedy");
+            list-valued cells (Parquet list columns) need none.
+        multi_hot_max_len: ids kept per multi-hot cell: one int for all, a dict per column, or
+            None for the longest cell seen in training.
+        min_count: values seen fewer times in training map to the OOV id.
+        domain_order: optional per-division domain values in id order; by default the natural
+            order of the values present in the table.
+    """
+
+    label: str
+    divisions: list[str]
+    sparse: list[str] = field(default_factory=list)
+    multi_hot: list[str] = field(default_factory=list)
+    dense: list[str] = field(default_factory=list)
+    multi_hot_delimiter: str = "|"
+    multi_hot_max_len: int | dict[str, int] | None = None
+    min_count: int = 1
+    domain_order: dict[str, list[str]] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.divisions, str):
+            self.divisions = [self.divisions]
+        if not self.divisions:
+            raise ValueError("TableSchema needs at least one division (domain) column")
+        if not self.sparse and not self.multi_hot:
+            raise ValueError("TableSchema needs at least one sparse or multi-hot column")
+        if self.label in (*self.sparse, *self.multi_hot, *self.dense, *self.divisions):
+            raise ValueError(f"the label column {self.label!r} cannot also be a feature/division")
+
+    @property
+    def columns(self) -> list[str]:
+        """Every column the schema reads, label included, without duplicates."""
+        cols = [self.label, *self.divisions, *self.sparse, *self.multi_hot, *self.dense]
+        return list(dict.fromkeys(cols))
+
+    def categorical_columns(self) -> list[str]:
+        return list(dict.fromkeys([*self.divisions, *self.sparse, *self.multi_hot]))
+
+    def _max_len(self, col: str) -> int | None:
+        if isinstance(self.multi_hot_max_len, Mapping):
+            return self.multi_hot_max_len.get(col)
+        return self.multi_hot_max_len
+
+    def make_encoder(
+        self, domain_order: Mapping[str, Sequence[Any]] | None = None
+    ) -> FeatureEncoder:
+        """An unfitted encoder for this schema (``domain_order`` overrides the schema's)."""
+        order: dict[str, Sequence[Any]] = dict(self.domain_order or {})
+        order.update(domain_order or {})
+        return FeatureEncoder(
+            sparse=self.sparse,
+            multi_hot=[
+                MultiHotColumn(c, self._max_len(c), self.multi_hot_delimiter)
+                for c in self.multi_hot
+            ],
+            dense=self.dense,
+            divisions=self.divisions,
+            domain_order=order or None,
+            min_count=self.min_count,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TableSchema:
+        return cls(**dict(d))
+
+
+def _is_parquet(path: Path) -> bool:
+    return path.suffix.lower() in _PARQUET
+
+
+def _csv_dtypes(schema: TableSchema | None) -> dict[str, Any] | None:
+    # categorical columns are read as text, so "02134" stays "02134" (not the int 2134)
+    return None if schema is None else dict.fromkeys(schema.categorical_columns(), str)
+
+
+def _present_columns(path: Path) -> list[str]:
+    if _is_parquet(path):
+        return list(pq.ParquetFile(path).schema_arrow.names)
+    return list(pd.read_csv(path, nrows=0).columns)
+
+
+def _check_file_columns(path: Path, schema: TableSchema) -> None:
+    present = _present_columns(path)
+    missing = [c for c in schema.columns if c not in present]
+    if missing:
+        raise ValueError(
+            f"{path}: declared column(s) {missing} not found; columns present: {present}"
+        )
+
+
+def read_table(path: str | Path, schema: TableSchema | None = None) -> pd.DataFrame:
+    """Read a Parquet (``.parquet``/``.pq``) or CSV file (any other suffix, e.g. ``.csv.gz``).
+
+    With a schema, only its columns are read, after checking they all exist.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"table not found: {p}")
+    columns = None
+    if schema is not None:
+        _check_file_columns(p, schema)
+        columns = schema.columns
+    if _is_parquet(p):
+        return pd.read_parquet(p, columns=columns)
+    return pd.read_csv(p, usecols=columns, dtype=_csv_dtypes(schema), keep_default_na=True)
+
+
+def validate_table(df: pd.DataFrame, schema: TableSchema, source: str = "table") -> np.ndarray:
+    """Check the declared columns exist and the label is 0/1; return labels as float32."""
+    missing = [c for c in schema.columns if c not in df.columns]
+    if missing:
+        raise ValueError(
+            f"{source}: declared column(s) {missing} not found; columns present: {list(df.columns)}"
+        )
+    try:
+        labels = labels_from(df[schema.label])
+    except ValueError as e:
+        raise ValueError(f"{source}: label column {schema.label!r}: {e}") from None
+    for div in schema.divisions:
+        if df[div].isna().any():
+            raise ValueError(f"{source}: division column {div!r} has missing values")
+    return labels
+
+
+def _natural_domain_order(df: pd.DataFrame, schema: TableSchema) -> dict[str, list[str]]:
+    """Domain names of every division not ordered by the schema: all values in the table."""
+    declared = schema.domain_order or {}
+    out: dict[str, list[str]] = {}
+    for div in schema.divisions:
+        if div in declared:
+            continue
+        keys = {canonical_value(v) for v in pd.unique(df[div])}
+        out[div] = natural_order(k for k in keys if k is not None)
+    return out
+
+
+def prepare_table(
+    data: str | Path | pd.DataFrame,
+    schema: TableSchema,
+    *,
+    split: Sequence[float] = (0.6, 0.2, 0.2),
+    stratified: bool = True,
+    seed: int = 2024,
+    max_rows: int | None = None,
+    sample_frac: float | None = None,
+    name: str | None = None,
+    hparams: Mapping[str, Any] | None = None,
+) -> PreparedData:
+    """Split a table (per primary-division domain, stratified on the label, by default),
+    fit the encoder on the train part only and encode all three parts.
+
+    Domain names cover every value in the whole table (so a domain rare enough to miss the
+    train part still has an id); everything else is learnt from train only.
+    """
+    source = str(data) if not isinstance(data, pd.DataFrame) else "table"
+    df = data if isinstance(data, pd.DataFrame) else read_table(data, schema)
+    df = subsample(df, max_rows, sample_frac, seed).reset_index(drop=True)
+    labels = validate_table(df, schema, source)
+    encoder = schema.make_encoder(_natural_domain_order(df, schema))
+    if stratified:
+        primary = schema.divisions[0]
+        order = encoder.domain_order[primary]
+        dom = pd.Index(order, dtype=object).get_indexer(
+            pd.Index([canonical_value(v) for v in df[primary]], dtype=object)
+        )
+        if (dom < 0).any():
+            bad = list(pd.unique(df[primary].to_numpy(dtype=object)[dom < 0]))[:5]
+            raise ValueError(
+                f"division {primary!r}: values {bad} are not in the declared domain_order"
+            )
+        splits = stratified_domain_split(dom, labels, split, seed)
+    else:
+        splits = random_split(len(df), split, seed)
+    train, val, test = encode_splits(df, encoder, labels, splits)
+    return PreparedData(
+        name=name or (Path(source).stem if source != "table" else "table"),
+        encoder=encoder,
+        train=train,
+        val=val,
+        test=test,
+        divisions=list(schema.divisions),
+        domain_names={d: encoder.domain_names(d) for d in schema.divisions},
+        hparams=dict(hparams or {}),
+        info={"schema": schema.to_dict(), "seed": seed},
+    )
+
+
+def iter_frames(
+    path: str | Path, schema: TableSchema, batch_rows: int = 65_536
+) -> Iterator[pd.DataFrame]:
+    """Stream a Parquet (pyarrow ``iter_batches``) or CSV (``chunksize``) file as DataFrames
+    holding only the schema's columns."""
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"table not found: {p}")
+    _check_file_columns(p, schema)
+    if _is_parquet(p):
+        pf = pq.ParquetFile(p)
+        for rb in pf.iter_batches(batch_size=batch_rows, columns=schema.columns):
+            yield rb.to_pandas()
+    else:
+        yield from pd.read_csv(
+            p, usecols=schema.columns, dtype=_csv_dtypes(schema), chunksize=batch_rows
+        )
+
+
+def fit_stream(
+    path: str | Path,
+    schema: TableSchema,
+    batch_rows: int = 65_536,
+    domain_order: Mapping[str, Sequence[Any]] | None = None,
+) -> FeatureEncoder:
+    """Fit an encoder on a (training) file chunk by chunk, never holding it all in memory.
+
+    Gives the same encoder as ``schema.make_encoder(domain_order).fit(read_table(path))``.
+    """
+    encoder = schema.make_encoder(domain_order)
+
+    def frames() -> Iterator[pd.DataFrame]:
+        for i, df in enumerate(iter_frames(path, schema, batch_rows)):
+            validate_table(df, schema, f"{path} (batch {i})")
+            yield df
+
+    return encoder.fit_stream(frames())
+
+
+def iter_parquet_batches(
+    path: str | Path,
+    schema: TableSchema,
+    encoder: FeatureEncoder,
+    batch_rows: int = 65_536,
+) -> Iterator[LabeledArrays]:
+    """Stream a file through a fitted encoder: one :class:`LabeledArrays` per chunk.
+
+    For Parquet, chunks follow pyarrow's ``ParquetFile.iter_batches`` (at most ``batch_rows``
+    rows each); CSV files are accepted too. Concatenating the chunks equals encoding the
+    whole table at once.
+    """
+    for i, df in enumerate(iter_frames(path, schema, batch_rows)):
+        labels = validate_table(df, schema, f"{path} (batch {i})")
+        arr = encoder.transform(df)
+        yield LabeledArrays(
+            sparse=arr["sparse"],
+            multi_hot=arr["multi_hot"],
+            dense=arr["dense"],
+            domains=arr["domains"],
+            labels=labels,
+        )
