@@ -238,7 +238,10 @@ class MultiDomainModel(nn.Module):
 
         Cached until any adapter or gate tensor changes (tracked by tensor versions).
         """
-        key = tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in self._bank_tensors())
+        key = tuple(
+            (t.data_ptr(), -1 if t.is_inference() else t._version, tuple(t.shape))
+            for t in self._bank_tensors()
+        )  # inference tensors have no version counter; they are not edited in place here
         key = (*key, tuple(self.routing))
         if self._inference_cache is not None and self._inference_cache[0] == key:
             return self._inference_cache[1]

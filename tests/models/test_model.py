@@ -1,0 +1,153 @@
+"""The core's contract: one call for a mixed batch, zero-init identity, growth, routing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.backbones import BACKBONES
+from models.features import EncodedBatch
+from models.model import MultiDomainModel
+from tests.models.helpers import METHODS, N_PRIMARY, make_batch, make_config, perturb
+
+
+def score(model: MultiDomainModel, batch: EncodedBatch) -> torch.Tensor:
+    with torch.no_grad():
+        return model.score_batch(batch)
+
+
+def per_domain_scores(model: MultiDomainModel, batch: EncodedBatch) -> torch.Tensor:
+    """Score each (primary, auxiliary) domain cell's samples with a separate model call."""
+    out = torch.full((len(batch),), float("nan"))
+    cells = batch.domains[:, 0] * 10 + batch.domains[:, 1]
+    for cell in cells.unique():
+        idx = (cells == cell).nonzero().squeeze(1)
+        out[idx] = score(model, batch.select(idx))
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_mixed_batch_equals_per_domain_calls(backbone: str, method: str) -> None:
+    model = perturb(MultiDomainModel(make_config(backbone, method))).eval()
+    batch = make_batch()
+    mixed = score(model, batch)
+    separate = per_domain_scores(model, batch)
+    assert not torch.isnan(separate).any()
+    torch.testing.assert_close(mixed, separate, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["mlora", "moe1", "moe3"])
+@pytest.mark.parametrize("backbone", ["deepfm", "dcn", "autoint"])
+def test_zero_initialised_adapters_leave_backbone_unchanged(backbone: str, method: str) -> None:
+    model = MultiDomainModel(make_config(backbone, method)).eval()
+    with torch.no_grad():  # a trained backbone, fresh adapters
+        for name, p in model.named_parameters():
+            if not name.startswith(("tower.banks", "gate")):
+                p.add_(torch.randn_like(p) * 0.1)
+    batch = make_batch()
+    adapted = score(model, batch)
+    model.set_stage("backbone")
+    torch.testing.assert_close(adapted, score(model, batch), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backbone", ["deepfm", "mlp"])
+def test_moe_training_mixture_equals_folded_inference(backbone: str) -> None:
+    """The soft gate used in training and the per-domain folded adapters agree."""
+    model = perturb(MultiDomainModel(make_config(backbone, "moe3"))).train()
+    batch = make_batch()
+    soft = score(model, batch)
+    model.eval()
+    torch.testing.assert_close(soft, score(model, batch), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["mlora", "moe1", "moe3"])
+def test_routing_strategies_agree(method: str) -> None:
+    model = perturb(MultiDomainModel(make_config("deepfm", method))).eval()
+    batch = make_batch()
+    ref = score(model, batch)
+    for strategy in ("fused_down", "gather"):
+        model.set_routing(strategy)
+        torch.testing.assert_close(score(model, batch), ref, atol=1e-5, rtol=0)
+    chosen = model.tune_routing(batch, repeats=2)
+    assert len(chosen) == 2
+    torch.testing.assert_close(score(model, batch), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("method", "division", "scope"),
+    [
+        ("mlora", "occupation", "all"),
+        ("moe1", "occupation", "all"),
+        ("moe3", "occupation", "own"),
+        ("moe3", "occupation", "all"),
+        ("multilora", "occupation", "all"),
+        ("multilora", "gender", "all"),
+        ("base", "occupation", "all"),
+    ],
+)
+def test_adding_a_domain_leaves_existing_domains_bit_identical(
+    method: str, division: str, scope: str
+) -> None:
+    model = perturb(MultiDomainModel(make_config("deepfm", method))).eval()
+    batch = make_batch()
+    before = score(model, batch)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    new_id = model.add_domain(division, "newcomer", gate_scope=scope)
+    assert model.domain_names(division)[new_id] == "newcomer"
+    assert torch.equal(score(model, batch), before)
+    # the new domain scores, and its weights can train
+    col = 0 if division == "occupation" else 1
+    fresh = make_batch(50)
+    fresh.domains[:, col] = new_id
+    assert torch.isfinite(score(model, fresh)).all()
+    grown = {k for k, v in model.state_dict().items() if k in shapes and v.shape != shapes[k]}
+    if method != "base":
+        assert grown, "adding a domain should grow some adapter tensor"
+
+
+def test_mlora_new_domain_starts_as_backbone() -> None:
+    model = perturb(MultiDomainModel(make_config("wdl", "mlora"))).eval()
+    new_id = model.add_domain("occupation", "newcomer")
+    batch = make_batch(80)
+    batch.domains[:, 0] = new_id
+    adapted = score(model, batch)
+    model.set_stage("backbone")
+    torch.testing.assert_close(adapted, score(model, batch), atol=1e-6, rtol=0)
+
+
+def test_add_existing_domain_is_refused() -> None:
+    model = MultiDomainModel(make_config("deepfm", "mlora"))
+    with pytest.raises(ValueError, match="already exists"):
+        model.add_domain("occupation", "occ1")
+    with pytest.raises(KeyError, match="unknown division"):
+        model.add_domain("nope", "x")
+
+
+def test_bad_config_and_stage_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown backbone"):
+        MultiDomainModel(make_config("resnet", "base"))
+    with pytest.raises(ValueError, match="method must be one of"):
+        make_config("deepfm", "lora")
+    model = MultiDomainModel(make_config("deepfm", "moe1"))
+    with pytest.raises(ValueError, match="has stages"):
+        model.set_stage("fusion")
+    with pytest.raises(ValueError, match="needs expert"):
+        model.set_stage("expert", expert=N_PRIMARY)
+
+
+def test_unknown_routing_strategy_is_refused() -> None:
+    model = MultiDomainModel(make_config("deepfm", "mlora"))
+    with pytest.raises(ValueError, match="unknown routing strategy"):
+        model.set_routing("magic")
+
+
+def test_multi_hot_padding_is_ignored_and_oov_is_a_real_row() -> None:
+    model = perturb(MultiDomainModel(make_config("mlp", "base"))).eval()
+    batch = make_batch(4)
+    batch.multi_hot[:] = torch.tensor([[[3, -1, -1]]])
+    a = score(model, batch)
+    batch.multi_hot[:] = torch.tensor([[[-1, 3, -1]]])
+    torch.testing.assert_close(score(model, batch), a)
+    batch.multi_hot[:] = torch.tensor([[[3, 3, -1]]])  # mean of the same id twice
+    torch.testing.assert_close(score(model, batch), a)
