@@ -194,7 +194,9 @@ def read_adapter_package(directory: Path, max_bytes: int | None = None) -> Adapt
     )  # fmt: skip
 
 
-def check_adapter_fits(model: MultiDomainModel, pkg: AdapterPackage, max_rank: int | None = None) -> None:
+def check_adapter_fits(
+    model: MultiDomainModel, pkg: AdapterPackage, max_rank: int | None = None
+) -> None:
     """Refuse a package that does not fit ``model`` (ArtifactError says why)."""
     cfg = model.config
     if pkg.config.get("method") != cfg.method or pkg.config.get("backbone") != cfg.backbone:

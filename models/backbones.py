@@ -95,7 +95,10 @@ class AutoInt(Interaction):
         super().__init__(num_fields, dim, num_dense)
         dims = [dim] + [heads * head_dim] * att_layers
         self.att = nn.Sequential(
-            *[layers.InteractingLayer(dims[i], head_dim, heads, residual) for i in range(att_layers)]
+            *[
+                layers.InteractingLayer(dims[i], head_dim, heads, residual)
+                for i in range(att_layers)
+            ]
         )
         self.side_dim = num_fields * heads * head_dim
 

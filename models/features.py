@@ -50,12 +50,18 @@ class FeatureSpec:
     dense: tuple[DenseField, ...] = ()
 
     def __post_init__(self) -> None:
-        names = [f.name for f in (*self.sparse, *self.multi_hot, *self.dense)]
+        fields: tuple[SparseField | MultiHotField | DenseField, ...] = (
+            *self.sparse,
+            *self.multi_hot,
+            *self.dense,
+        )
+        names = [f.name for f in fields]
         if len(set(names)) != len(names):
             raise ValueError(f"feature names must be unique, got {names}")
         if not self.sparse and not self.multi_hot:
             raise ValueError("a feature spec needs at least one sparse or multi-hot field")
-        for f in (*self.sparse, *self.multi_hot):
+        embedded: tuple[SparseField | MultiHotField, ...] = (*self.sparse, *self.multi_hot)
+        for f in embedded:
             if f.vocab_size < 2:
                 raise ValueError(f"field {f.name!r}: vocab_size must be >= 2 (OOV + one value)")
         for m in self.multi_hot:
@@ -126,13 +132,18 @@ class FieldEmbedding(nn.Module):
     ``dim=1`` gives the first-order (wide / linear) weights of the same fields.
     """
 
+    sparse_offsets: Tensor  # buffer [n_sparse]: each sparse field's first row in ``weight``
+    multi_hot_offsets: Tensor  # buffer [n_multi_hot]: same for the multi-hot fields
+
     def __init__(self, spec: FeatureSpec, dim: int, init_std: float = 1e-4) -> None:
         super().__init__()
         self.spec = spec
         self.dim = dim
         sizes = [f.vocab_size for f in spec.sparse] + [m.vocab_size for m in spec.multi_hot]
         offsets = torch.tensor([0, *sizes[:-1]], dtype=torch.long).cumsum(0)
-        self.register_buffer("sparse_offsets", offsets[: len(spec.sparse)].clone(), persistent=False)
+        self.register_buffer(
+            "sparse_offsets", offsets[: len(spec.sparse)].clone(), persistent=False
+        )
         self.register_buffer(
             "multi_hot_offsets", offsets[len(spec.sparse) :].clone(), persistent=False
         )
@@ -144,7 +155,9 @@ class FieldEmbedding(nn.Module):
             parts.append(nn.functional.embedding(sparse + self.sparse_offsets, self.weight))
         if self.spec.multi_hot:
             if multi_hot is None:
-                raise ValueError("this model has multi-hot fields but no multi_hot tensor was given")
+                raise ValueError(
+                    "this model has multi-hot fields but no multi_hot tensor was given"
+                )
             mask = multi_hot >= 0  # [B, M, L]
             ids = torch.where(mask, multi_hot, 0) + self.multi_hot_offsets[None, :, None]
             emb = nn.functional.embedding(ids, self.weight) * mask.unsqueeze(-1)

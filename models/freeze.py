@@ -17,7 +17,8 @@ tensors (Adam, SGD), the other rows then stay bit-identical.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -56,7 +57,7 @@ def _group_tensors(model: MultiDomainModel, group: str) -> list[tuple[nn.Paramet
             raise ValueError(f"group {group!r}: this model has no gate")
         if kind == "gate":
             return [(p, None) for p in model.gate.parameters()]
-        return [(model.gate.embedding.weight, int(parts[1]))]
+        return [(cast(nn.Parameter, model.gate.embedding.weight), int(parts[1]))]
     if kind == "lora":
         sets = tower.lora_sets
         if len(parts) < 2 or parts[1] not in sets:
@@ -84,7 +85,7 @@ def set_trainable(model: MultiDomainModel, groups: Iterable[str]) -> list[nn.Par
     """Freeze everything, then unfreeze exactly ``groups``; returns the parameters to optimise."""
     for handle in getattr(model, "_row_hooks", []):
         handle.remove()
-    model._row_hooks = []  # type: ignore[attr-defined]
+    model._row_hooks = []
     for p in model.parameters():
         p.requires_grad_(False)
     whole: set[int] = set()
@@ -108,7 +109,7 @@ def set_trainable(model: MultiDomainModel, groups: Iterable[str]) -> list[nn.Par
             mask = torch.zeros(p.shape[0], dtype=p.dtype, device=p.device)
             mask[sorted(rows[id(p)][1])] = 1
             mask = mask.view(-1, *([1] * (p.dim() - 1)))
-            model._row_hooks.append(p.register_hook(_masker(mask)))  # type: ignore[attr-defined]
+            model._row_hooks.append(p.register_hook(_masker(mask)))
             p._mdlora_rows = mask  # type: ignore[attr-defined]
     for p in model.parameters():
         if id(p) not in rows and hasattr(p, "_mdlora_rows"):
@@ -116,7 +117,8 @@ def set_trainable(model: MultiDomainModel, groups: Iterable[str]) -> list[nn.Par
     return chosen
 
 
-def _masker(mask: Tensor):  # noqa: ANN202 - a closure for register_hook
+def _masker(mask: Tensor) -> Callable[[Tensor], Tensor]:
+    """A ``register_hook`` closure that zeroes the gradient outside ``mask``'s rows."""
     return lambda grad: grad * mask
 
 
@@ -145,7 +147,7 @@ def phase_groups(model: MultiDomainModel) -> dict[str, list[str]]:
         phases["adapters"] = ["experts"]
     elif cfg.method == "moe":
         assert model.tower.banks is not None
-        for e in range(model.tower.banks[0].num_experts):
+        for e in range(model.tower.primary_banks()[0].num_experts):
             phases[f"expert:{e}"] = [f"expert:{e}"]
         phases["gate"] = ["gate"]
     elif cfg.method == "multilora":

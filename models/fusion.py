@@ -9,7 +9,8 @@ FUSION_MODES = ("attention", "add", "avg")
 
 
 class FusionAttention(nn.Module):
-    """``h_lora = softmax(q K / r) V`` with ``q = W_Q h0``, ``K = W_K [h_A, h_B]``, ``V = [h_A, h_B]``.
+    """``h_lora = softmax(q K / r) V`` with ``q = W_Q h0``, ``K = W_K [h_A, h_B]``,
+    ``V = [h_A, h_B]``.
 
     ``mode="add"`` and ``"avg"`` are the paper's ablations (MultiLoRA-add / -avg): no weights.
     """

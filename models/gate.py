@@ -15,6 +15,9 @@ class DomainGate(nn.Module):
     ``owner[e]`` is the domain expert ``e`` was trained on.
     """
 
+    mask: Tensor  # buffer [D, E]: 0 where domain d may use expert e, -inf elsewhere
+    owner: Tensor  # buffer [E]: the domain each expert belongs to
+
     def __init__(self, num_domains: int, num_experts: int, dim: int = 4) -> None:
         super().__init__()
         self.embedding = nn.Embedding(num_domains, dim)

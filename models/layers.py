@@ -64,14 +64,16 @@ class CIN(nn.Module):
         self.out = nn.Linear(out_dim, 1, bias=False)
 
     def forward(self, emb: Tensor) -> Tensor:
-        b, m, d = emb.shape
+        b, _, d = emb.shape
         x = emb
         directs = []
         for i, conv in enumerate(self.convs):
             z = torch.einsum("bhd,bmd->bhmd", x, emb).reshape(b, -1, d)
             z = torch.relu(conv(z))
             if i < len(self.convs) - 1:
-                x, direct = torch.split(z, [z.shape[1] - self.split_sizes[i], self.split_sizes[i]], 1)
+                x, direct = torch.split(
+                    z, [z.shape[1] - self.split_sizes[i], self.split_sizes[i]], 1
+                )
             else:
                 direct = z
             directs.append(direct)
@@ -81,7 +83,9 @@ class CIN(nn.Module):
 class InteractingLayer(nn.Module):
     """AutoInt's multi-head self-attention over fields, with a residual projection."""
 
-    def __init__(self, in_dim: int, head_dim: int = 8, heads: int = 4, residual: bool = True) -> None:
+    def __init__(
+        self, in_dim: int, head_dim: int = 8, heads: int = 4, residual: bool = True
+    ) -> None:
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         out = head_dim * heads
@@ -100,6 +104,9 @@ class InteractingLayer(nn.Module):
 
 class InnerProduct(nn.Module):
     """PNN's pairwise inner products of field embeddings, ``[B, F(F-1)/2]``."""
+
+    rows: Tensor  # buffer: first field of each pair
+    cols: Tensor  # buffer: second field of each pair
 
     def __init__(self, num_fields: int) -> None:
         super().__init__()
@@ -130,6 +137,9 @@ class SENET(nn.Module):
 
 class BilinearInteraction(nn.Module):
     """FiBiNET's bilinear layer, type "interaction": one k x k matrix per field pair."""
+
+    rows: Tensor  # buffer: first field of each pair
+    cols: Tensor  # buffer: second field of each pair
 
     def __init__(self, num_fields: int, dim: int) -> None:
         super().__init__()

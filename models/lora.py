@@ -39,7 +39,7 @@ ROUTING_STRATEGIES = ("bag", "fused_down", "gather")
 
 def rank_from_alpha(out_dim: int, alpha: float) -> int:
     """MLoRA's rank rule ``r = max(floor(out / alpha), 1)``."""
-    return max(int(math.floor(out_dim / alpha)), 1)
+    return max(math.floor(out_dim / alpha), 1)
 
 
 class AdapterBank(nn.Module):

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from models.backbones import MOVIELENS_ALPHA, build_interaction
 from models.features import EncodedBatch, FeatureSpec, FieldEmbedding
@@ -130,6 +131,10 @@ class Stage:
 
 
 class MultiDomainModel(nn.Module):
+    # Gradient hooks of row-group freezing; set (and replaced) by ``models.freeze.set_trainable``,
+    # absent until it first runs.
+    _row_hooks: list[RemovableHandle]
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -182,7 +187,7 @@ class MultiDomainModel(nn.Module):
             raise ValueError(f"method {self.config.method!r} has stages {allowed}, not {name!r}")
         if name == "expert":
             assert self.tower.banks is not None
-            n = self.tower.banks[0].num_experts
+            n = self.tower.primary_banks()[0].num_experts
             if expert is None or not 0 <= expert < n:
                 raise ValueError(f"stage 'expert' needs expert in [0, {n}), got {expert}")
         if name == "lora":
@@ -190,12 +195,17 @@ class MultiDomainModel(nn.Module):
         self.stage = Stage(name, expert, division)
 
     def set_routing(self, strategies: str | list[str]) -> None:
-        """Choose how each tower layer routes a mixed batch at inference (``bag``/``fused_down``)."""
+        """Choose how each tower layer routes a mixed batch at inference.
+
+        ``strategies``: one of ``bag``/``fused_down``/``gather`` for every layer, or one per layer.
+        """
         if isinstance(strategies, str):
             strategies = [strategies] * len(self.config.tower)
         for s in strategies:
             if s not in ROUTING_STRATEGIES:
-                raise ValueError(f"unknown routing strategy {s!r}; choose from {ROUTING_STRATEGIES}")
+                raise ValueError(
+                    f"unknown routing strategy {s!r}; choose from {ROUTING_STRATEGIES}"
+                )
         self.routing = list(strategies)
         self._inference_cache = None
 
@@ -238,7 +248,7 @@ class MultiDomainModel(nn.Module):
 
         Cached until any adapter or gate tensor changes (tracked by tensor versions).
         """
-        key = tuple(
+        key: tuple[Any, ...] = tuple(
             (t.data_ptr(), -1 if t.is_inference() else t._version, tuple(t.shape))
             for t in self._bank_tensors()
         )  # inference tensors have no version counter; they are not edited in place here
@@ -249,7 +259,7 @@ class MultiDomainModel(nn.Module):
         banks = []
         if self.gate is not None:
             gate, usable = self.gate.table()
-        for bank, strategy in zip(self.tower.banks, self.routing):
+        for bank, strategy in zip(self.tower.primary_banks(), self.routing, strict=False):
             if self.gate is not None:
                 a, b, c = fold_experts(bank.A, bank.scaled_b(), bank.bias, gate, usable)
             else:
@@ -329,17 +339,17 @@ class MultiDomainModel(nn.Module):
         divisions[div_i] = Division(div.name, (*div.domains, name))
         if cfg.method == "mlora" and div_i == 0:
             assert self.tower.banks is not None
-            for bank in self.tower.banks:
+            for bank in self.tower.primary_banks():
                 bank.grow(1)
         elif cfg.method == "moe" and div_i == 0:
             assert self.tower.banks is not None and self.gate is not None
-            for bank in self.tower.banks:
+            for bank in self.tower.primary_banks():
                 bank.grow(cfg.experts_per_domain)
             self.gate.grow(cfg.experts_per_domain, gate_scope)
         elif cfg.method == "multilora" and div_i < 2:
-            for bank in self.tower.lora_sets[div.name]:
+            for bank in self.tower.lora_banks(div.name):
                 bank.grow(1)
-            for norm in self.tower.domain_norms[f"div:{div.name}"]:
+            for norm in self.tower.norm_layers(f"div:{div.name}"):
                 norm.grow(1)
             self._regrid_cells(div_i)
         self.config = replace(cfg, divisions=tuple(divisions))
@@ -356,7 +366,7 @@ class MultiDomainModel(nn.Module):
         new_pos = nat * new_aux + aux
         fresh = self.tower.add_domain_norms(new_nat * new_aux).to(self.device)
         fresh.train(self.training)
-        for old, new in zip(self.tower.domain_norms["cell"], fresh):
+        for old, new in zip(self.tower.norm_layers("cell"), fresh, strict=False):
             for attr in ("weight", "bias", "running_mean", "running_var"):
                 getattr(new, attr).data[new_pos] = getattr(old, attr).data
         self.tower.domain_norms["cell"] = fresh

@@ -13,6 +13,9 @@ class DomainBatchNorm(nn.Module):
     ``index_add`` over the batch, not from one call per domain.
     """
 
+    running_mean: Tensor  # buffer [D, features]
+    running_var: Tensor  # buffer [D, features]
+
     def __init__(
         self, num_domains: int, features: int, eps: float = 1e-5, momentum: float = 0.1
     ) -> None:

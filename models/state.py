@@ -71,7 +71,7 @@ def adapter_tensors(model: MultiDomainModel, division: str, domain: str) -> dict
     if model.config.method in ("mlora", "moe"):
         assert tower.banks is not None
         rows = _rows(model, division, d)
-        for i, bank in enumerate(tower.banks):
+        for i, bank in enumerate(tower.primary_banks()):
             for j, e in enumerate(rows):
                 tag = f"tower.{i}" if model.config.method == "mlora" else f"tower.{i}.experts.{j}"
                 out[f"{tag}.lora_A"] = bank.A[e]
@@ -82,19 +82,21 @@ def adapter_tensors(model: MultiDomainModel, division: str, domain: str) -> dict
             out["gate.proj_weight"] = model.gate.proj.weight[rows]
             out["gate.proj_bias"] = model.gate.proj.bias[rows]
     else:
-        for i, bank in enumerate(tower.lora_sets[division]):
+        for i, bank in enumerate(tower.lora_banks(division)):
             out[f"tower.{i}.lora_A"] = bank.A[d]
             out[f"tower.{i}.lora_B"] = bank.B[d]
             out[f"tower.{i}.bias"] = bank.bias[d]
             assert bank.scale is not None
             out[f"tower.{i}.scale"] = bank.scale[d]
-        for i, norm in enumerate(tower.domain_norms[f"div:{division}"]):
+        for i, norm in enumerate(tower.norm_layers(f"div:{division}")):
             for attr in ("weight", "bias", "running_mean", "running_var"):
                 out[f"norm.{i}.{attr}"] = getattr(norm, attr)[d]
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
 
-def adapter_signature(model: MultiDomainModel, division: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def adapter_signature(
+    model: MultiDomainModel, division: str
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Names, shapes and dtypes a domain adapter of ``division`` must have for this model."""
     _adapted(model, division)
     probe = adapter_tensors(model, division, model.domain_names(division)[0])
@@ -121,9 +123,12 @@ def check_tensors(
                 f"{what}: tensor {name!r} has shape {tuple(got.shape)} {got.dtype}, "
                 f"expected {shape} {dtype}"
             )
-        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
-            if not name.endswith(("mask",)):
-                raise TensorMismatchError(f"{what}: tensor {name!r} has NaN or infinite values")
+        if (
+            got.is_floating_point()
+            and not bool(torch.isfinite(got).all())
+            and not name.endswith(("mask",))
+        ):
+            raise TensorMismatchError(f"{what}: tensor {name!r} has NaN or infinite values")
 
 
 @torch.no_grad()
@@ -147,7 +152,7 @@ def install_adapter(
     if model.config.method in ("mlora", "moe"):
         assert tower.banks is not None
         rows = _rows(model, division, d)
-        for i, bank in enumerate(tower.banks):
+        for i, bank in enumerate(tower.primary_banks()):
             for j, e in enumerate(rows):
                 tag = f"tower.{i}" if model.config.method == "mlora" else f"tower.{i}.experts.{j}"
                 bank.A[e] = tensors[f"{tag}.lora_A"]
@@ -158,13 +163,13 @@ def install_adapter(
             model.gate.proj.weight[rows] = tensors["gate.proj_weight"]
             model.gate.proj.bias[rows] = tensors["gate.proj_bias"]
     else:
-        for i, bank in enumerate(tower.lora_sets[division]):
+        for i, bank in enumerate(tower.lora_banks(division)):
             bank.A[d] = tensors[f"tower.{i}.lora_A"]
             bank.B[d] = tensors[f"tower.{i}.lora_B"]
             bank.bias[d] = tensors[f"tower.{i}.bias"]
             assert bank.scale is not None
             bank.scale[d] = tensors[f"tower.{i}.scale"]
-        for i, norm in enumerate(tower.domain_norms[f"div:{division}"]):
+        for i, norm in enumerate(tower.norm_layers(f"div:{division}")):
             for attr in ("weight", "bias", "running_mean", "running_var"):
                 getattr(norm, attr)[d] = tensors[f"norm.{i}.{attr}"]
     model._inference_cache = None

@@ -8,6 +8,8 @@ adapter change (MLoRA / MoE-MLoRA bank, or MultiLoRA's LoRA sets, fused or singl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import cast
 
 from torch import Tensor, nn
 
@@ -53,11 +55,12 @@ class AdaptedTower(nn.Module):
             raise ValueError("tower norm must be 'none' or 'batch'")
         dims = [in_dim, *hidden]
         self.dims = dims
-        self.linears = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims[:-1], dims[1:]))
+        linears = [nn.Linear(i, o) for i, o in pairwise(dims)]
+        self.linears = nn.ModuleList(linears)
         self.acts = nn.ModuleList(ACTIVATIONS[activation]() for _ in hidden)
         self.norms = nn.ModuleList(nn.BatchNorm1d(o) for o in hidden) if norm == "batch" else None
         self.dropout = nn.Dropout(dropout)
-        for lin in self.linears:
+        for lin in linears:
             nn.init.xavier_normal_(lin.weight)
             nn.init.zeros_(lin.bias)
         # Adapter slots, filled by the model for its method.
@@ -69,6 +72,26 @@ class AdaptedTower(nn.Module):
     @property
     def out_dim(self) -> int:
         return self.dims[-1]
+
+    # Typed views of the adapter slots (``nn.ModuleList`` / ``nn.ModuleDict`` items are typed
+    # as plain ``nn.Module``); each returns the same module objects, one per tower layer.
+    def primary_banks(self) -> list[AdapterBank]:
+        """The primary banks (MLoRA / MoE), one per layer; empty when there are none."""
+        if self.banks is None:
+            return []
+        return [cast(AdapterBank, bank) for bank in self.banks]
+
+    def lora_banks(self, division: str) -> list[AdapterBank]:
+        """MultiLoRA: the LoRA set of ``division``, one bank per layer."""
+        return [cast(AdapterBank, bank) for bank in self._slot(self.lora_sets, division)]
+
+    def norm_layers(self, name: str) -> list[DomainBatchNorm]:
+        """The domain norm set ``name`` (``div:<division>`` or ``cell``), one per layer."""
+        return [cast(DomainBatchNorm, norm) for norm in self._slot(self.domain_norms, name)]
+
+    @staticmethod
+    def _slot(slots: nn.ModuleDict, name: str) -> nn.ModuleList:
+        return cast(nn.ModuleList, slots[name])
 
     def forward(self, x: Tensor, route: Route | None = None) -> Tensor:
         for i, lin in enumerate(self.linears):
@@ -88,7 +111,10 @@ class AdaptedTower(nn.Module):
             assert self.banks is not None
             z = z + self.banks[i](x, index=route.index, weights=route.weights)
         if route.lora:
-            deltas = [self.lora_sets[name][i](x, index=idx) for name, idx in route.lora.items()]
+            deltas = [
+                self._slot(self.lora_sets, name)[i](x, index=idx)
+                for name, idx in route.lora.items()
+            ]
             if route.fuse:
                 assert self.fusions is not None and len(deltas) == 2
                 z = z + self.fusions[i](z, deltas[0], deltas[1])
@@ -97,13 +123,15 @@ class AdaptedTower(nn.Module):
                     z = z + d
         if route.norm is not None:
             name, idx = route.norm
-            z = self.domain_norms[name][i](z, idx)
+            z = self._slot(self.domain_norms, name)[i](z, idx)
         return z
 
-    def add_banks(self, num_experts: int, ranks: list[int], row_scale: bool = False) -> nn.ModuleList:
+    def add_banks(
+        self, num_experts: int, ranks: list[int], row_scale: bool = False
+    ) -> nn.ModuleList:
         return nn.ModuleList(
             AdapterBank(num_experts, i, o, r, row_scale)
-            for i, o, r in zip(self.dims[:-1], self.dims[1:], ranks)
+            for i, o, r in zip(self.dims[:-1], self.dims[1:], ranks, strict=False)
         )
 
     def add_domain_norms(self, num_domains: int) -> nn.ModuleList:
