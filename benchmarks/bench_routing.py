@@ -9,7 +9,7 @@ experts per domain. Each is timed side by side, interleaved, against
 * scoring each domain's samples with a separate call of the same model, as the papers' code
   does (``loop_over_onepass``: per-domain calls / one pass).
 
-Routing strategies are timed too (``bag``, ``fused_down``, and the per-layer choice made by
+Routing strategies are timed too (``bag``, ``fused_down``, ``kernel``, and the per-layer choice by
 ``tune_routing``); the headline ratios use the tuned choice. Prints a table, then one JSON
 line. Run: ``.venv/bin/python benchmarks/bench_routing.py [--quick]``.
 """
@@ -109,7 +109,7 @@ def main() -> None:
             }
             for mode, model in modes.items():
                 fns: dict[str, Callable[[], object]] = {"backbone": lambda: base.score_batch(batch)}
-                for strategy in ("bag", "fused_down"):
+                for strategy in ("bag", "fused_down", "kernel"):
                     clone = make_model(backbone, "moe" if mode != "mlora" else "mlora", n,
                                        3 if mode == "moe3" else 1)  # fmt: skip
                     clone.load_state_dict(model.state_dict())
@@ -120,7 +120,7 @@ def main() -> None:
                 fns["loop"] = per_domain_loop(model, batch)
                 with torch.inference_mode():
                     t = timeit(fns, rounds)
-                for name in ("bag", "fused_down", "tuned"):
+                for name in ("bag", "fused_down", "kernel", "tuned"):
                     label = f"{name}{'=' + ','.join(tuned) if name == 'tuned' else ''}"
                     print(f"{backbone:8} {n:7d} {mode:10} {label:24} {t[name] * 1e3:7.2f} "
                           f"{t[name] / t['backbone']:10.2f} {t['loop'] / t[name]:8.1f}")  # fmt: skip

@@ -18,6 +18,9 @@ For an expert ``e`` the change to the layer's pre-activation is ``s_e * (x A_e B
   experts, ``((x @ A_cat) * g_r) @ B_cat + g @ C`` (ARCHITECTURE.md, property 2);
 * ``fused_down`` (inference, hard routing) computes ``x @ A_cat`` as one GEMM and gathers each
   sample's ``r`` columns; it pays when ``E * r`` is small next to the layer width;
+* ``kernel`` (inference, CPU) adds ``(x A[d]) B[d] + c[d]`` into the layer output in one
+  fused parallel loop (``models/kernels.py``, numba); it falls back to ``bag`` where it
+  cannot run;
 * ``gather`` materialises each sample's ``A[e]``, ``B[e]`` and uses batched matmuls: slow on
   CPU, but made of plain Gather/MatMul operators, so it is what the ONNX export uses.
 
@@ -34,7 +37,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-ROUTING_STRATEGIES = ("bag", "fused_down", "gather")
+from models.kernels import lowrank_add_
+
+ROUTING_STRATEGIES = ("bag", "fused_down", "gather", "kernel")
 
 
 def rank_from_alpha(out_dim: int, alpha: float) -> int:
@@ -164,6 +169,7 @@ class InferenceBank:
     c: Tensor
     strategy: str = "bag"
     a_cat: Tensor | None = None
+    a_t: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.strategy not in ROUTING_STRATEGIES:
@@ -171,6 +177,8 @@ class InferenceBank:
         if self.strategy == "fused_down" and self.a_cat is None:
             d, i, r = self.a.shape
             self.a_cat = self.a.permute(1, 0, 2).reshape(i, d * r).contiguous()
+        if self.strategy == "kernel" and self.a_t is None:
+            self.a_t = self.a.transpose(1, 2).contiguous()
 
     @property
     def rank(self) -> int:
@@ -179,8 +187,16 @@ class InferenceBank:
     def with_strategy(self, strategy: str) -> InferenceBank:
         return InferenceBank(self.a, self.b, self.c, strategy)
 
+    def apply(self, z: Tensor, x: Tensor, index: Tensor) -> Tensor:
+        """``z`` plus the routed change; the ``kernel`` strategy adds in place when it can."""
+        if self.strategy == "kernel" and not z.requires_grad:
+            assert self.a_t is not None
+            if lowrank_add_(z, x, self.a_t, self.b, self.c, index):
+                return z
+        return z + self.delta(x, index)
+
     def delta(self, x: Tensor, index: Tensor) -> Tensor:
-        if self.strategy == "bag":
+        if self.strategy in ("bag", "kernel"):
             return lowrank_bag(x, self.a, self.b, self.c, index)
         if self.strategy == "gather":
             return lowrank_gather(x, self.a, self.b, self.c, index)

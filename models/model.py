@@ -176,7 +176,9 @@ class MultiDomainModel(nn.Module):
             self.tower.domain_norms["cell"] = self.tower.add_domain_norms(n_cells)
             self.tower.fusions = self.tower.add_fusions(config.fusion_rank, config.fusion)
         self.stage = Stage(FINAL_STAGE[config.method])
-        self.routing: list[str] = ["bag"] * len(config.tower)
+        # The fused kernel where it can run (CPU with numba), else embedding_bag; see
+        # tune_routing and benchmarks/bench_routing.py for how the choice was measured.
+        self.routing: list[str] = ["kernel"] * len(config.tower)
         self._inference_cache: tuple[tuple[Any, ...], list[InferenceBank]] | None = None
 
     # ----------------------------------------------------------------- stages and routing

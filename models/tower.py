@@ -106,7 +106,7 @@ class AdaptedTower(nn.Module):
     def _adapt(self, i: int, x: Tensor, z: Tensor, route: Route) -> Tensor:
         if route.banks is not None:
             assert route.index is not None
-            z = z + route.banks[i].delta(x, route.index)
+            z = route.banks[i].apply(z, x, route.index)
         elif route.index is not None or route.weights is not None:
             assert self.banks is not None
             z = z + self.banks[i](x, index=route.index, weights=route.weights)

@@ -7,6 +7,8 @@ import torch
 
 from models.backbones import BACKBONES
 from models.features import EncodedBatch
+from models.kernels import kernel_available
+from models.lora import ROUTING_STRATEGIES
 from models.model import MultiDomainModel
 from tests.models.helpers import METHODS, N_PRIMARY, make_batch, make_config, perturb
 
@@ -66,10 +68,11 @@ def test_routing_strategies_agree(method: str) -> None:
     model = perturb(MultiDomainModel(make_config("deepfm", method))).eval()
     batch = make_batch()
     ref = score(model, batch)
-    for strategy in ("fused_down", "gather"):
+    for strategy in ROUTING_STRATEGIES:
         model.set_routing(strategy)
         torch.testing.assert_close(score(model, batch), ref, atol=1e-5, rtol=0)
     chosen = model.tune_routing(batch, repeats=2)
+    assert set(chosen) <= set(ROUTING_STRATEGIES)
     assert len(chosen) == 2
     torch.testing.assert_close(score(model, batch), ref, atol=1e-5, rtol=0)
 
@@ -151,3 +154,15 @@ def test_multi_hot_padding_is_ignored_and_oov_is_a_real_row() -> None:
     torch.testing.assert_close(score(model, batch), a)
     batch.multi_hot[:] = torch.tensor([[[3, 3, -1]]])  # mean of the same id twice
     torch.testing.assert_close(score(model, batch), a)
+
+
+def test_fused_kernel_is_available_and_used() -> None:
+    """numba is a dependency, so the default CPU routing really runs the fused kernel."""
+    assert kernel_available()
+    model = perturb(MultiDomainModel(make_config("deepfm", "mlora"))).eval()
+    batch = make_batch()
+    with torch.inference_mode():
+        fused = model.score_batch(batch)
+    model.set_routing("bag")
+    with torch.inference_mode():
+        torch.testing.assert_close(model.score_batch(batch), fused, atol=1e-5, rtol=0)
