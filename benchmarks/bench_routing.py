@@ -74,6 +74,10 @@ def per_domain_loop(model: MultiDomainModel, batch: EncodedBatch) -> Callable[[]
     return run
 
 
+def scorer(model: MultiDomainModel, batch: EncodedBatch) -> Callable[[], torch.Tensor]:
+    return lambda: model.score_batch(batch)
+
+
 def timeit(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
     """Median seconds per call; the candidates are interleaved so drift hits all alike."""
     samples: dict[str, list[float]] = {k: [] for k in fns}
@@ -108,22 +112,23 @@ def main() -> None:
                 "moe3": make_model(backbone, "moe", n, 3),
             }
             for mode, model in modes.items():
-                fns: dict[str, Callable[[], object]] = {"backbone": lambda: base.score_batch(batch)}
+                fns: dict[str, Callable[[], object]] = {"backbone": scorer(base, batch)}
                 for strategy in ("bag", "fused_down", "kernel"):
                     clone = make_model(backbone, "moe" if mode != "mlora" else "mlora", n,
                                        3 if mode == "moe3" else 1)  # fmt: skip
                     clone.load_state_dict(model.state_dict())
                     clone.set_routing(strategy)
-                    fns[strategy] = (lambda m: lambda: m.score_batch(batch))(clone)
+                    fns[strategy] = scorer(clone, batch)
                 tuned = model.tune_routing(batch, repeats=5)
-                fns["tuned"] = lambda: model.score_batch(batch)
+                fns["tuned"] = scorer(model, batch)
                 fns["loop"] = per_domain_loop(model, batch)
                 with torch.inference_mode():
                     t = timeit(fns, rounds)
                 for name in ("bag", "fused_down", "kernel", "tuned"):
                     label = f"{name}{'=' + ','.join(tuned) if name == 'tuned' else ''}"
+                    ratio, speedup = t[name] / t["backbone"], t["loop"] / t[name]
                     print(f"{backbone:8} {n:7d} {mode:10} {label:24} {t[name] * 1e3:7.2f} "
-                          f"{t[name] / t['backbone']:10.2f} {t['loop'] / t[name]:8.1f}")  # fmt: skip
+                          f"{ratio:10.2f} {speedup:8.1f}")  # fmt: skip
                 key = f"{mode}_over_backbone_{n}"
                 loopkey = f"loop_over_onepass_{n}"
                 if backbone == "deepfm":

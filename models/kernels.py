@@ -32,7 +32,7 @@ def _build() -> Callable[..., None] | None:
     except ImportError:
         return None
 
-    @nb.njit(parallel=True, fastmath=True, nogil=True)  # type: ignore[misc]
+    @nb.njit(parallel=True, fastmath=True, nogil=True)
     def lowrank_add(x: Any, at: Any, b: Any, c: Any, idx: Any, out: Any) -> None:
         n, in_dim = x.shape
         r = at.shape[1]
@@ -48,7 +48,7 @@ def _build() -> Callable[..., None] | None:
             for m in range(width):
                 out[i, m] += c[d, m]
 
-    return lowrank_add  # type: ignore[no-any-return]
+    return lowrank_add
 
 
 def kernel_available() -> bool:

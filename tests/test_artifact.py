@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,9 @@ def test_saving_over_an_existing_artifact_replaces_it(tmp_path: Path) -> None:
     assert load_artifact(tmp_path / "art").model.config.method == "moe"
 
 
-def _rewrite(path: Path, manifest_path: Path | None, change) -> None:  # type: ignore[no-untyped-def]
+def _rewrite(
+    path: Path, manifest_path: Path | None, change: Callable[[dict[str, torch.Tensor]], object]
+) -> None:
     tensors = load_file(path)
     change(tensors)
     save_file(tensors, path)
@@ -109,7 +112,8 @@ def test_nan_in_adapter_is_refused(tmp_path: Path) -> None:
 
 def test_pickle_and_truncated_files_are_refused(tmp_path: Path) -> None:
     model = build("mlora")
-    pkg_dir = write_adapter_package(make_adapter_package(model, "occupation", "occ0"), tmp_path / "p")
+    pkg = make_adapter_package(model, "occupation", "occ0")
+    pkg_dir = write_adapter_package(pkg, tmp_path / "p")
     weights = (pkg_dir / ADAPTER_WEIGHTS).read_bytes()
     (pkg_dir / ADAPTER_WEIGHTS).write_bytes(weights[: len(weights) // 2])
     with pytest.raises(ArtifactError, match="checksum"):
@@ -146,9 +150,11 @@ def test_adapter_package_round_trip_adds_a_domain(tmp_path: Path) -> None:
         strict=False,
     )
     with torch.no_grad():
-        for tp, sp in zip(target.tower.banks.parameters(), source.tower.banks.parameters()):  # type: ignore[union-attr]
-            tp.copy_(sp[:-3])
-        for tp, sp in zip(target.gate.parameters(), source.gate.parameters()):  # type: ignore[union-attr]
+        pairs = [
+            *zip(target.tower.banks.parameters(), source.tower.banks.parameters(), strict=True),  # type: ignore[union-attr]
+            *zip(target.gate.parameters(), source.gate.parameters(), strict=True),  # type: ignore[union-attr]
+        ]
+        for tp, sp in pairs:
             tp.copy_(sp[: tp.shape[0]])
     batch = make_batch(200, n_primary=7)
     new_id = apply_adapter(target, read_adapter_package(pkg_dir))

@@ -57,9 +57,8 @@ def make_batch(n: int = 300, n_primary: int = N_PRIMARY, seed: int = 1) -> Encod
     )
     multi_hot = torch.randint(-1, 12, (n, 1, 3), generator=g)
     dense = torch.rand(n, 1, generator=g)
-    domains = torch.stack(
-        [torch.randint(0, n_primary, (n,), generator=g), torch.randint(0, N_AUX, (n,), generator=g)], 1
-    )
+    primary = torch.randint(0, n_primary, (n,), generator=g)
+    domains = torch.stack([primary, torch.randint(0, N_AUX, (n,), generator=g)], 1)
     labels = torch.randint(0, 2, (n,), generator=g).float()
     return EncodedBatch(sparse, dense, domains, multi_hot, labels)
 

@@ -37,6 +37,7 @@ def one_step(model: MultiDomainModel, groups: list[str]) -> dict[str, torch.Tens
     batch = make_batch(256)
     model.train()
     logits = model(batch.sparse, batch.dense, batch.domains, batch.multi_hot)
+    assert batch.labels is not None
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
     opt.zero_grad()
     loss.backward()
@@ -117,5 +118,6 @@ def test_moe_phase_counts() -> None:
     experts = 6 * 3
     assert sum(1 for p in counts if p.startswith("expert:")) == experts
     per_expert = counts["expert:0"]
-    assert per_expert * experts == sum(p.numel() for p in model.tower.banks.parameters())  # type: ignore[union-attr]
+    bank_size = sum(p.numel() for bank in model.tower.primary_banks() for p in bank.parameters())
+    assert per_expert * experts == bank_size
     assert counts["gate"] == 6 * 4 + (4 * experts + experts)

@@ -148,12 +148,14 @@ def test_unknown_routing_strategy_is_refused() -> None:
 def test_multi_hot_padding_is_ignored_and_oov_is_a_real_row() -> None:
     model = perturb(MultiDomainModel(make_config("mlp", "base"))).eval()
     batch = make_batch(4)
-    batch.multi_hot[:] = torch.tensor([[[3, -1, -1]]])
-    a = score(model, batch)
-    batch.multi_hot[:] = torch.tensor([[[-1, 3, -1]]])
-    torch.testing.assert_close(score(model, batch), a)
-    batch.multi_hot[:] = torch.tensor([[[3, 3, -1]]])  # mean of the same id twice
-    torch.testing.assert_close(score(model, batch), a)
+    scores = []
+    for ids in ([3, -1, -1], [-1, 3, -1], [3, 3, -1]):  # the last: mean of the same id twice
+        batch.multi_hot = torch.tensor([[ids]]).expand(4, 1, 3).clone()
+        scores.append(score(model, batch))
+    torch.testing.assert_close(scores[1], scores[0])
+    torch.testing.assert_close(scores[2], scores[0])
+    batch.multi_hot = torch.tensor([[[0, -1, -1]]]).expand(4, 1, 3).clone()  # OOV is not padding
+    assert not torch.allclose(score(model, batch), scores[0])
 
 
 def test_fused_kernel_is_available_and_used() -> None:
