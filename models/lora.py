@@ -39,6 +39,8 @@ from torch.nn import functional as F
 
 from models.kernels import lowrank_add_
 
+# Hard routing with gradients uses the one-hot mixture up to this many stacked columns (E*r).
+DENSE_TRAINING_WIDTH = 256
 ROUTING_STRATEGIES = ("bag", "fused_down", "gather", "kernel")
 
 
@@ -98,7 +100,12 @@ class AdapterBank(nn.Module):
         if (index is None) == (weights is None):
             raise ValueError("give exactly one of index (hard routing) or weights (soft gate)")
         if index is not None:
-            return lowrank_bag(x, self.A, self.scaled_b(), self.bias, index)
+            if torch.is_grad_enabled() and self.num_experts * self.rank <= DENSE_TRAINING_WIDTH:
+                # embedding_bag's backward is slow on CPU (sort-based index_add); with few
+                # experts the one-hot mixture's two GEMMs train several times faster.
+                weights = F.one_hot(index, self.num_experts).to(x.dtype)
+            else:
+                return lowrank_bag(x, self.A, self.scaled_b(), self.bias, index)
         assert weights is not None
         return lowrank_soft(x, self.A, self.scaled_b(), self.bias, weights)
 
