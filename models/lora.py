@@ -100,6 +100,9 @@ class AdapterBank(nn.Module):
         if (index is None) == (weights is None):
             raise ValueError("give exactly one of index (hard routing) or weights (soft gate)")
         if index is not None:
+            if torch.onnx.is_in_onnx_export():
+                # embedding_bag exports as a per-sample Loop; gathers are plain operators.
+                return lowrank_gather(x, self.A, self.scaled_b(), self.bias, index)
             if torch.is_grad_enabled() and self.num_experts * self.rank <= DENSE_TRAINING_WIDTH:
                 # embedding_bag's backward is slow on CPU (sort-based index_add); with few
                 # experts the one-hot mixture's two GEMMs train several times faster.

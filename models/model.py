@@ -300,12 +300,22 @@ class MultiDomainModel(nn.Module):
 
     # ----------------------------------------------------------------------- forward
     def forward(
-        self, sparse: Tensor, dense: Tensor, domains: Tensor, multi_hot: Tensor | None = None
+        self,
+        sparse: Tensor,
+        dense: Tensor,
+        domains: Tensor,
+        multi_hot: Tensor | None = None,
+        banks: list[InferenceBank] | None = None,
     ) -> Tensor:
-        """Logits ``[B]`` for one (possibly mixed-domain) batch."""
+        """Logits ``[B]`` for one (possibly mixed-domain) batch.
+
+        ``banks``: per-layer inference banks to route the primary division through instead
+        of the model's own (the ONNX export passes its graph inputs here).
+        """
         emb = self.embedding(sparse, multi_hot)
         tower_in, side, extra = self.interaction(emb, dense)
-        h = self.tower(tower_in, self._route(domains))
+        route = self._route(domains) if banks is None else Route(index=domains[:, 0], banks=banks)
+        h = self.tower(tower_in, route)
         if side is not None:
             h = torch.cat([side, h], 1)
         logit = self.head(h).squeeze(-1)
