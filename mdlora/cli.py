@@ -6,6 +6,7 @@ import typer
 
 from service.commands import register as register_service
 from training.commands import register as register_training
+from training.reproduce_cli import register_reproduce
 
 app = typer.Typer(
     name="mdlora",
@@ -16,6 +17,7 @@ app = typer.Typer(
 )
 register_training(app)
 register_service(app)
+register_reproduce(app)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,23 @@ def kernel_available() -> bool:
     return _KERNEL is not None
 
 
+def _match_torch_threads() -> None:
+    """Run the kernel on torch's thread count, and keep torch's count intact.
+
+    Starting numba's OpenMP pool resets the process's OpenMP thread count, which silently
+    undoes an earlier ``torch.set_num_threads``; a kernel with more threads than torch uses
+    also fights torch's pool for the cores.
+    """
+    import numba as nb
+
+    wanted = torch.get_num_threads()
+    threads = max(1, min(wanted, nb.config.NUMBA_NUM_THREADS))
+    if nb.get_num_threads() != threads:
+        nb.set_num_threads(threads)
+    if torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
+
+
 def lowrank_add_(z: Tensor, x: Tensor, a_t: Tensor, b: Tensor, c: Tensor, index: Tensor) -> bool:
     """Add the routed adapter change to ``z`` in place; False when the kernel cannot run.
 
@@ -70,9 +87,13 @@ def lowrank_add_(z: Tensor, x: Tensor, a_t: Tensor, b: Tensor, c: Tensor, index:
     if z.requires_grad or not (z.is_contiguous() and x.is_contiguous()):
         return False
     assert _KERNEL is not None
+    wanted_threads = torch.get_num_threads()
+    _match_torch_threads()
     with torch.no_grad():
         _KERNEL(
             x.detach().numpy(), a_t.numpy(), b.numpy(), c.numpy(),
             index.detach().numpy(), z.detach().numpy(),
         )  # fmt: skip
+    if torch.get_num_threads() != wanted_threads:  # the first launch starts numba's pool
+        torch.set_num_threads(wanted_threads)
     return True

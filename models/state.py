@@ -146,6 +146,8 @@ def install_adapter(
     """
     _adapted(model, division)
     check_tensors(adapter_signature(model, division), tensors, f"adapter {division}/{domain}")
+    device = model.device
+    tensors = {k: v.to(device) for k, v in tensors.items()}
     names = model.domain_names(division)
     d = names.index(domain) if domain in names else model.add_domain(division, domain, gate_scope)
     tower = model.tower

@@ -1,0 +1,626 @@
+"""Benchmark of the online scoring service against the in-process scorer.
+
+What it does (bounded in time: about ``5 * --seconds`` plus a minute of set-up):
+
+1. builds an MLoRA/DeepFM artifact shaped like the MovieLens-1M occupation setting (6040 users,
+   3706 movies, 21 domains, tower 256-128-64) with random weights, in a temporary directory;
+2. pre-encodes ``--pool`` requests of ``--candidates`` items each over a skewed domain mix;
+3. in-process baseline: ``model.score_batch`` once per request on the same requests,
+   pre-encoded (and, for reference, with the encoder's ``encode_records`` per request), with
+   the service's thread count and the faster of the artifact's routing and ``bag``; it is
+   timed in rounds alternating with the service's, so both see the same background load;
+4. starts ``uvicorn`` (``service.commands.serve_artifact``) in a subprocess on loopback and
+   drives it with a lean asyncio load generator (pre-encoded HTTP/1.1 requests over
+   keep-alive connections): a closed loop at ``--concurrency`` for peak throughput, an open
+   loop at half the peak rate, and the same open loop (twice as long) while an adapter is
+   registered and rolled back over and over (admin API, one change every ~0.6 s). Latency is
+   counted from the time a request was due (no coordinated omission); the service's own
+   histogram gives the in-service p99 for comparison.
+
+Targets on a 2-core machine: service >= 60% of in-process; p99 <= 20 ms at half load; p99
+while adapters swap <= 1.5x steady; no failed request. The LAST line printed is one JSON
+object with the figures (``service_over_inprocess``, ``p50_ms``, ``p99_ms_half_load``,
+``p99_swap_over_steady``, ``errors``, ...). On a shared machine the load average (printed) is
+the first thing to read: tail latencies follow it.
+
+    python benchmarks/bench_service.py [--seconds 9] [--concurrency 8] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mdlora.artifact import adapter_package_bytes, load_artifact, save_artifact  # noqa: E402
+from mdlora.encoder import FeatureEncoder  # noqa: E402
+from models.features import EncodedBatch  # noqa: E402
+from service.demo import DemoData, _encoder, demo_adapter, demo_frame, demo_model  # noqa: E402
+from service.runtime import configure_thread  # noqa: E402
+
+TOKEN = "bench-admin-token"
+
+
+# --------------------------------------------------------------------------- artifact, requests
+def build_artifact(directory: Path) -> Path:
+    frame = demo_frame(n_users=6040, n_items=3706, n_rows=120_000, seed=1)
+    encoder = _encoder("mlora", "occupation").fit(frame)
+    model, data = demo_model(
+        "mlora", "occupation", "deepfm", (256, 128, 64), seed=1, data=DemoData(frame, encoder)
+    )
+    return save_artifact(
+        model,
+        directory,
+        encoder=data.encoder.to_dict(),
+        extra={"serving": {"user_id_field": "user_id", "item_id_field": "movie_id"}},
+    )
+
+
+def make_requests(
+    encoder: FeatureEncoder, pool: int, candidates: int, seed: int = 0
+) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(seed)
+    users = np.array(encoder.vocabs["user_id"], dtype=object)
+    items = np.array(encoder.vocabs["movie_id"], dtype=object)
+    domains = encoder.domain_names("occupation")
+    weights = 1.0 / np.arange(1, len(domains) + 1)  # a skewed (Zipf-like) domain mix
+    weights /= weights.sum()
+    out = []
+    for _ in range(pool):
+        out.append(
+            {
+                "domain": str(rng.choice(domains, p=weights)),
+                "user": {"id": int(rng.choice(users))},
+                "item_ids": [int(i) for i in rng.choice(items, candidates, replace=False)],
+            }
+        )
+    return out
+
+
+def http_request(path: str, body: bytes) -> bytes:
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+# --------------------------------------------------------------------------- in-process scorer
+class InProcess:
+    """The core's scorer in this process, once per request, on the same (pre-encoded) requests.
+
+    Runs with the service's thread count (torch and numba). Every measurement times both the
+    artifact's routing and ``bag`` and keeps the faster, which makes the service / in-process
+    ratio a strict one.
+    """
+
+    def __init__(self, artifact: Path, requests: list[dict[str, Any]], threads: int) -> None:
+        art = load_artifact(artifact)
+        assert art.encoder is not None
+        self.encoder = FeatureEncoder.from_dict(art.encoder)
+        self.model = art.model.eval()
+        self.requests = requests
+        self.encoded = [
+            self._batch(self.encoder.encode_records(self._records(r))) for r in requests
+        ]
+        self.routings = [list(self.model.routing), ["bag"] * len(self.model.routing)]
+        self.threads = threads
+        configure_thread(threads)
+
+    def best_rate(self, seconds: float, encode: bool = False) -> float:
+        """The faster routing's requests per second (each timed for ``seconds / 2``)."""
+        rates = []
+        for routing in self.routings:
+            self.model.set_routing(routing)
+            rates.append(self.rate(seconds / 2, encode))
+        return max(rates)
+
+    @staticmethod
+    def _records(r: dict[str, Any]) -> list[dict[str, Any]]:
+        return [
+            {"user_id": r["user"]["id"], "movie_id": i, "occupation": r["domain"]}
+            for i in r["item_ids"]
+        ]
+
+    @staticmethod
+    def _batch(arrays: Any) -> EncodedBatch:
+        return EncodedBatch(
+            torch.from_numpy(arrays["sparse"]),
+            torch.from_numpy(arrays["dense"]),
+            torch.from_numpy(arrays["domains"]),
+        )
+
+    def rate(self, seconds: float, encode: bool = False) -> float:
+        """Requests per second for ``seconds`` (``encode``: encode_records per request too)."""
+        n, start = 0, time.perf_counter()
+        with torch.inference_mode():
+            while time.perf_counter() - start < seconds:
+                i = n % len(self.requests)
+                if encode:
+                    batch = self._batch(
+                        self.encoder.encode_records(self._records(self.requests[i]))
+                    )
+                else:
+                    batch = self.encoded[i]
+                self.model.score_batch(batch)
+                n += 1
+        return n / (time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------- load generator
+class Connection:
+    """One keep-alive HTTP/1.1 connection sending pre-encoded requests."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def send(self, payload: bytes) -> tuple[int, bytes]:
+        self.writer.write(payload)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        body = await self.reader.readexactly(length) if length else b""
+        return status, body
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class Stats:
+    """Latencies (seconds) with the time each request was due, and error count."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.due: list[float] = []
+        self.errors = 0
+        self.failures: dict[str, int] = {}
+        self.start = time.perf_counter()
+        self.end = self.start
+
+    def fail(self, what: str) -> None:
+        self.errors += 1
+        self.failures[what] = self.failures.get(what, 0) + 1
+
+    def rps(self) -> float:
+        return len(self.latencies) / max(self.end - self.start, 1e-9)
+
+
+def percentiles(latencies: list[float] | np.ndarray) -> tuple[float, float]:
+    lat = np.asarray(latencies) * 1000
+    if lat.size == 0:
+        return float("nan"), float("nan")
+    return float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
+
+
+async def closed_loop(port: int, payloads: list[bytes], concurrency: int, seconds: float) -> Stats:
+    stats = Stats()
+    deadline = time.perf_counter() + seconds
+
+    async def worker(k: int) -> None:
+        conn = await Connection.open(port)
+        i = k
+        try:
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                status, _ = await conn.send(payloads[i % len(payloads)])
+                stats.latencies.append(time.perf_counter() - t0)
+                stats.due.append(t0)
+                if status != 200:
+                    stats.fail(f"HTTP {status}")
+                i += concurrency
+        finally:
+            conn.close()
+
+    stats.start = time.perf_counter()
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    stats.end = time.perf_counter()
+    return stats
+
+
+async def open_loop(port: int, payloads: list[bytes], rate: float, seconds: float) -> Stats:
+    """Requests at a fixed rate; latency counted from the time each was due (no coordinated
+    omission). Connections come from a pool; more open when all are busy."""
+    stats = Stats()
+    idle: list[Connection] = [await Connection.open(port) for _ in range(8)]
+    tasks = []
+    interval = 1.0 / rate
+
+    async def one(i: int, due: float) -> None:
+        conn = idle.pop() if idle else await Connection.open(port)
+        try:
+            status, body = await conn.send(payloads[i % len(payloads)])
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            stats.fail(type(exc).__name__)
+            return
+        stats.latencies.append(time.perf_counter() - due)
+        stats.due.append(due)
+        if status != 200:
+            stats.fail(f"HTTP {status}: {body[:120]!r}")
+        idle.append(conn)
+
+    stats.start = time.perf_counter()
+    for i in range(int(rate * seconds)):
+        due = stats.start + i * interval
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i, due)))
+    await asyncio.gather(*tasks)
+    stats.end = time.perf_counter()
+    for c in idle:
+        c.close()
+    return stats
+
+
+def multipart(files: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
+    boundary = "mdlorabenchboundary"
+    parts = []
+    for field, (name, data) in files.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n".encode()
+            + data
+            + b"\r\n"
+        )
+    return b"".join(
+        parts
+    ) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+class Swapper:
+    """Registers a new version of one domain's adapter, then rolls it back, over and over,
+    with quiet gaps in between; remembers when each change was in progress."""
+
+    SETTLE = 0.1  # seconds after a change's answer still counted as "during the change"
+
+    def __init__(self, port: int, packages: list[tuple[bytes, bytes]], gap: float = 0.6) -> None:
+        self.port, self.packages, self.gap = port, packages, gap
+        self.windows: list[tuple[float, float]] = []
+        self.log: list[str] = []
+        self.errors = 0
+
+    async def _call(self, conn: Connection, what: str, payload: bytes, ok: int) -> None:
+        t0 = time.perf_counter()
+        status, _ = await conn.send(payload)
+        t1 = time.perf_counter()
+        self.windows.append((t0, t1 + self.SETTLE))
+        self.log.append(f"{what} {status} {1000 * (t1 - t0):.0f} ms")
+        self.errors += status != ok
+
+    async def run(self, stop: asyncio.Event) -> None:
+        conn = await Connection.open(self.port)
+        auth = f"Authorization: Bearer {TOKEN}\r\n"
+        k = 0
+        while not stop.is_set():
+            await asyncio.sleep(self.gap)
+            config, weights = self.packages[k % len(self.packages)]
+            body, ctype = multipart(
+                {
+                    "adapter_config": ("adapter_config.json", config),
+                    "adapter_model": ("adapter_model.safetensors", weights),
+                }
+            )
+            head = (
+                f"POST /v1/adapters HTTP/1.1\r\nHost: bench\r\n{auth}Content-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
+            await self._call(conn, "register", head.encode() + body, 201)
+            await asyncio.sleep(self.gap)
+            rollback = (
+                f"POST /v1/adapters/occupation/4/rollback HTTP/1.1\r\nHost: bench\r\n"
+                f"{auth}Content-Length: 0\r\n\r\n"
+            )
+            await self._call(conn, "rollback", rollback.encode(), 200)
+            k += 1
+        conn.close()
+
+    def during(self, due: float) -> bool:
+        return any(a <= due <= b for a, b in self.windows)
+
+
+# --------------------------------------------------------------------------- server
+@contextlib.contextmanager
+def server(
+    artifact: Path, port: int, env_extra: dict[str, str]
+) -> Iterator[subprocess.Popen[bytes]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MDLORA_")}
+    env.update({"MDLORA_ADMIN_TOKEN": TOKEN, "MDLORA_REGISTRY": "local", **env_extra})
+    code = (
+        "from pathlib import Path; from service.commands import serve_artifact; "
+        f"serve_artifact(Path({str(artifact)!r}), '127.0.0.1', {port})"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the service did not start")
+            time.sleep(0.2)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def run(coro: Any) -> Any:
+    """Run the load generator on uvloop when it is installed (a leaner client)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def scrape(port: int) -> list[str]:
+    conn = await Connection.open(port)
+    _, body = await conn.send(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")
+    conn.close()
+    return body.decode().splitlines()
+
+
+async def server_latency(port: int) -> dict[float, float]:
+    """Cumulative count per histogram bound of the service's own /predict latency."""
+    out: dict[float, float] = {}
+    for line in await scrape(port):
+        if line.startswith("mdlora_request_latency_seconds_bucket{") and 'route="/predict"' in line:
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            bound = float("inf") if le == "+Inf" else float(le)
+            out[bound] = out.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def server_p99_ms(before: dict[float, float], after: dict[float, float]) -> float:
+    """Upper bound of the service-side p99 between two scrapes (histogram resolution)."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return float("nan")
+    return next(1000 * b for b, c in zip(bounds, counts, strict=True) if c >= 0.99 * counts[-1])
+
+
+async def model_calls(port: int) -> tuple[float, float]:
+    """``(rows, calls)`` of the service's model calls so far, from /metrics."""
+    found = {}
+    for line in await scrape(port):
+        for key in ("mdlora_model_batch_rows_sum", "mdlora_model_batch_rows_count"):
+            if line.startswith(key + " "):
+                found[key] = float(line.split()[1])
+    return found.get("mdlora_model_batch_rows_sum", 0.0), found.get(
+        "mdlora_model_batch_rows_count", 0.0
+    )
+
+
+async def measure_peak(
+    port: int, payloads: list[bytes], inproc: InProcess, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Service closed loop and in-process scorer in alternating rounds (same background load)."""
+    await closed_loop(port, payloads, args.concurrency, min(2.0, args.seconds))  # warm-up
+    rounds, service, local, lat = 5, [], [], []
+    rows_before = await model_calls(port)
+    for _ in range(rounds):
+        stats = await closed_loop(port, payloads, args.concurrency, args.seconds / rounds)
+        service.append(stats.rps())
+        lat += stats.latencies
+        local.append(inproc.best_rate(args.seconds / rounds))
+        if stats.errors:
+            raise RuntimeError(f"{stats.errors} failed requests in the closed loop")
+    rows_after = await model_calls(port)
+    with_encode = inproc.best_rate(args.seconds / rounds, encode=True)
+    p50, p99 = percentiles(lat)
+    calls = max(rows_after[1] - rows_before[1], 1.0)
+    return {
+        "rows_per_call": (rows_after[0] - rows_before[0]) / calls,
+        "service_rps": float(np.median(service)),
+        "inprocess_rps": float(np.median(local)),
+        "ratios": [s / i for s, i in zip(service, local, strict=True)],
+        "inprocess_rps_with_encode": with_encode,
+        "p50_ms": p50,
+        "p99_ms": p99,
+    }
+
+
+async def measure_half_load(
+    port: int,
+    payloads: list[bytes],
+    packages: list[tuple[bytes, bytes]],
+    rate: float,
+    seconds: float,
+) -> dict[str, Any]:
+    """Open loop at ``rate``: first steady, then with adapter changes; within the second part
+    requests due while a change was in progress are compared with the rest."""
+    before = await server_latency(port)
+    steady = await open_loop(port, payloads, rate, seconds)
+    server_p99 = server_p99_ms(before, await server_latency(port))
+    swapper = Swapper(port, packages)
+    stop = asyncio.Event()
+    before = await server_latency(port)
+    task = asyncio.create_task(swapper.run(stop))
+    mixed = await open_loop(port, payloads, rate, 2 * seconds)
+    stop.set()
+    await task
+    server_mixed_p99 = server_p99_ms(before, await server_latency(port))
+    during = [
+        lat for lat, due in zip(mixed.latencies, mixed.due, strict=True) if swapper.during(due)
+    ]
+    quiet = [
+        lat for lat, due in zip(mixed.latencies, mixed.due, strict=True) if not swapper.during(due)
+    ]
+    failures = dict(steady.failures)
+    for k, v in mixed.failures.items():
+        failures[k] = failures.get(k, 0) + v
+    return {
+        "failures": failures,
+        "server_p99_ms": server_p99,
+        "server_mixed_p99_ms": server_mixed_p99,
+        "steady": percentiles(steady.latencies),
+        "quiet": percentiles(quiet),
+        "mixed": percentiles(mixed.latencies),
+        "during": percentiles(during),
+        "n_during": len(during),
+        "log": swapper.log,
+        "errors": steady.errors + mixed.errors + swapper.errors,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=9.0, help="length of each phase")
+    parser.add_argument("--concurrency", type=int, default=8, help="closed-loop connections")
+    parser.add_argument("--candidates", type=int, default=100, help="items per request")
+    parser.add_argument("--pool", type=int, default=512, help="distinct pre-encoded requests")
+    parser.add_argument("--quick", action="store_true", help="short phases (a smoke run)")
+    parser.add_argument("--no-micro-batch", action="store_true", help="one model call per request")
+    parser.add_argument("--scorer-thread", action="store_true", help="model calls on a thread")
+    parser.add_argument("--threads", type=int, default=1, help="the service's torch threads")
+    parser.add_argument("--routing", default="artifact", help="the service's MDLORA_ROUTING")
+    args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.pool = 3.0, 128
+
+    with tempfile.TemporaryDirectory(prefix="mdlora-bench-") as tmp:
+        artifact = build_artifact(Path(tmp) / "artifact")
+        art = load_artifact(artifact)
+        assert art.encoder is not None
+        encoder = FeatureEncoder.from_dict(art.encoder)
+        requests = make_requests(encoder, args.pool, args.candidates)
+        payloads = [http_request("/predict", orjson.dumps(r)) for r in requests]
+        packages = [
+            adapter_package_bytes(demo_adapter(art.model, "occupation", "4", seed=s))
+            for s in (11, 12)
+        ]
+        print(
+            f"artifact: mlora/deepfm, {len(encoder.vocabs['user_id'])} users, "
+            f"{len(encoder.vocabs['movie_id'])} items, 21 domains; {args.candidates} candidates "
+            f"per request, {args.pool} distinct requests; load average {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
+        inproc = InProcess(artifact, requests, args.threads)
+
+        port = free_port()
+        env = {
+            "MDLORA_TORCH_THREADS": str(args.threads),
+            "MDLORA_ROUTING": args.routing,
+            "MDLORA_MICRO_BATCH": "false" if args.no_micro_batch else "true",
+            "MDLORA_SCORER_THREAD": "true" if args.scorer_thread else "false",
+        }
+        # The load generator's own pauses count in its latencies: keep the ~0.5 s full
+        # collections of everything loaded so far (torch, the model) out of the measurement.
+        gc.collect()
+        gc.freeze()
+        with server(artifact, port, env):
+            peak = run(measure_peak(port, payloads, inproc, args))
+            half_rate = 0.5 * peak["service_rps"]
+            half = run(measure_half_load(port, payloads, packages, half_rate, args.seconds))
+
+    c = args.candidates
+    print(
+        f"in-process scorer: {peak['inprocess_rps']:.0f} req/s ({peak['inprocess_rps'] * c:.0f} "
+        f"candidates/s) with {args.threads} thread(s); with encode_records per request "
+        f"{peak['inprocess_rps_with_encode']:.0f} req/s"
+    )
+    print(
+        f"service, closed loop x{args.concurrency}: {peak['service_rps']:.0f} req/s "
+        f"({peak['service_rps'] * c:.0f} candidates/s), p50 {peak['p50_ms']:.2f} ms, "
+        f"p99 {peak['p99_ms']:.2f} ms, {peak['rows_per_call']:.0f} rows per model call; "
+        f"per-round service/in-process "
+        f"{', '.join(f'{r:.2f}' for r in peak['ratios'])}"
+    )
+    print(
+        f"service, open loop at half peak ({half_rate:.0f} req/s): "
+        f"p50 {half['steady'][0]:.2f} ms, "
+        f"p99 {half['steady'][1]:.2f} ms (inside the service: p99 <= "
+        f"{half['server_p99_ms']:.1f} ms)"
+    )
+    print(
+        f"same load with adapter changes (one every ~0.6 s): p50 {half['mixed'][0]:.2f} ms, "
+        f"p99 {half['mixed'][1]:.2f} ms; while a change is in progress "
+        f"({half['n_during']} requests) "
+        f"p50 {half['during'][0]:.2f} ms, p99 {half['during'][1]:.2f} ms; otherwise p50 "
+        f"{half['quiet'][0]:.2f} ms, p99 {half['quiet'][1]:.2f} ms (inside the service, whole "
+        f"phase: p99 <= {half['server_mixed_p99_ms']:.1f} ms)"
+    )
+    print(f"admin calls: {', '.join(half['log'])}")
+    if half["failures"]:
+        print(f"failed requests: {half['failures']}")
+    result = {
+        # median of the paired rounds: each ratio compares runs under the same background load
+        "service_over_inprocess": round(float(np.median(peak["ratios"])), 3),
+        "service_over_inprocess_with_encode": round(
+            peak["service_rps"] / peak["inprocess_rps_with_encode"], 3
+        ),
+        "candidates_per_s": round(peak["service_rps"] * c),
+        "inprocess_candidates_per_s": round(peak["inprocess_rps"] * c),
+        "rows_per_model_call": round(peak["rows_per_call"], 1),
+        "p50_ms": round(peak["p50_ms"], 3),
+        "p99_ms": round(peak["p99_ms"], 3),
+        "p50_ms_half_load": round(half["steady"][0], 3),
+        "p99_ms_half_load": round(half["steady"][1], 3),
+        "server_p99_ms_half_load_at_most": half["server_p99_ms"],
+        # the whole phase with adapter changes (one every ~0.6 s) against the steady phase
+        "p99_ms_swap_phase": round(half["mixed"][1], 3),
+        "p99_swap_over_steady": round(half["mixed"][1] / half["steady"][1], 3),
+        # stricter: only requests due while a change was in progress, against the others
+        "p99_ms_during_swap": round(half["during"][1], 3),
+        "server_p99_ms_swap_phase_at_most": half["server_mixed_p99_ms"],
+        "p99_ms_between_swaps": round(half["quiet"][1], 3),
+        "p99_during_over_between_swaps": round(half["during"][1] / half["quiet"][1], 3),
+        "swaps": len(half["log"]),
+        "errors": int(half["errors"]),
+        "load_average": round(os.getloadavg()[0], 2),
+        "concurrency": args.concurrency,
+        "micro_batch": not args.no_micro_batch,
+        "scorer_thread": args.scorer_thread,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""HTTP routers: ``predict`` (scoring), ``admin`` (``/v1``, bearer token), ``health``."""

@@ -1,0 +1,124 @@
+"""The service's CLI commands: ``mdlora serve`` and ``mdlora publish-features``.
+
+Heavy modules (torch, the app) are imported inside the commands so ``mdlora --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import typer
+
+
+def serve_artifact(artifact_dir: Path, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve ``artifact_dir`` with uvicorn (settings from ``MDLORA_*``, artifact given here)."""
+    import logging
+
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import ServiceSettings
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    settings = ServiceSettings(artifact_dir=artifact_dir)
+    uvicorn.run(
+        create_app(settings, serving_process=True),
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=False,
+        # longer than the idle timeout of common load balancers (60 s), so they never reuse
+        # a connection the server has just closed
+        timeout_keep_alive=75,
+        timeout_graceful_shutdown=10,
+    )
+
+
+def _read_data(path: Path, columns: list[str]) -> Any:
+    """A table (Parquet/CSV), or a MovieLens-1M folder (with the presets' derived columns)."""
+    import pandas as pd
+
+    if path.is_dir():
+        from training.data.movielens import load_movielens_1m
+
+        frame = load_movielens_1m(path)
+        if "age_group" in columns and "age_group" not in frame.columns:
+            from training.data.presets import MULTILORA_AGE_GROUPS
+
+            groups = {c: g for g, codes in MULTILORA_AGE_GROUPS.items() for c in codes}
+            frame["age_group"] = frame["age"].map(groups)
+        return frame
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq", ".parq"):
+        return pd.read_parquet(path)
+    if suffix in (".csv", ".tsv", ".txt"):
+        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", low_memory=False)
+    raise typer.BadParameter(f"{path}: use a .parquet or .csv file, or a MovieLens-1M folder")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``serve`` and ``publish-features`` to the ``mdlora`` app."""
+
+    @app.command("serve")
+    def serve(
+        artifact: Path | None = typer.Option(
+            None, "--artifact", help="artifact directory (default: $MDLORA_ARTIFACT_DIR)"
+        ),
+        host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0 in containers)"),
+        port: int = typer.Option(8000, help="port to listen on"),
+    ) -> None:
+        """Serve an artifact over HTTP (POST /predict, /v1 admin, /metrics, /docs)."""
+        directory = artifact or os.environ.get("MDLORA_ARTIFACT_DIR")
+        if not directory:
+            raise typer.BadParameter("give --artifact DIR or set MDLORA_ARTIFACT_DIR")
+        if not (Path(directory) / "manifest.json").is_file():
+            raise typer.BadParameter(f"{directory} is not an artifact (no manifest.json)")
+        serve_artifact(Path(directory), host, port)
+
+    @app.command("publish-features")
+    def publish(
+        artifact: Path = typer.Option(..., "--artifact", help="artifact directory (its encoder)"),
+        data: Path = typer.Option(..., "--data", help="Parquet/CSV table or MovieLens-1M folder"),
+        redis_url: str | None = typer.Option(
+            None, "--redis-url", help="default: $MDLORA_REDIS_URL or redis://127.0.0.1:6379/0"
+        ),
+        prefix: str | None = typer.Option(
+            None, "--prefix", help="key prefix (default: $MDLORA_REDIS_PREFIX or 'mdlora')"
+        ),
+        user_field: str | None = typer.Option(None, "--user-field", help="user-id column"),
+        item_field: str | None = typer.Option(None, "--item-field", help="item-id column"),
+    ) -> None:
+        """Write user and item features of a dataset to the Redis feature store."""
+        import redis
+        from rich.console import Console
+
+        from mdlora.artifact import read_manifest
+        from mdlora.encoder import FeatureEncoder
+        from service.features import detect_id_fields, publish_features
+
+        console = Console()
+        manifest = read_manifest(artifact)
+        if not manifest.get("encoder"):
+            raise typer.BadParameter(f"{artifact} has no encoder.json")
+        encoder = FeatureEncoder.load(artifact / manifest["encoder"])
+        user_col, item_col = detect_id_fields(encoder, manifest, user_field, item_field)
+        if user_col is None or item_col is None:
+            raise typer.BadParameter(
+                "cannot tell the user / item id columns: pass --user-field and --item-field"
+            )
+        frame = _read_data(data, encoder.columns)
+        url = redis_url or os.environ.get("MDLORA_REDIS_URL", "redis://127.0.0.1:6379/0")
+        client = redis.Redis.from_url(url, decode_responses=True)
+        try:
+            client.ping()
+        except (redis.RedisError, OSError) as exc:
+            raise typer.BadParameter(f"cannot reach Redis at {url}: {exc}") from None
+        key_prefix = prefix or os.environ.get("MDLORA_REDIS_PREFIX", "mdlora")
+        result = publish_features(frame, encoder, user_col, item_col, client, key_prefix)
+        console.print(
+            f"published {result['users']} users ({', '.join(result['user_columns']) or '-'}) "
+            f"and {result['items']} items ({', '.join(result['item_columns']) or '-'}) "
+            f"to {url} under '{key_prefix}:feat:'"
+        )

@@ -1,0 +1,464 @@
+"""The control plane: registry changes become new snapshots, built off the request path.
+
+Every change (an admin registration, rollback or removal, or a reconcile after another
+replica's change) runs on ONE builder thread, in this order:
+
+1. validate (package parse, fit against the loaded model, rank cap, names);
+2. build the new snapshot from the current one (copy-on-write) and warm it up;
+3. commit the new registry state (compare-and-set; a concurrent writer means re-read and redo);
+4. swap the serving reference.
+
+A failure in 1-3 leaves the serving snapshot and the registry as they were.
+
+Removing a domain: a domain registered after training is removed (requests for it then
+follow ``MDLORA_UNKNOWN_DOMAIN``). A domain the artifact was trained with cannot lose its
+trained adapter: removing it drops its registered versions and it serves its artifact version
+again; when it already does, the removal is refused (409).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from mdlora.artifact import (
+    AdapterPackage,
+    ArtifactError,
+    check_adapter_fits,
+    parse_adapter_package,
+    sha256_bytes,
+)
+from models.state import TensorMismatchError
+from service.errors import ServiceError
+from service.metrics import ServiceMetrics
+from service.registry import (
+    DomainKey,
+    RegistryConflict,
+    RegistryError,
+    RegistryState,
+    RegistryStore,
+    RegistryUnavailable,
+    check_name,
+    new_record,
+    next_version,
+    set_active,
+)
+from service.snapshot import ArtifactBase, LoadedAdapter, Snapshot, SnapshotHolder
+
+log = logging.getLogger("mdlora.service")
+T = TypeVar("T")
+COMMIT_ATTEMPTS = 5
+
+
+class ControlPlane:
+    """Owns the registry store and the snapshot holder; see the module docstring."""
+
+    def __init__(
+        self,
+        base: ArtifactBase,
+        store: RegistryStore,
+        prepare: Callable[[Snapshot], None],
+        metrics: ServiceMetrics,
+        max_adapter_bytes: int,
+        reconcile_interval_s: float = 10.0,
+        thread_init: Callable[[], None] | None = None,
+    ) -> None:
+        self.base, self.store, self.prepare, self.metrics = base, store, prepare, metrics
+        self.max_adapter_bytes = max_adapter_bytes
+        self.reconcile_interval_s = reconcile_interval_s
+        initial = base.snapshot(0)
+        prepare(initial)
+        self.holder = SnapshotHolder(initial)
+        self.registry_error: str | None = None
+        self.known_state = RegistryState()
+        self._packages: OrderedDict[str, AdapterPackage] = OrderedDict()
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            1, "mdlora-builder", initializer=thread_init
+        )
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._pending = threading.Lock()
+        self._reconcile_queued = False
+        metrics.track_snapshot(lambda: self.holder.current.created_at)
+        metrics.registry_version.set(0)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Reconcile once (serving the artifact as is if the registry is down), then keep
+        listening for changes and reconciling every ``reconcile_interval_s``."""
+        self._call(self._reconcile)
+        for target, name in ((self._listen, "listener"), (self._periodic, "reconciler")):
+            t = threading.Thread(target=target, name=f"mdlora-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.store.close()
+
+    @property
+    def current(self) -> Snapshot:
+        return self.holder.current
+
+    @property
+    def registry_ok(self) -> bool:
+        return self.registry_error is None
+
+    def _mark(self, error: BaseException | None) -> None:
+        if error is None:
+            if self.registry_error is not None:
+                log.info("registry reachable again")
+            self.registry_error = None
+            self.metrics.registry_up.set(1)
+        else:
+            if self.registry_error is None:
+                log.warning("registry unavailable: %s", error)
+            self.registry_error = str(error)
+            self.metrics.registry_up.set(0)
+
+    def check_registry(self) -> bool:
+        """Ping the store now (readiness); updates :attr:`registry_ok`."""
+        try:
+            self.store.ping()
+        except RegistryUnavailable as exc:
+            self._mark(exc)
+            return False
+        if self.registry_error is not None:
+            self.request_reconcile()  # back: catch up at once
+        self._mark(None)
+        return True
+
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return self._executor.submit(fn, *args).result()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` on the builder thread and await it."""
+        return await asyncio.wrap_future(self._executor.submit(fn, *args))
+
+    # ------------------------------------------------------------------ reconcile
+    def _listen(self) -> None:
+        self.store.listen(self.request_reconcile, self._mark, self._stop)
+
+    def _periodic(self) -> None:
+        while not self._stop.wait(self.reconcile_interval_s):
+            self.request_reconcile()
+
+    def request_reconcile(self) -> None:
+        """Queue one reconcile on the builder thread (coalesced with one already queued)."""
+        with self._pending:
+            if self._reconcile_queued or self._stop.is_set():
+                return
+            self._reconcile_queued = True
+        with contextlib.suppress(RuntimeError):  # the executor is shut down: stopping
+            self._executor.submit(self._reconcile_job)
+
+    def _reconcile_job(self) -> None:
+        with self._pending:
+            self._reconcile_queued = False
+        self._reconcile()
+
+    def _reconcile(self) -> bool:
+        """Bring the serving snapshot to the store's state; False if the store is down."""
+        try:
+            state = self.store.read_state()
+        except RegistryUnavailable as exc:
+            self._mark(exc)
+            return False
+        except RegistryError as exc:
+            log.error("registry state unreadable, keeping the current snapshot: %s", exc)
+            self.metrics.adapter_loads.labels("error").inc()
+            return False
+        self._mark(None)
+        self._sync(state)
+        return True
+
+    def desired(self, state: RegistryState) -> dict[DomainKey, LoadedAdapter]:
+        """Which version of which domain ``state`` asks for, the artifact's included."""
+        out = dict(self.base.adapters)
+        for key, entry in state.domains.items():
+            record = entry.record(entry.active)
+            if record is not None:
+                out[key] = LoadedAdapter(record.version, record.sha256, "registry")
+            elif key not in self.base.adapters:
+                out.pop(key, None)
+        return out
+
+    def _sync(self, state: RegistryState) -> Snapshot:
+        """Swap in a snapshot reflecting ``state`` (if the serving one does not)."""
+        current = self.holder.current
+        self.known_state = state
+        target = self.desired(state)
+        if dict(current.adapters) == target:
+            if current.registry_version != state.version:
+                self._swap(current.with_registry_version(state.version))
+            return self.holder.current
+        snapshot = self._build(current, state, target)
+        self._swap(snapshot)
+        return snapshot
+
+    def _build(
+        self, current: Snapshot, state: RegistryState, target: dict[DomainKey, LoadedAdapter]
+    ) -> Snapshot:
+        """A snapshot serving ``target`` (versions that cannot be loaded are skipped, logged)."""
+        if set(current.adapters) - set(target):
+            start = self.base.snapshot(state.version)  # a domain left: rebuild from the artifact
+        else:
+            start = current
+        changes = sorted(k for k, v in target.items() if start.adapters.get(k) != v)
+        packages = []
+        for key in changes:
+            try:
+                packages.append((self._package(key, target[key], state), target[key]))
+            except (RegistryError, ArtifactError) as exc:
+                log.error("cannot load adapter %s/%s: %s", key[0], key[1], exc)
+                self.metrics.adapter_loads.labels("error").inc()
+        loaded = len(packages)
+        try:
+            snapshot = start.with_adapters(packages, state.version)
+        except (ArtifactError, TensorMismatchError, ValueError, KeyError):
+            snapshot = start  # one of them does not fit: load them one at a time
+            for pkg in packages:
+                try:
+                    snapshot = snapshot.with_adapters([pkg], state.version)
+                except (ArtifactError, TensorMismatchError, ValueError, KeyError) as exc:
+                    log.error("adapter %s/%s refused: %s", pkg[0].division, pkg[0].domain, exc)
+                    self.metrics.adapter_loads.labels("error").inc()
+                    loaded -= 1
+            if snapshot is start:
+                snapshot = start.with_adapters([], state.version)
+        self.prepare(snapshot)
+        if loaded:
+            self.metrics.adapter_loads.labels("ok").inc(loaded)
+        return snapshot
+
+    def _package(
+        self, key: DomainKey, loaded: LoadedAdapter, state: RegistryState
+    ) -> AdapterPackage:
+        if loaded.origin == "artifact":
+            return self.base.artifact_package(*key)
+        pkg = self._packages.get(loaded.sha256)
+        if pkg is None:
+            entry = state.domains[key]
+            record = entry.record(loaded.version)
+            if record is None:
+                raise RegistryError(f"{key[0]}/{key[1]}: version {loaded.version} not listed")
+            config, weights = self.store.fetch(key, record)
+            pkg = parse_adapter_package(config, weights, self.max_adapter_bytes)
+            self._remember(pkg, loaded.sha256)
+        if (pkg.division, pkg.domain) != key:
+            raise RegistryError(f"package for {pkg.division}/{pkg.domain} stored under {key}")
+        return pkg
+
+    def _remember(self, pkg: AdapterPackage, sha: str) -> None:
+        self._packages[sha] = pkg
+        self._packages.move_to_end(sha)
+        while len(self._packages) > 256:
+            self._packages.popitem(last=False)
+
+    def _swap(self, snapshot: Snapshot) -> None:
+        self.holder.swap(snapshot)
+        self.metrics.registry_version.set(snapshot.registry_version)
+
+    # ------------------------------------------------------------------ admin writes
+    def _read(self) -> RegistryState:
+        try:
+            state = self.store.read_state()
+        except RegistryUnavailable as exc:
+            self._mark(exc)
+            raise ServiceError(
+                503, f"the registry is unavailable, nothing was changed: {exc}"
+            ) from None
+        except RegistryError as exc:
+            raise ServiceError(503, str(exc)) from None
+        self._mark(None)
+        return state
+
+    def _commit(
+        self,
+        state: RegistryState,
+        new: RegistryState,
+        snapshot: Snapshot,
+        package: Any = None,
+        event: dict[str, Any] | None = None,
+    ) -> None:
+        try:
+            self.store.commit(state.version, new, package, event)
+        except RegistryUnavailable as exc:
+            self._mark(exc)
+            raise ServiceError(
+                503, f"the registry is unavailable, nothing was changed: {exc}"
+            ) from None
+        self.known_state = new
+        self._swap(snapshot)
+
+    def _refuse(self, status: int, message: str) -> ServiceError:
+        self.metrics.adapter_loads.labels("refused").inc()
+        return ServiceError(status, message)
+
+    def register(self, config: bytes, weights: bytes) -> dict[str, Any]:
+        """Validate and register one adapter package (runs on the builder thread)."""
+        if len(weights) > self.max_adapter_bytes:
+            raise self._refuse(
+                413,
+                f"adapter_model.safetensors is {len(weights)} bytes, over the "
+                f"{self.max_adapter_bytes}-byte limit (MDLORA_MAX_ADAPTER_BYTES)",
+            )
+        try:
+            pkg = parse_adapter_package(config, weights, self.max_adapter_bytes)
+            key = (check_name("division", pkg.division), check_name("domain", pkg.domain))
+            check_adapter_fits(self.holder.current.model, pkg, self.base.max_rank)
+        except ArtifactError as exc:
+            raise self._refuse(422, f"adapter refused: {exc}") from None
+        self._remember(pkg, sha256_bytes(weights))
+        for _ in range(COMMIT_ATTEMPTS):
+            state = self._read()
+            current = self._sync(state)
+            artifact = self.base.adapters.get(key)
+            record = new_record(
+                next_version(state, key, artifact.version if artifact else None), weights
+            )
+            loaded = LoadedAdapter(record.version, record.sha256, "registry")
+            new_domain = key[1] not in current.domain_ids.get(key[0], {})
+            try:
+                snapshot = current.with_adapters([(pkg, loaded)], state.version + 1)
+            except (ArtifactError, TensorMismatchError, ValueError, KeyError) as exc:
+                raise self._refuse(422, f"adapter refused: {str(exc).strip(chr(39))}") from None
+            self.prepare(snapshot)
+            new = state.with_entry(key, set_active(state.domains.get(key), record.version, record))
+            try:
+                self._commit(
+                    state,
+                    new,
+                    snapshot,
+                    (key, record, config, weights),
+                    {"action": "register", "division": key[0], "domain": key[1]},
+                )
+            except RegistryConflict:
+                continue
+            self.metrics.adapter_loads.labels("ok").inc()
+            log.info("registered %s/%s v%d", key[0], key[1], record.version)
+            return {
+                "division": key[0],
+                "domain": key[1],
+                "version": record.version,
+                "sha256": record.sha256,
+                "new_domain": new_domain,
+                "registry_version": new.version,
+            }
+        raise ServiceError(503, "the registry kept changing under this registration; retry")
+
+    def _change(self, key: DomainKey, action: str) -> dict[str, Any]:
+        """Rollback or removal of ``key`` (runs on the builder thread)."""
+        for _ in range(COMMIT_ATTEMPTS):
+            state = self._read()
+            current = self._sync(state)
+            if key not in current.adapters:
+                raise ServiceError(
+                    404,
+                    f"no adapter for {key[0]}/{key[1]}; known: "
+                    f"{sorted('/'.join(k) for k in current.adapters)}",
+                )
+            entry = state.domains.get(key)
+            artifact = self.base.adapters.get(key)
+            active = entry.active if entry else None
+            if action == "rollback":
+                if active is None:
+                    raise ServiceError(
+                        409,
+                        f"{key[0]}/{key[1]} serves its artifact version "
+                        f"{artifact.version if artifact else '?'}: nothing to roll "
+                        "back to",
+                    )
+                assert entry is not None
+                older = [r.version for r in entry.versions if r.version < active]
+                if not older and artifact is None:
+                    raise ServiceError(
+                        409,
+                        f"{key[0]}/{key[1]} has a single version; remove it with DELETE instead",
+                    )
+                target: int | None = max(older) if older else None
+            else:
+                if active is None:
+                    raise ServiceError(
+                        409,
+                        f"{key[0]}/{key[1]} was trained with the artifact and "
+                        "serves that version; its trained adapter cannot be removed",
+                    )
+                target = None
+            assert entry is not None
+            new = state.with_entry(key, set_active(entry, target))
+            snapshot = self._build(current, new, self.desired(new))
+            try:
+                self._commit(
+                    state,
+                    new,
+                    snapshot,
+                    None,
+                    {"action": action, "division": key[0], "domain": key[1]},
+                )
+            except RegistryConflict:
+                continue
+            served = snapshot.adapters.get(key)
+            log.info("%s %s/%s -> %s", action, key[0], key[1], served)
+            return {
+                "division": key[0],
+                "domain": key[1],
+                "action": action,
+                "version": served.version if served else None,
+                "origin": served.origin if served else None,
+                "registry_version": new.version,
+            }
+        raise ServiceError(503, "the registry kept changing under this change; retry")
+
+    def rollback(self, division: str, domain: str) -> dict[str, Any]:
+        return self._change((division, domain), "rollback")
+
+    def remove(self, division: str, domain: str) -> dict[str, Any]:
+        return self._change((division, domain), "remove")
+
+    # ------------------------------------------------------------------ reads
+    def listing(self) -> list[dict[str, Any]]:
+        """Every domain with an adapter (served or registered), with its versions."""
+        snap, state = self.holder.current, self.known_state
+        keys = set(snap.adapters) | set(state.domains)
+        return [self.describe(k) for k in sorted(keys)]
+
+    def describe(self, key: DomainKey) -> dict[str, Any]:
+        snap, state = self.holder.current, self.known_state
+        served = snap.adapters.get(key)
+        artifact = self.base.adapters.get(key)
+        entry = state.domains.get(key)
+        if served is None and entry is None:
+            raise ServiceError(404, f"no adapter for {key[0]}/{key[1]}")
+        versions = []
+        if artifact is not None:
+            versions.append(
+                {"version": artifact.version, "origin": "artifact", "sha256": artifact.sha256}
+            )
+        for r in entry.versions if entry else ():
+            versions.append(
+                {
+                    "version": r.version,
+                    "origin": "registry",
+                    "sha256": r.sha256,
+                    "size": r.size,
+                    "created_at": r.created_at,
+                }
+            )
+        return {
+            "division": key[0],
+            "domain": key[1],
+            "active_version": served.version if served else None,
+            "origin": served.origin if served else None,
+            "trained_with_artifact": artifact is not None,
+            "versions": versions,
+        }

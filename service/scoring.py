@@ -1,0 +1,285 @@
+"""From a validated predict request to scores: features, domains, encoding, the model call.
+
+A request names one user, n candidate items and its domain(s). Features come inline
+(``user.features``, ``items[i].features``); what is missing is read from the feature store
+when the user / item ids are given. Each adapted division needs a domain: taken from the
+request (``domain`` for the primary division, ``domains`` for any), or from the user's feature
+of the same name (a MultiLoRA request can omit ``gender`` when the user's features have it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mdlora.encoder import canonical_value
+from service.errors import ServiceError
+from service.features import FeatureStore, RequestEncoder
+from service.metrics import UNKNOWN_DOMAIN_LABEL, ServiceMetrics
+from service.runtime import MicroBatcher, Rows
+from service.schemas import PredictRequest
+from service.snapshot import Snapshot
+
+log = logging.getLogger("mdlora.service")
+FEATURE_STORE_DOWN = "feature store unavailable: features not given inline were scored as unknown"
+STORE_RETRY_S = 1.0  # after a failure, requests skip the feature store this long
+
+
+@dataclass
+class Gathered:
+    """One request's raw features: the user's values and the items' columns."""
+
+    user: dict[str, Any]
+    items: dict[str, list[Any]]
+    n: int
+    warnings: list[str] = field(default_factory=list)
+    id_columns: tuple[str, ...] = ()  # item columns filled from validated ids only
+
+
+@dataclass
+class Prepared:
+    """One request, encoded, with what its answer reports."""
+
+    rows: Rows
+    domains: dict[str, str]
+    adapter_versions: dict[str, int]
+    backbone_only: bool
+    label: str
+    warnings: list[str]
+
+
+class Predictor:
+    """Scores predict requests against the serving snapshot (see the module docstring)."""
+
+    def __init__(
+        self,
+        encoder: RequestEncoder,
+        batcher: MicroBatcher,
+        metrics: ServiceMetrics,
+        user_field: str | None,
+        item_field: str | None,
+        unknown_domain: str = "refuse",
+        store: FeatureStore | None = None,
+        max_items: int = 1000,
+    ) -> None:
+        self.encoder, self.batcher, self.metrics = encoder, batcher, metrics
+        self.user_field, self.item_field = user_field, item_field
+        self.unknown_domain, self.store, self.max_items = unknown_domain, store, max_items
+        self._store_down_until = 0.0
+
+    # ------------------------------------------------------------------ features
+    async def gather(self, req: PredictRequest) -> Gathered:
+        user: dict[str, Any] = dict(req.user.features)
+        if req.user.id is not None:
+            if self.user_field is None:
+                raise ServiceError(
+                    422,
+                    "this model has no user-id field: send user.features "
+                    "(or set MDLORA_USER_ID_FIELD)",
+                )
+            user.setdefault(self.user_field, req.user.id)
+        items: dict[str, list[Any]] = {}
+        if req.item_ids is not None:
+            n = len(req.item_ids)
+            if n > self.max_items:
+                raise self._too_many(n)
+            items[self._item_field()] = list(req.item_ids)
+        else:
+            assert req.items is not None
+            n = len(req.items)
+            if n > self.max_items:
+                raise self._too_many(n)
+            for i, item in enumerate(req.items):
+                if item.id is not None:
+                    items.setdefault(self._item_field(), [None] * n)[i] = item.id
+                for k, v in item.features.items():
+                    items.setdefault(k, [None] * n)[i] = v
+        out = Gathered(user, items, n)
+        if self.item_field is not None and not any(
+            k == self.item_field for item in req.items or () for k in item.features
+        ):
+            out.id_columns = (self.item_field,)
+        if self.store is not None:
+            await self._from_store(req, out)
+        return out
+
+    def _item_field(self) -> str:
+        if self.item_field is None:
+            raise ServiceError(
+                422,
+                "this model has no item-id field: send items[].features "
+                "(or set MDLORA_ITEM_ID_FIELD)",
+            )
+        return self.item_field
+
+    def _too_many(self, n: int) -> ServiceError:
+        return ServiceError(
+            422,
+            f"the request has {n} items, over the limit of {self.max_items} per request "
+            "(MDLORA_MAX_ITEMS); split it into several requests",
+        )
+
+    async def _from_store(self, req: PredictRequest, g: Gathered) -> None:
+        assert self.store is not None
+        import redis
+
+        if time.monotonic() < self._store_down_until:  # failed a moment ago: do not wait again
+            g.warnings.append(FEATURE_STORE_DOWN)
+            return
+        try:
+            meta = await self.store.meta()
+            if meta is None:
+                return
+            uid = g.user.get(meta.user_id_field)
+            user_cols = [c for c in meta.user_columns if c not in g.user] if uid is not None else []
+            ids = g.items.get(meta.item_id_field)
+            item_cols: list[str] = []
+            if ids is not None:
+                item_cols = [
+                    c
+                    for c in meta.item_columns
+                    if c not in g.items or any(v is None for v in g.items[c])
+                ]
+            if not user_cols and not item_cols:
+                return
+            user, items = await self.store.fetch(uid, user_cols, ids or [], item_cols)
+        except (redis.RedisError, OSError, asyncio.TimeoutError) as exc:
+            if time.monotonic() >= self._store_down_until:
+                log.warning("feature store: %s", exc)
+            self._store_down_until = time.monotonic() + STORE_RETRY_S
+            g.warnings.append(FEATURE_STORE_DOWN)
+            return
+        g.user.update(user)
+        for col, stored in items.items():
+            have = g.items.get(col)
+            g.items[col] = (
+                stored
+                if have is None
+                else [s if h is None else h for h, s in zip(have, stored, strict=True)]
+            )
+
+    # ------------------------------------------------------------------ domains
+    def _domain_names(
+        self, req: PredictRequest, snap: Snapshot, user: dict[str, Any]
+    ) -> dict[str, str]:
+        names: dict[str, str] = {}
+        primary = snap.divisions[0]
+        for div, name in req.domains.items():
+            if div not in snap.divisions:
+                raise ServiceError(
+                    422,
+                    f"unknown division {div!r} in domains; this model's "
+                    f"divisions are {snap.divisions}",
+                )
+            names[div] = str(name)
+        if req.domain is not None:
+            domain = str(req.domain)
+            if names.get(primary, domain) != domain:
+                raise ServiceError(
+                    422, f"domain {domain!r} and domains[{primary!r}] {names[primary]!r} disagree"
+                )
+            names[primary] = domain
+        for div in snap.divisions:
+            if div not in names and user.get(div) is not None:
+                names[div] = canonical_value(user[div]) or ""
+        missing = [d for d in snap.adapted if d not in names]
+        if missing:
+            raise ServiceError(
+                422,
+                f"no domain for division(s) {missing}: give 'domain' (the primary division "
+                f"{primary!r}), 'domains': {{division: name}}, or the user's feature of that name",
+            )
+        return names
+
+    def prepare(self, req: PredictRequest, snap: Snapshot, g: Gathered) -> Prepared:
+        """Encode one request for ``snap`` (raises :class:`ServiceError` for 4xx answers)."""
+        names = self._domain_names(req, snap, g.user)
+        ids = []
+        unknown = []
+        for div in snap.divisions:
+            d = snap.domain_ids[div].get(names.get(div, ""))
+            if d is None and div in snap.adapted:
+                unknown.append(div)
+            ids.append(d or 0)
+        backbone = bool(unknown)
+        if backbone and self.unknown_domain == "refuse":
+            div = unknown[0]
+            raise ServiceError(
+                404,
+                f"unknown domain {names[div]!r} in division {div!r}; known domains: "
+                f"{snap.domains(div)} (register an adapter for it, or set "
+                "MDLORA_UNKNOWN_DOMAIN=backbone to score unknown domains with the backbone alone)",
+                known_domains={d: snap.domains(d) for d in snap.adapted},
+            )
+        if backbone and snap.backbone_id is not None:
+            ids[0] = snap.backbone_id
+        user = dict(g.user)
+        for div, name in names.items():
+            user.setdefault(div, name)  # a division that is also a feature column
+        sparse, dense, multi_hot = self.encoder.encode(user, g.items, g.n, g.id_columns)
+        domains = np.empty((g.n, len(ids)), np.int64)
+        domains[:] = ids
+        flag = np.full(g.n, True) if backbone and snap.backbone_model is not None else None
+        rows = Rows(sparse, dense, domains, multi_hot, flag)
+        versions = (
+            {} if backbone else {d: snap.adapters[(d, names[d])].version for d in snap.adapted}
+        )
+        primary = names.get(snap.divisions[0], "")
+        label = primary if primary in snap.domain_ids[snap.divisions[0]] else UNKNOWN_DOMAIN_LABEL
+        warnings = list(g.warnings)
+        if backbone:
+            warnings.append(f"unknown domain in {unknown}: scored with the backbone alone")
+        return Prepared(rows, {d: names[d] for d in names}, versions, backbone, label, warnings)
+
+    # ------------------------------------------------------------------ scoring
+    def answer(
+        self, req: PredictRequest, snap: Snapshot, p: Prepared, probs: np.ndarray
+    ) -> dict[str, Any]:
+        self.metrics.items_scored.labels(p.label).inc(len(probs))
+        return {
+            "scores": probs.tolist(),
+            "model_version": snap.info.model_version,
+            "adapter_versions": p.adapter_versions,
+            "domains": p.domains,
+            "backbone_only": p.backbone_only,
+            "registry_version": snap.registry_version,
+            "request_id": req.request_id,
+            "warnings": p.warnings,
+        }
+
+    async def predict(self, req: PredictRequest, snap: Snapshot) -> tuple[dict[str, Any], str]:
+        """Answer one request on ``snap``; returns the body and the metrics domain label."""
+        g = await self.gather(req)
+        p = self.prepare(req, snap, g)
+        probs = await self.batcher.score(snap, p.rows)
+        return self.answer(req, snap, p, probs), p.label
+
+    async def predict_many(
+        self, reqs: Sequence[PredictRequest], snap: Snapshot
+    ) -> tuple[list[dict[str, Any]], str]:
+        """Answer several requests with one model call (errors name the failing index)."""
+        gathered = await asyncio.gather(*(self.gather(r) for r in reqs), return_exceptions=True)
+        prepared = []
+        for i, (r, g) in enumerate(zip(reqs, gathered, strict=True)):
+            try:
+                if isinstance(g, BaseException):
+                    raise g
+                prepared.append(self.prepare(r, snap, g))
+            except ServiceError as exc:
+                raise ServiceError(
+                    exc.status, f"requests[{i}]: {exc.message}", index=i, **exc.extra
+                ) from None
+        probs = await self.batcher.score(snap, Rows.concat([p.rows for p in prepared]))
+        out, start = [], 0
+        for r, p in zip(reqs, prepared, strict=True):
+            n = len(p.rows)
+            out.append(self.answer(r, snap, p, probs[start : start + n]))
+            start += n
+        labels = {p.label for p in prepared}
+        return out, labels.pop() if len(labels) == 1 else "(mixed)"

@@ -1,0 +1,82 @@
+"""Service settings, read from the environment (prefix ``MDLORA_``) by pydantic-settings.
+
+The deploy files rely on: ``MDLORA_ARTIFACT_DIR``, ``MDLORA_REDIS_URL``, ``MDLORA_REGISTRY``,
+``MDLORA_ADMIN_TOKEN``, ``MDLORA_RUNTIME`` and ``MDLORA_UNKNOWN_DOMAIN``; every other field has a
+default that suits one replica on a small machine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def F(description: str, **constraints: Any) -> Any:
+    """A documented field (the description shows in ``--help``-like listings and errors)."""
+    return Field(description=description, **constraints)
+
+
+class ServiceSettings(BaseSettings):
+    """Everything the scoring service reads from its environment."""
+
+    model_config = SettingsConfigDict(env_prefix="MDLORA_", extra="ignore", frozen=True)
+
+    artifact_dir: Annotated[Path, F("artifact directory written by training (manifest.json)")]
+    registry: Annotated[
+        Literal["local", "redis"],
+        F("adapter registry: the artifact directory, or Redis shared by replicas"),
+    ] = "local"
+    redis_url: Annotated[str, F("Redis of the registry and the feature store")] = (
+        "redis://127.0.0.1:6379/0"
+    )
+    redis_prefix: Annotated[str, F("prefix of every Redis key and channel")] = "mdlora"
+    admin_token: Annotated[SecretStr | None, F("bearer token of the /v1 admin API")] = None
+    dev_mode: Annotated[bool, F("admin API open WITHOUT a token (development only)")] = False
+    runtime: Annotated[Literal["torch", "onnx"], F("scoring runtime")] = "torch"
+    device: Annotated[str | None, F("torch device; default cuda when present, else cpu")] = None
+    torch_threads: Annotated[int | None, F("intra-op threads of torch and numba", ge=1)] = 1
+    routing: Annotated[
+        Literal["artifact", "auto", "bag", "fused_down", "gather", "kernel"],
+        F("adapter routing: the artifact's, timed at start (auto), or one strategy"),
+    ] = "artifact"
+    unknown_domain: Annotated[
+        Literal["refuse", "backbone"],
+        F("unknown domain: 404 with the known domains, or the backbone alone"),
+    ] = "refuse"
+    feature_store: Annotated[
+        Literal["auto", "redis", "off"],
+        F("read missing user/item features from Redis (auto: when registry=redis)"),
+    ] = "auto"
+    user_id_field: Annotated[str | None, F("column the user id fills (auto-detected)")] = None
+    item_id_field: Annotated[str | None, F("column an item id fills (auto-detected)")] = None
+    max_items: Annotated[int, F("candidates per request", ge=1)] = 1000
+    max_batch_requests: Annotated[int, F("requests in one /predict/batch call", ge=1)] = 64
+    max_batch_items: Annotated[int, F("candidates in one /predict/batch call", ge=1)] = 10_000
+    max_body_bytes: Annotated[int, F("request body size of /predict", ge=1024)] = 1 << 20
+    max_adapter_bytes: Annotated[int, F("adapter weights upload size", ge=1024)] = 64 << 20
+    max_adapter_rank: Annotated[int, F("highest adapter rank accepted", ge=1)] = 256
+    micro_batch: Annotated[bool, F("score concurrent requests in one model call")] = True
+    scorer_thread: Annotated[
+        bool, F("model calls on a worker thread instead of the event loop (see runtime.py)")
+    ] = False
+    max_batch_rows: Annotated[int, F("rows in one micro-batched model call", ge=1)] = 4096
+    reconcile_interval_s: Annotated[
+        float, F("how often to check the registry in case a message was missed", gt=0)
+    ] = 10.0
+    redis_timeout_s: Annotated[float, F("Redis socket timeout", gt=0)] = 0.5
+    feature_cache_s: Annotated[float, F("how long feature-store metadata is kept", ge=0)] = 30.0
+
+    @model_validator(mode="after")
+    def _check(self) -> ServiceSettings:
+        if self.admin_token is not None and not self.admin_token.get_secret_value().strip():
+            raise ValueError("MDLORA_ADMIN_TOKEN is set but empty; unset it or give a real token")
+        return self
+
+    @property
+    def use_feature_store(self) -> bool:
+        if self.feature_store == "auto":
+            return self.registry == "redis"
+        return self.feature_store == "redis"

@@ -1,0 +1,285 @@
+"""The /v1 admin API: bearer token, register / list / show / roll back / remove, and a corpus
+of bad adapter packages that must be refused without changing anything."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import save as st_save
+
+from mdlora.artifact import AdapterPackage, adapter_package_bytes, load_artifact, sha256_bytes
+from service.app import create_app
+from service.demo import demo_adapter, demo_model
+from service.settings import ServiceSettings
+from tests.service.helpers import ADMIN_TOKEN, AUTH, TOKEN, upload_files
+
+PREDICT = {"domain": "25", "user": {"id": 5}, "item_ids": [3, 6, 9, 12]}
+
+
+def client(artifact: Path, **kw: Any) -> TestClient:
+    kw.setdefault("admin_token", ADMIN_TOKEN)
+    return TestClient(create_app(ServiceSettings(artifact_dir=artifact, **kw)))
+
+
+def predict(c: TestClient, domain: str) -> Any:
+    return c.post("/predict", json={**PREDICT, "domain": domain})
+
+
+ADMIN_CALLS = [
+    ("get", "/v1/models"),
+    ("get", "/v1/adapters"),
+    ("get", "/v1/adapters/age/25"),
+    ("post", "/v1/adapters/age/25/rollback"),
+    ("delete", "/v1/adapters/age/25"),
+    ("post", "/v1/adapters"),
+]
+
+
+@pytest.mark.parametrize(("verb", "path"), ADMIN_CALLS)
+def test_admin_needs_the_right_bearer_token(
+    make_artifact: Callable[[str], Path], verb: str, path: str
+) -> None:
+    with client(make_artifact("mlora")) as c:
+        call = getattr(c, verb)
+        none = call(path)
+        wrong = call(path, headers={"Authorization": "Bearer not-the-token"})
+        basic = call(path, headers={"Authorization": f"Basic {TOKEN}"})
+        right = call(path, headers=AUTH)
+    for r in (none, wrong, basic):
+        assert r.status_code == 401, r.text
+        assert "token" in r.json()["detail"]
+    assert right.status_code not in (401, 403)
+
+
+def test_admin_is_off_without_a_token_unless_dev_mode(make_artifact: Callable[[str], Path]) -> None:
+    art = make_artifact("mlora")
+    with TestClient(create_app(ServiceSettings(artifact_dir=art))) as c:
+        off = c.get("/v1/models", headers=AUTH)
+    with TestClient(create_app(ServiceSettings(artifact_dir=art, dev_mode=True))) as c:
+        dev = c.get("/v1/models")
+    assert off.status_code == 403 and "MDLORA_ADMIN_TOKEN" in off.json()["detail"]
+    assert dev.status_code == 200 and dev.json()["method"] == "mlora"
+
+
+def test_register_roll_back_and_remove(make_artifact: Callable[[str], Path]) -> None:
+    art = make_artifact("mlora")
+    model = load_artifact(art).model
+    with client(art) as c:
+        before = predict(c, "25").json()["scores"]
+        assert predict(c, "99").status_code == 404
+        r = c.post(
+            "/v1/adapters",
+            files=upload_files(demo_adapter(model, "age", "99", seed=3)),
+            headers=AUTH,
+        )
+        assert r.status_code == 201, r.text
+        assert r.json()["version"] == 1 and r.json()["new_domain"] is True
+        v1 = predict(c, "99").json()
+        assert v1["adapter_versions"] == {"age": 1} and v1["registry_version"] == 1
+        r = c.post(
+            "/v1/adapters",
+            files=upload_files(demo_adapter(model, "age", "99", seed=4)),
+            headers=AUTH,
+        )
+        assert r.json()["version"] == 2 and r.json()["new_domain"] is False
+        v2 = predict(c, "99").json()
+        assert v2["scores"] != v1["scores"] and v2["adapter_versions"] == {"age": 2}
+        # an artifact domain gets version 2 on top of its trained version 1
+        r = c.post(
+            "/v1/adapters",
+            files=upload_files(demo_adapter(model, "age", "25", seed=5)),
+            headers=AUTH,
+        )
+        assert r.json()["version"] == 2
+        assert predict(c, "25").json()["scores"] != before
+        shown = c.get("/v1/adapters/age/25", headers=AUTH).json()
+        assert shown["active_version"] == 2 and shown["trained_with_artifact"] is True
+        assert [v["version"] for v in shown["versions"]] == [1, 2]
+
+        r = c.post("/v1/adapters/age/99/rollback", headers=AUTH)
+        assert r.status_code == 200 and r.json()["version"] == 1
+        assert predict(c, "99").json()["scores"] == v1["scores"]
+        assert c.post("/v1/adapters/age/99/rollback", headers=AUTH).status_code == 409
+        r = c.post("/v1/adapters/age/25/rollback", headers=AUTH)
+        assert r.json() | {"registry_version": 0} == {
+            "division": "age",
+            "domain": "25",
+            "action": "rollback",
+            "version": 1,
+            "origin": "artifact",
+            "registry_version": 0,
+            "sha256": None,
+            "new_domain": None,
+        }
+        assert predict(c, "25").json()["scores"] == before
+
+        assert c.delete("/v1/adapters/age/25", headers=AUTH).status_code == 409  # trained with it
+        assert c.delete("/v1/adapters/age/99", headers=AUTH).status_code == 200
+        assert predict(c, "99").status_code == 404
+        assert c.delete("/v1/adapters/age/99", headers=AUTH).status_code == 404
+        assert c.get("/v1/adapters/age/nope", headers=AUTH).status_code == 404
+        listing = c.get("/v1/adapters", headers=AUTH).json()
+        r = c.post(
+            "/v1/adapters",
+            files=upload_files(demo_adapter(model, "age", "99", seed=6)),
+            headers=AUTH,
+        )
+        assert r.json()["version"] == 3  # versions are never reused
+    assert listing["registry"] == "ok"
+    assert {a["domain"]: a["active_version"] for a in listing["adapters"]}["99"] is None
+    # the local registry persists: a new process serves what was registered
+    with client(art) as c:
+        assert predict(c, "99").json()["adapter_versions"] == {"age": 3}
+
+
+def _describe(tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    return {
+        k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+        for k, v in sorted(tensors.items())
+    }
+
+
+def _forge(pkg: AdapterPackage, tensors: dict[str, torch.Tensor]) -> tuple[bytes, bytes]:
+    """A self-consistent package (config lists the tensors, checksum matches) with ``tensors``."""
+    weights = st_save(tensors)
+    config = dict(pkg.config, tensors=_describe(tensors), sha256=sha256_bytes(weights))
+    return json.dumps(config).encode(), weights
+
+
+def _bad_packages(model: Any, tmp: Path) -> dict[str, tuple[bytes, bytes]]:
+    good = demo_adapter(model, "age", "88")
+    cfg, weights = adapter_package_bytes(good)
+    unchecked = json.dumps({k: v for k, v in good.config.items() if k != "sha256"}).encode()
+    t = good.tensors
+    wrong_shape = dict(
+        t,
+        **{
+            "tower.0.lora_A": torch.zeros(
+                t["tower.0.lora_A"].shape[0] + 1, t["tower.0.lora_A"].shape[1]
+            )
+        },
+    )
+    missing = {k: v for k, v in t.items() if k != "tower.1.bias"}
+    nan = dict(t, **{"tower.0.lora_B": torch.full_like(t["tower.0.lora_B"], float("nan"))})
+    inf = dict(t, **{"tower.1.bias": torch.full_like(t["tower.1.bias"], float("inf"))})
+    extra = dict(t, **{"tower.9.lora_A": torch.zeros(2, 2)})
+    wrong_dtype = dict(t, **{"tower.0.lora_A": t["tower.0.lora_A"].double()})
+    buf = io.BytesIO()
+    torch.save(t, buf)  # a pickle archive renamed to .safetensors
+    other, _ = demo_model("mlora", "age", backbone="dcn")
+    other_tower, _ = demo_model("mlora", "age", tower=(32, 16))
+    bad_name = copy.deepcopy(good)
+    bad_name.config["domain"] = "../../etc"
+    big_rank = json.loads(cfg)
+    big_rank["ranks"] = [512, 512]
+    return {
+        "wrong shape": _forge(good, wrong_shape),
+        "missing tensor": _forge(good, missing),
+        "NaN values": _forge(good, nan),
+        "infinite values": _forge(good, inf),
+        "unexpected tensor": _forge(good, extra),
+        "wrong dtype": _forge(good, wrong_dtype),
+        "truncated file": (unchecked, weights[: len(weights) // 2]),
+        "checksum mismatch": (cfg, weights[:-4] + b"\0\0\0\0"),
+        "pickle renamed": (unchecked, buf.getvalue()),
+        "empty file": (unchecked, b""),
+        "config not json": (b"{nope", weights),
+        "config not an adapter": (json.dumps({"format": "something"}).encode(), weights),
+        "other backbone": adapter_package_bytes(demo_adapter(other, "age", "88")),
+        "other tower": adapter_package_bytes(demo_adapter(other_tower, "age", "88")),
+        "path in domain name": adapter_package_bytes(bad_name),
+        "rank over the cap": (json.dumps(big_rank).encode(), weights),
+        "unknown division": adapter_package_bytes(
+            AdapterPackage(dict(good.config, division="gender"), good.tensors)
+        ),
+        "oversize": (cfg, weights + b"\0" * 70_000),
+    }
+
+
+def test_bad_packages_are_refused_and_change_nothing(
+    make_artifact: Callable[[str], Path], tmp_path: Path
+) -> None:
+    art = make_artifact("mlora")
+    model = load_artifact(art).model
+    corpus = _bad_packages(model, tmp_path)
+    with client(art, max_adapter_bytes=65_536) as c:
+        good = upload_files(demo_adapter(model, "age", "77"))
+        assert c.post("/v1/adapters", files=good, headers=AUTH).status_code == 201
+        registry = (art / "registry.json").read_bytes()
+        files = sorted(p.relative_to(art) for p in art.rglob("*"))
+        listing = c.get("/v1/adapters", headers=AUTH).json()
+        scores = {d: predict(c, d).json()["scores"] for d in ("25", "77")}
+        for what, (cfg, weights) in corpus.items():
+            r = c.post(
+                "/v1/adapters",
+                files={
+                    "adapter_config": ("adapter_config.json", cfg),
+                    "adapter_model": ("adapter_model.safetensors", weights),
+                },
+                headers=AUTH,
+            )
+            assert r.status_code in (413, 422), (what, r.status_code, r.text)
+            assert isinstance(r.json()["detail"], str) and r.json()["detail"], what
+        assert (art / "registry.json").read_bytes() == registry
+        assert sorted(p.relative_to(art) for p in art.rglob("*")) == files
+        assert c.get("/v1/adapters", headers=AUTH).json() == listing
+        assert {d: predict(c, d).json()["scores"] for d in ("25", "77")} == scores
+        assert predict(c, "88").status_code == 404
+        metrics = c.get("/metrics").text
+    assert f'mdlora_adapter_loads_total{{result="refused"}} {float(len(corpus))}' in metrics
+
+
+def test_refusals_name_the_problem(make_artifact: Callable[[str], Path], tmp_path: Path) -> None:
+    art = make_artifact("mlora")
+    corpus = _bad_packages(load_artifact(art).model, tmp_path)
+    expect = {
+        "NaN values": "NaN",
+        "missing tensor": "missing",
+        "other backbone": "dcn",
+        "oversize": "MDLORA_MAX_ADAPTER_BYTES",
+        "wrong shape": "shape",
+        "rank over the cap": "cap",
+    }
+    with client(art, max_adapter_bytes=65_536, max_adapter_rank=64) as c:
+        for what, needle in expect.items():
+            cfg, weights = corpus[what]
+            files = {"adapter_config": ("c", cfg), "adapter_model": ("m", weights)}
+            detail = c.post("/v1/adapters", files=files, headers=AUTH).json()["detail"]
+            assert needle in detail, (what, detail)
+
+
+def test_an_upload_far_over_the_limit_is_refused_before_it_is_read(
+    make_artifact: Callable[[str], Path],
+) -> None:
+    with client(make_artifact("mlora"), max_adapter_bytes=4096) as c:
+        huge = {"adapter_config": ("c", b"{}"), "adapter_model": ("m", b"\0" * (2 << 20))}
+        r = c.post("/v1/adapters", files=huge, headers=AUTH)
+    assert r.status_code == 413 and "MDLORA_MAX_ADAPTER_BYTES" in r.json()["detail"]
+
+
+def test_missing_upload_fields_are_422(make_artifact: Callable[[str], Path]) -> None:
+    with client(make_artifact("mlora")) as c:
+        r = c.post("/v1/adapters", files={"adapter_config": ("c", b"{}")}, headers=AUTH)
+        j = c.post("/v1/adapters", json={"x": 1}, headers=AUTH)
+    assert r.status_code == 422 and "adapter_model" in r.json()["detail"]
+    assert j.status_code == 422
+
+
+def test_models_describes_the_serving_snapshot(make_artifact: Callable[[str], Path]) -> None:
+    with client(make_artifact("moe")) as c:
+        d = c.get("/v1/models", headers=AUTH).json()
+    assert d["method"] == "moe" and d["backbone"] == "deepfm"
+    assert d["divisions"] == [{"name": "gender", "adapted": True, "domains": ["F", "M"]}]
+    assert {(a["domain"], a["version"], a["origin"]) for a in d["adapters"]} == {
+        ("F", 1, "artifact"),
+        ("M", 1, "artifact"),
+    }
+    assert d["runtime"] == "torch" and d["registry"] == "local" and d["registry_version"] == 0

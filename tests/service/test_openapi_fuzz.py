@@ -1,0 +1,47 @@
+"""Schemathesis over the OpenAPI schema: no generated request gets a 5xx answer."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+
+from service.app import create_app
+from service.demo import build_demo_artifact
+from service.settings import ServiceSettings
+from tests.service.helpers import ADMIN_TOKEN, AUTH, live_server
+
+# The schema is the app's own; a lazily loaded one (schemathesis.pytest.from_fixture) does not
+# work with this pytest version, and generating the schema needs no running model.
+_SCHEMA_APP = create_app(ServiceSettings(artifact_dir=Path(tempfile.gettempdir())))
+schema = schemathesis.openapi.from_dict(_SCHEMA_APP.openapi())
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    art = build_demo_artifact(tmp_path_factory.mktemp("fuzz") / "art", method="mlora")
+    app = create_app(
+        ServiceSettings(artifact_dir=art, admin_token=ADMIN_TOKEN, unknown_domain="backbone")
+    )
+    with live_server(app) as url:
+        yield url
+
+
+@schema.parametrize()
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.filter_too_much,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
+def test_no_request_gets_a_server_error(case: schemathesis.Case, base_url: str) -> None:
+    for headers in (AUTH, {}):
+        response = case.call(base_url=base_url, headers=headers, timeout=30)
+        assert response.status_code < 500, (case.method, case.path, response.text[:500])

@@ -1,0 +1,71 @@
+"""``mdlora serve`` / ``publish-features`` wiring, and serve_artifact in a real process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import typer
+from typer.testing import CliRunner
+
+from service.commands import register
+from tests.service.helpers import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli() -> typer.Typer:
+    app = typer.Typer()
+    register(app)
+    return app
+
+
+def test_commands_are_registered_with_their_options() -> None:
+    runner = CliRunner()
+    serve = runner.invoke(cli(), ["serve", "--help"])
+    publish = runner.invoke(cli(), ["publish-features", "--help"])
+    assert serve.exit_code == 0 and "--host" in serve.output and "--port" in serve.output
+    assert publish.exit_code == 0 and "--artifact" in publish.output and "--data" in publish.output
+
+
+def test_serve_refuses_a_directory_that_is_not_an_artifact(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli(), ["serve", "--artifact", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "manifest.json" in result.output
+
+
+def test_serve_artifact_answers_over_http(demo_artifacts: dict[str, Path]) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MDLORA_")}
+    code = (
+        "from pathlib import Path; from service.commands import serve_artifact; "
+        f"serve_artifact(Path({str(demo_artifacts['mlora'])!r}), '127.0.0.1', {port})"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.1)
+        r = httpx.post(url + "/predict", json={"domain": "25", "item_ids": [3, 6]}, timeout=10)
+        assert r.status_code == 200 and len(r.json()["scores"]) == 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
