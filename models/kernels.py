@@ -70,7 +70,7 @@ def _match_torch_threads() -> None:
     import numba as nb
 
     wanted = torch.get_num_threads()
-    threads = max(1, min(wanted, nb.config.NUMBA_NUM_THREADS))
+    threads = max(1, min(wanted, nb.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
     if nb.get_num_threads() != threads:
         nb.set_num_threads(threads)
     if torch.get_num_threads() != wanted:
