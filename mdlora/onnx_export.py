@@ -6,7 +6,7 @@ The exported graph takes the features **and the adapter banks** as inputs::
     dense       [B, n_dense]   float32
     domains     [B, n_div]     int64      column 0 routes the banks
     multi_hot   [B, M, L]      int64      -1 padded (only if the spec has multi-hot fields)
-    bank_{i}_a  [D, in_i, R_i] float32    per tower layer i, from ``model.inference_banks()``
+    bank_{i}_a  [D, in_i, R_i] float32    per tower layer i, from ``model.folded_banks()``
     bank_{i}_b  [D, R_i, out_i]
     bank_{i}_c  [D, out_i]
     -> probs    [B]            float32    sigmoid of the logits
@@ -150,7 +150,7 @@ def _example_inputs(model: MultiDomainModel, batch: int = 6) -> tuple[list[Tenso
         inputs.append(multi_hot)
         names.append("multi_hot")
     if has_bank_inputs(model):
-        banks = model.inference_banks()
+        banks = model.folded_banks()
         for bank in banks:
             inputs += _padded(bank)
         names += bank_input_names(len(banks))
@@ -329,7 +329,7 @@ def banks_from_model(model: MultiDomainModel) -> list[NumpyBank]:
     if not has_bank_inputs(model):
         return []
     return [
-        (b.a.cpu().numpy(), b.b.cpu().numpy(), b.c.cpu().numpy()) for b in model.inference_banks()
+        (b.a.cpu().numpy(), b.b.cpu().numpy(), b.c.cpu().numpy()) for b in model.folded_banks()
     ]
 
 

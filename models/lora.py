@@ -21,6 +21,10 @@ For an expert ``e`` the change to the layer's pre-activation is ``s_e * (x A_e B
 * ``kernel`` (inference, CPU) adds ``(x A[d]) B[d] + c[d]`` into the layer output in one
   fused parallel loop (``models/kernels.py``, numba); it falls back to ``bag`` where it
   cannot run;
+* ``mixture`` (inference) keeps the experts unfolded and applies each sample's gate row as
+  in training, ``((x @ A_cat) * g_r) @ B_cat + g @ C``: two GEMMs whose width is every
+  expert's rank, so it pays for MoE-MLoRA when ``E * r`` is small next to the layer; its
+  GEMM shapes change when experts are added, so growth is exact to rounding, not to the bit;
 * ``gather`` materialises each sample's ``A[e]``, ``B[e]`` and uses batched matmuls: slow on
   CPU, but made of plain Gather/MatMul operators, so it is what the ONNX export uses.
 
@@ -41,7 +45,7 @@ from models.kernels import lowrank_add_
 
 # Hard routing with gradients uses the one-hot mixture up to this many stacked columns (E*r).
 DENSE_TRAINING_WIDTH = 256
-ROUTING_STRATEGIES = ("bag", "fused_down", "gather", "kernel")
+ROUTING_STRATEGIES = ("bag", "fused_down", "gather", "kernel", "mixture")
 
 
 def rank_from_alpha(out_dim: int, alpha: float) -> int:
@@ -180,6 +184,7 @@ class InferenceBank:
     strategy: str = "bag"
     a_cat: Tensor | None = None
     a_t: Tensor | None = None
+    gate: Tensor | None = None  # "mixture": [D, E] gate rows; a, b, c are then the E experts
 
     def __post_init__(self) -> None:
         if self.strategy not in ROUTING_STRATEGIES:
@@ -187,6 +192,8 @@ class InferenceBank:
         if self.strategy == "fused_down" and self.a_cat is None:
             d, i, r = self.a.shape
             self.a_cat = self.a.permute(1, 0, 2).reshape(i, d * r).contiguous()
+        if self.strategy == "mixture" and self.gate is None:
+            raise ValueError("the mixture strategy needs the per-domain gate table")
         if self.strategy == "kernel" and self.a_t is None:
             self.a_t = self.a.transpose(1, 2).contiguous()
 
@@ -206,6 +213,9 @@ class InferenceBank:
         return z + self.delta(x, index)
 
     def delta(self, x: Tensor, index: Tensor) -> Tensor:
+        if self.strategy == "mixture":
+            assert self.gate is not None
+            return lowrank_soft(x, self.a, self.b, self.c, self.gate[index])
         if self.strategy in ("bag", "kernel"):
             return lowrank_bag(x, self.a, self.b, self.c, index)
         if self.strategy == "gather":

@@ -15,6 +15,7 @@ it; an exported model keeps its final stage). A mixed-domain batch is always one
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -176,9 +177,7 @@ class MultiDomainModel(nn.Module):
             self.tower.domain_norms["cell"] = self.tower.add_domain_norms(n_cells)
             self.tower.fusions = self.tower.add_fusions(config.fusion_rank, config.fusion)
         self.stage = Stage(FINAL_STAGE[config.method])
-        # The fused kernel where it can run (CPU with numba), else embedding_bag; see
-        # tune_routing and benchmarks/bench_routing.py for how the choice was measured.
-        self.routing: list[str] = ["kernel"] * len(config.tower)
+        self.routing: list[str] = self.default_routing()
         self._inference_cache: tuple[tuple[Any, ...], list[InferenceBank]] | None = None
 
     # ----------------------------------------------------------------- stages and routing
@@ -195,6 +194,23 @@ class MultiDomainModel(nn.Module):
         if name == "lora":
             self.config.division(division or "")
         self.stage = Stage(name, expert, division)
+
+    def default_routing(self) -> list[str]:
+        """Per-layer routing chosen from measurements (benchmarks/bench_routing.py).
+
+        The fused kernel where it can run (CPU with numba; else embedding_bag), except for
+        MoE-MLoRA layers whose unfolded experts cost at most twice the shared layer: there the
+        gate-weighted GEMM mixture is faster than per-sample folded adapters, which reach
+        rank ``min(in, out)`` once a domain mixes many experts.
+        """
+        routing = []
+        for i, (d_in, d_out) in enumerate(itertools.pairwise(self.tower.dims)):
+            width = 0
+            if self.config.method == "moe":
+                width = self.tower.primary_banks()[i].num_experts * self.config.lora_ranks()[i]
+            cheap = 0 < width * (d_in + d_out) <= 2 * d_in * d_out
+            routing.append("mixture" if cheap else "kernel")
+        return routing
 
     def set_routing(self, strategies: str | list[str]) -> None:
         """Choose how each tower layer routes a mixed batch at inference.
@@ -246,7 +262,7 @@ class MultiDomainModel(nn.Module):
 
     @torch.no_grad()
     def inference_banks(self) -> list[InferenceBank]:
-        """Per-domain effective adapters for the primary division (MoE gate folded in).
+        """Per-layer banks routed by ``self.routing`` (MoE gate folded in, or kept as a table).
 
         Cached until any adapter or gate tensor changes (tracked by tensor versions).
         """
@@ -257,17 +273,36 @@ class MultiDomainModel(nn.Module):
         key = (*key, tuple(self.routing))
         if self._inference_cache is not None and self._inference_cache[0] == key:
             return self._inference_cache[1]
+        banks = self._build_banks(self.routing)
+        self._inference_cache = (key, banks)
+        return banks
+
+    @torch.no_grad()
+    def folded_banks(self, strategy: str = "gather") -> list[InferenceBank]:
+        """One effective adapter per domain and layer (``[D, in, R]`` ...), whatever the routing.
+
+        This is the layout the ONNX graph takes as inputs.
+        """
+        if strategy == "mixture":
+            raise ValueError("folded banks cannot use the mixture strategy")
+        return self._build_banks([strategy] * len(self.config.tower))
+
+    def _build_banks(self, strategies: list[str]) -> list[InferenceBank]:
         assert self.tower.banks is not None
         banks = []
         if self.gate is not None:
             gate, usable = self.gate.table()
-        for bank, strategy in zip(self.tower.primary_banks(), self.routing, strict=False):
+        for bank, strategy in zip(self.tower.primary_banks(), strategies, strict=True):
+            if strategy == "mixture":
+                table = gate if self.gate is not None else torch.eye(bank.num_experts)
+                a, b, c = bank.A.detach(), bank.scaled_b().detach(), bank.bias.detach()
+                banks.append(InferenceBank(a, b, c, strategy, gate=table.to(a).contiguous()))
+                continue
             if self.gate is not None:
                 a, b, c = fold_experts(bank.A, bank.scaled_b(), bank.bias, gate, usable)
             else:
                 a, b, c = bank.A.detach(), bank.scaled_b().detach(), bank.bias.detach()
             banks.append(InferenceBank(a.contiguous(), b.contiguous(), c.contiguous(), strategy))
-        self._inference_cache = (key, banks)
         return banks
 
     @torch.no_grad()
