@@ -1,0 +1,91 @@
+"""The CLI end to end on tiny synthetic data: train (config + overrides), export, add-domain."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+import yaml
+from typer.testing import CliRunner
+
+from mdlora.artifact import load_artifact, read_adapter_package
+from tests.training.helpers import TINY
+from training.commands import register
+from training.data.synthetic import make_synthetic
+
+runner = CliRunner()
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+
+    @app.callback()
+    def main() -> None:
+        """Test app with the training commands."""
+
+    register(app)
+    return app
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny-cli",
+        "data": {"source": "synthetic", "options": dict(TINY)},
+        "method": "mlora", "backbone": "wdl", "embed_dim": 4, "tower": [32, 16],
+        "dropout": 0.0, "lr": "3e-3", "batch_size": 512, "epochs": 3, "seed": 0,
+        "threads": 1, "progress": True, "onnx": False,
+    }))  # fmt: skip
+    return path
+
+
+def test_train_with_config_and_overrides_then_export(config: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    res = runner.invoke(_app(), ["train", "--config", str(config), "method=moe", "epochs=1",
+                                 "experts_per_domain=2", "--out", str(run)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "test WAUC" in res.output and "MoE-MLoRA" in res.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["method"] == "moe" and metrics["backbone"] == "wdl"
+    assert [p["name"] for p in metrics["phases"]][-1] == "gate"
+    assert all(p["epochs_run"] == 1 for p in metrics["phases"])
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["experts_per_domain"] == 2 and saved["lr"] == pytest.approx(3e-3)
+    assert "| **WAUC** |" in (run / "results.md").read_text()
+    art = load_artifact(run / "artifact")
+    assert art.model.config.method == "moe" and art.model.config.experts_per_domain == 2
+
+    res = runner.invoke(_app(), ["export", "--run", str(run), "--out", str(tmp_path / "again"),
+                                 "--no-onnx"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "again" / "manifest.json").is_file()
+
+
+def test_add_domain_command_writes_a_package(config: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    res = runner.invoke(_app(), ["train", "--config", str(config), "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    rows = make_synthetic(n_rows=12_000, n_domains=4, seed=1, n_users=200, n_items=80)
+    rows = rows[rows["domain"] == "d3"].assign(domain="new-shop")
+    rows.to_parquet(tmp_path / "new.parquet", index=False)
+    res = runner.invoke(_app(), [
+        "add-domain", "--artifact", str(run / "artifact"), "--data", str(tmp_path / "new.parquet"),
+        "--domain", "new-shop", "--out", str(tmp_path / "pkg"), "--epochs", "1",
+    ])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "domain 'new-shop' added to division 'domain' as id 3" in res.output
+    pkg = read_adapter_package(tmp_path / "pkg")
+    assert pkg.domain == "new-shop" and pkg.config["version"] == 1
+    encoder = json.loads((tmp_path / "pkg" / "encoder.json").read_text())
+    assert encoder["domains"]["domain"][-1] == "new-shop"
+
+
+def test_bad_override_and_missing_config_fail_with_a_message(config: Path) -> None:
+    res = runner.invoke(_app(), ["train", "--config", str(config), "epoch=2"])
+    assert res.exit_code == 2 and "did you mean 'epochs'" in res.output
+    res = runner.invoke(_app(), ["train", "--config", "nope.yaml"])
+    assert res.exit_code == 2 and "config file not found" in res.output

@@ -1,0 +1,56 @@
+"""Experiment configs: YAML files, key=value overrides, and clear refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from training.config import ConfigError, apply_overrides, load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_loads(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+    assert cfg.method in path.stem or cfg.method in ("base", "moe", "mlora")
+
+
+def test_overrides_set_top_level_and_nested_values(tmp_path: Path) -> None:
+    cfg = load_config(
+        CONFIGS / "ml1m-mlora-gender-mlora.yaml",
+        ["method=moe", "backbone=dcn", "epochs=2", "tower=[64,32]", "data.options.max_rows=500",
+         "amp=true", "lr=3e-4"],
+    )  # fmt: skip
+    assert (cfg.method, cfg.backbone, cfg.epochs, cfg.tower) == ("moe", "dcn", 2, [64, 32])
+    assert cfg.data.options == {"seed": 2024, "max_rows": 500}
+    assert cfg.amp is True and cfg.lr == pytest.approx(3e-4)
+
+
+def test_unknown_override_key_suggests_the_close_one() -> None:
+    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+        apply_overrides({}, ["epoch=3"])
+
+
+def test_malformed_override_is_refused() -> None:
+    with pytest.raises(ConfigError, match="not key=value"):
+        apply_overrides({}, ["method"])
+
+
+def test_bad_method_and_missing_data_path_are_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: lora\n")
+    with pytest.raises(ConfigError, match="method must be one of"):
+        load_config(bad)
+    bad.write_text("data: {source: preset, preset: ml1m-mlora-age}\n")
+    with pytest.raises(ConfigError, match="needs data\\.path"):
+        load_config(bad)
+
+
+def test_fingerprint_ignores_outputs_but_not_training_knobs(tmp_path: Path) -> None:
+    base = load_config(CONFIGS / "synthetic-quickstart.yaml")
+    moved = load_config(CONFIGS / "synthetic-quickstart.yaml", ["out=/elsewhere", "progress=false"])
+    other = load_config(CONFIGS / "synthetic-quickstart.yaml", ["lr=0.01"])
+    assert base.fingerprint() == moved.fingerprint() != other.fingerprint()

@@ -1,0 +1,176 @@
+"""The phase loop: each phase trains exactly its groups; early stopping restores the best."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import training.loop as loop
+from models.model import MultiDomainModel
+from tests.training.helpers import tiny_config, tiny_prepared
+from training.loop import LoopSettings, Phase, to_batch, train_phase
+from training.methods import build_model, plan_phases, resolve_hparams
+
+
+def _increasing() -> Iterator[float]:
+    value = 0.5
+    while True:
+        yield value
+        value += 0.01
+
+
+@pytest.fixture
+def always_improving(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every validation looks better than the last, so a phase keeps its last weights."""
+    values = _increasing()
+    monkeypatch.setattr(loop, "validation_metric", lambda *a, **k: next(values))
+
+
+def _state(model: MultiDomainModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _setup(tmp_path: Path, method: str, **kw: object) -> tuple:
+    prepared = tiny_prepared(two_divisions=method in ("multilora", "singlelora"))
+    cfg = tiny_config(tmp_path, method=method, **kw)
+    hp = resolve_hparams(cfg, prepared)
+    torch.manual_seed(0)
+    model = build_model(cfg, prepared, hp)
+    train = to_batch(prepared.train, torch.device("cpu"))
+    val = to_batch(prepared.val, torch.device("cpu"))
+    return cfg, hp, model, train, val
+
+
+def _expected_changes(model: MultiDomainModel, phase: Phase) -> dict[str, list[int] | None]:
+    """Parameter name -> rows that may change (None: the whole tensor)."""
+    from models.freeze import _group_tensors
+
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    out: dict[str, list[int] | None] = {}
+    for g in phase.groups:
+        for p, row in _group_tensors(model, g):
+            name = by_id[id(p)]
+            if row is None:
+                out[name] = None
+            elif out.get(name, []) is not None:
+                out[name] = [*out.get(name, []), row]  # type: ignore[misc]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [("base", {}), ("mlora", {}), ("moe", {"experts_per_domain": 2}),
+     ("multilora", {"tower_norm": "batch"})],
+)  # fmt: skip
+def test_each_phase_changes_only_its_groups(
+    tmp_path: Path, method: str, extra: dict, always_improving: None
+) -> None:
+    cfg, hp, model, train, val = _setup(tmp_path, method, **extra)
+    phases = plan_phases(model, cfg, hp)
+    assert phases[0].name == "backbone"
+    settings = LoopSettings(batch_size=1024, l2=1e-3, patience=2, seed=0, progress=False)
+    for i, ph in enumerate(phases):
+        ph.epochs = 1  # one epoch: several steps (B moves first, A from the second step)
+        before = _state(model)
+        changes = _expected_changes(model, ph)
+        res = train_phase(model, ph, train, val, settings, phase_index=i)
+        assert res.epochs_run == 1 and res.best_epoch == 1
+        after = model.state_dict()
+        params = dict(model.named_parameters())
+        for name, old in before.items():
+            new = after[name]
+            if name not in params:  # a buffer: only norms this phase trains may move
+                owner = name.rsplit(".", 1)[0]
+                trained = any(n.startswith(owner + ".") for n in changes)
+                if not trained:
+                    assert torch.equal(new, old), f"{ph.name}: frozen buffer {name} changed"
+                continue
+            if name not in changes:
+                assert torch.equal(new, old), f"{ph.name}: frozen {name} changed"
+            elif changes[name] is None:
+                assert not torch.equal(new, old), f"{ph.name}: trainable {name} did not change"
+            else:
+                rows = changes[name]
+                assert rows is not None
+                others = torch.ones(new.shape[0], dtype=torch.bool)
+                others[rows] = False
+                assert torch.equal(new[others], old[others]), f"{ph.name}: other rows of {name}"
+                assert not torch.equal(new[rows], old[rows]), f"{ph.name}: rows of {name} fixed"
+
+
+def test_moe_expert_phase_trains_on_its_own_domain_only(tmp_path: Path) -> None:
+    cfg, hp, model, _, _ = _setup(tmp_path, "moe", experts_per_domain=2)
+    phases = {p.name: p for p in plan_phases(model, cfg, hp)}
+    assert model.gate is not None
+    for e in range(int(model.gate.num_experts)):
+        ph = phases[f"expert:{e}"]
+        assert ph.stage == "expert" and ph.expert == e and ph.groups == [f"expert:{e}"]
+        assert ph.domains == [int(model.gate.owner[e])]
+    assert phases["gate"].groups == ["gate"] and phases["gate"].domains is None
+
+
+def test_multilora_and_singlelora_phase_plans(tmp_path: Path) -> None:
+    cfg, hp, model, _, _ = _setup(tmp_path, "multilora")
+    plan = [(p.name, p.stage, p.division, p.metric_column) for p in plan_phases(model, cfg, hp)]
+    assert plan == [
+        ("backbone", "backbone", None, 0), ("lora:domain", "lora", "domain", 0),
+        ("lora:user_segment", "lora", "user_segment", 1), ("fusion", "fusion", None, 0),
+    ]  # fmt: skip
+    cfg, hp, model, _, _ = _setup(tmp_path, "singlelora")
+    assert [p.name for p in plan_phases(model, cfg, hp)] == ["backbone", "lora:domain"]
+
+
+def test_early_stopping_restores_the_best_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, _, model, train, val = _setup(tmp_path, "base")
+    scripted = iter([0.50, 0.60, 0.80, 0.70, 0.75, 0.79, 0.99])  # epoch 0 (start), 1, 2, ...
+    states: list[dict[str, torch.Tensor]] = []
+
+    def fake_metric(m: MultiDomainModel, *args: object) -> float:
+        states.append(_state(m))
+        return next(scripted)
+
+    monkeypatch.setattr(loop, "validation_metric", fake_metric)
+    ph = Phase("backbone", "backbone", ["backbone"], epochs=10)
+    res = train_phase(model, ph, train, val, LoopSettings(batch_size=256, patience=3, seed=0,
+                                                          progress=False))  # fmt: skip
+    assert res.best_epoch == 2 and res.epochs_run == 5  # epochs 3, 4, 5 did not beat 0.80
+    assert res.history == [0.50, 0.60, 0.80, 0.70, 0.75, 0.79]
+    final = model.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in states[2].items())
+    assert not all(torch.equal(final[k], v) for k, v in states[5].items())
+
+
+def test_a_phase_that_never_improves_leaves_the_model_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, _, model, train, val = _setup(tmp_path, "mlora")
+    values = iter([0.7, 0.6, 0.6, 0.6])
+    monkeypatch.setattr(loop, "validation_metric", lambda *a, **k: next(values))
+    before = _state(model)
+    ph = Phase("adapters", "adapters", ["experts"], epochs=5)
+    res = train_phase(model, ph, train, val, LoopSettings(batch_size=256, patience=3,
+                                                          progress=False))  # fmt: skip
+    assert res.best_epoch == 0 and res.epochs_run == 3
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_l2_term_covers_embeddings_linear_and_cross_only(tmp_path: Path) -> None:
+    _, _, model, _, _ = _setup(tmp_path, "base", backbone="dcn")
+    names = {id(p): n for n, p in model.named_parameters()}
+    chosen = sorted(names[id(p)] for p in loop.l2_parameters(model))
+    assert chosen == [
+        "dense_linear.weight", "embedding.weight", "interaction.cross.kernels", "linear.weight"
+    ]
+
+
+def test_amp_on_cpu_trains_with_bfloat16_autocast(tmp_path: Path) -> None:
+    _, _, model, train, val = _setup(tmp_path, "base")
+    ph = Phase("backbone", "backbone", ["backbone"], epochs=1)
+    res = train_phase(model, ph, train, val, LoopSettings(batch_size=256, amp=True,
+                                                          progress=False))  # fmt: skip
+    assert res.epochs_run == 1 and res.best_metric is not None

@@ -1,0 +1,32 @@
+"""quickstart: the shipped config matches what the command trains, and the command runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import training.quickstart as qs
+from mdlora.artifact import load_artifact
+from training.config import load_config
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "synthetic-quickstart.yaml"
+
+
+def test_configs_quickstart_yaml_is_what_quickstart_trains(tmp_path: Path) -> None:
+    shipped = load_config(CONFIG, [f"out={tmp_path}", "export=false", "name=quickstart"])
+    assert shipped.fingerprint() == qs.quickstart_config(tmp_path).fingerprint()
+
+
+def test_quickstart_without_serving_trains_compares_and_exports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a smaller data set than the real quickstart's, same steps
+    monkeypatch.setattr(qs, "QUICKSTART_DATA", {**qs.QUICKSTART_DATA, "n_rows": 8000})
+    monkeypatch.setitem(qs.QUICKSTART_TRAINING, "epochs", 1)
+    result = qs.quickstart(tmp_path / "art", serve=False)
+    out = capsys.readouterr().out
+    assert "on test WAUC" in out and "skipped serving" in out
+    assert result.reference is not None
+    art = load_artifact(tmp_path / "art")
+    assert art.model.config.method == "mlora" and art.encoder is not None

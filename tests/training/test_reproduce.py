@@ -1,0 +1,203 @@
+"""``mdlora reproduce``: the grid, phase sharing, the cache, the report, and a tiny real run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from tests.training.helpers import tiny_config, tiny_prepared
+from training.methods import run_training, state_dict_cpu
+from training.reproduce import (
+    ReproduceError,
+    Settings,
+    Slice,
+    Stat,
+    build_grid,
+    seed_shared_phases,
+    shareable_phases,
+    significant,
+    write_report,
+)
+from training.reproduce_cli import register_reproduce
+
+ML1M = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "ml-1m").resolve()
+
+
+# ------------------------------------------------------------------------------- grid
+def test_default_grid_covers_every_table_once_in_priority_order() -> None:
+    cells = build_grid()
+    by_table: dict[str, int] = {}
+    for c in cells:
+        by_table[c.table] = by_table.get(c.table, 0) + 1
+    # 3 splits x 8 backbones x 3 methods x 3 seeds; 3 backbones x 4 k x 3 seeds;
+    # (7 MLP methods + 3 backbones x 4 methods) x 3 seeds; 1 backbone x 3 seeds
+    assert by_table == {"table1": 216, "figure2": 36, "multilora": 57, "add_domain": 3}
+    assert len({(c.table, c.cell_id) for c in cells}) == len(cells)
+    first = cells[:24]
+    assert {(c.table, c.split, c.seed) for c in first} == {("table1", "gender", 1)}
+    assert {c.backbone for c in first} == {
+        "wdl", "nfm", "autoint", "pnn", "dcn", "fibinet", "deepfm", "xdeepfm",
+    }  # fmt: skip
+    assert [c.table for c in cells[24:31]] == ["multilora"] * 7
+    # the add-domain cell comes after the full-retraining cells it is compared with
+    add = next(i for i, c in enumerate(cells) if c.table == "add_domain")
+    full = [i for i, c in enumerate(cells)
+            if c.table == "table1" and c.split == "occupation" and c.seed == 1
+            and c.backbone == "deepfm" and c.method in ("base", "mlora")]  # fmt: skip
+    assert len(full) == 2 and max(full) < add
+    assert all(c.seed == 1 for c in cells[: add + 1])
+
+
+def test_grid_filters_and_rejects_unknown_names() -> None:
+    cells = build_grid(["table1"], ["gender"], ["deepfm,nfm"], ["mlora"], [2])
+    assert [c.cell_id for c in cells] == ["gender-nfm-mlora-s2", "gender-deepfm-mlora-s2"]
+    with pytest.raises(ReproduceError, match="unknown backbone 'resnet'"):
+        build_grid(backbones=["resnet"])
+    with pytest.raises(ReproduceError, match="unknown table"):
+        build_grid(tables=["table9"])
+
+
+def test_slices_get_their_own_cell_ids() -> None:
+    (cell,) = build_grid(["table1"], ["age"], ["dcn"], ["moe"], [1], Slice(20_000, None, 1))
+    assert cell.cell_id == "age-dcn-moe-s1@r20000-e1"
+    assert cell.group == "ml1m-mlora-age-dcn-s1@r20000-e1"
+
+
+def test_phase_sharing_rules() -> None:
+    assert shareable_phases("moe", "base") == 1
+    assert shareable_phases("singlelora", "multilora") == 2
+    assert shareable_phases("multilora-add", "multilora") == 3
+    assert shareable_phases("multilora", "singlelora") == 2
+    assert shareable_phases("single", "base") == 0
+
+
+# --------------------------------------------------------------------- phase sharing
+def _finish(cfg_out: Path, method: str, fingerprint: str) -> None:
+    (cfg_out / "reproduce-run.json").write_text(
+        json.dumps({"method": method, "fingerprint": fingerprint})
+    )
+
+
+def test_shared_backbone_gives_the_weights_of_an_unshared_run(tmp_path: Path) -> None:
+    """MoE-MLoRA seeded with Base's phase 1 ends bit-identical to MoE-MLoRA trained alone."""
+    prepared = tiny_prepared()
+    group = tmp_path / "group"
+    base = tiny_config(tmp_path, method="base", out=str(group / "base"), epochs=1)
+    donor = run_training(base, prepared=prepared)
+    _finish(group / "base", "base", base.fingerprint())
+
+    shared = tiny_config(tmp_path, method="moe", out=str(group / "moe"), epochs=1, resume=True)
+    seeded = seed_shared_phases(shared, prepared, "moe", group / "moe", group)
+    assert seeded == ["backbone"]
+    got = run_training(shared, prepared=prepared)
+    # phase 1 was loaded, not trained again: its record is the donor's, timing included
+    assert got.phases[0].to_dict() == donor.phases[0].to_dict()
+    alone = run_training(
+        tiny_config(tmp_path, method="moe", out=str(tmp_path / "alone"), epochs=1),
+        prepared=prepared,
+    )
+    assert got.test["domain"].wauc == alone.test["domain"].wauc
+    a, b = state_dict_cpu(got.trained.models()[0]), state_dict_cpu(alone.trained.models()[0])
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_multilora_ablation_reuses_the_lora_phases(tmp_path: Path) -> None:
+    prepared = tiny_prepared(two_divisions=True)
+    group = tmp_path / "group"
+    full = tiny_config(tmp_path, method="multilora", out=str(group / "multilora"), epochs=1)
+    run_training(full, prepared=prepared)
+    _finish(group / "multilora", "multilora", full.fingerprint())
+    add = tiny_config(tmp_path, method="multilora", fusion="add", epochs=1, resume=True,
+                      out=str(group / "multilora-add"))  # fmt: skip
+    seeded = seed_shared_phases(add, prepared, "multilora-add", group / "multilora-add", group)
+    assert seeded == ["backbone", "lora:domain", "lora:user_segment"]
+    alone = tiny_config(tmp_path, method="multilora", fusion="add", epochs=1,
+                        out=str(tmp_path / "alone"))  # fmt: skip
+    assert (
+        run_training(add, prepared=prepared).test["domain"].wauc
+        == run_training(alone, prepared=prepared).test["domain"].wauc
+    )
+
+
+# ---------------------------------------------------------------------------- report
+def test_stat_formats_mean_and_std_and_flags_seed_noise() -> None:
+    s = Stat([0.80, 0.81, 0.79])
+    assert s.fmt() == "80.00 ± 1.00"
+    assert Stat([0.8]).fmt() == "80.00 (n=1)"
+    assert Stat([]).fmt() == "not run"
+    assert significant(Stat([0.80, 0.81, 0.79]), Stat([0.805, 0.815, 0.795])) is False
+    assert significant(Stat([0.80, 0.801, 0.799]), Stat([0.82, 0.821, 0.819])) is True
+    assert significant(Stat([0.80]), Stat([0.82])) is None
+
+
+def test_report_from_an_empty_cache_shows_commands_not_numbers(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, results_dir=tmp_path / "res",
+                        work_dir=tmp_path / "work", docs_dir=tmp_path / "docs")  # fmt: skip
+    text = write_report(settings).read_text()
+    assert "not run" in text
+    assert "mdlora reproduce --table table1 --split gender" in text
+    assert "mdlora reproduce --table multilora" in text
+    assert "from 0 cached cells" in text
+    assert not list((tmp_path / "docs").glob("*.png"))
+
+
+# ------------------------------------------------------------------ tiny real run (CI)
+@pytest.mark.skipif(not ML1M.is_dir(), reason=f"MovieLens-1M not found at {ML1M}")
+def test_tiny_reproduce_run_caches_cells_and_writes_the_report(tmp_path: Path) -> None:
+    app = typer.Typer()
+    register_reproduce(app)
+    args = [
+        "--table", "table1", "--split", "gender", "--backbone", "deepfm", "--seed", "1",
+        "--max-rows", "12000", "--epochs", "1", "--threads", "1", "--device", "cpu",
+        "--data-dir", str(ML1M.parent), "--results-dir", str(tmp_path / "res"),
+        "--work-dir", str(tmp_path / "work"), "--docs-dir", str(tmp_path / "docs"),
+    ]  # fmt: skip
+    runner = CliRunner()
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "3 cell(s) run this time" in res.output
+    cells = sorted((tmp_path / "res" / "table1").glob("*.json"))
+    assert [p.name for p in cells] == [
+        "gender-deepfm-base-s1@r12000-e1.json",
+        "gender-deepfm-mlora-s1@r12000-e1.json",
+        "gender-deepfm-moe-s1@r12000-e1.json",
+    ]
+    recs = {json.loads(p.read_text())["method"]: json.loads(p.read_text()) for p in cells}
+    for rec in recs.values():
+        assert 0.5 < rec["wauc"] < 1.0
+        assert [d["domain"] for d in rec["test"]["gender"]["domains"]] == ["F", "M"]
+    # MLoRA and MoE-MLoRA took phase 1 from the Base run instead of training it again
+    assert recs["mlora"]["shared_phases"] == ["backbone"]
+    assert recs["moe"]["shared_phases"] == ["backbone"]
+    assert recs["mlora"]["reference"]["test"]["gender"]["wauc"] == recs["base"]["wauc"]
+    # a rerun finds everything cached
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert "3 of 3 cells already cached" in again.output
+    assert "0 cell(s) run this time" in again.output
+    # the report shows the slice's numbers, and the rest as not run
+    report = runner.invoke(app, [*args, "--report-only"])
+    assert report.exit_code == 0, report.output
+    text = (tmp_path / "docs" / "results.md").read_text()
+    deepfm_row = next(line for line in text.splitlines() if line.startswith("| DeepFM"))
+    assert f"{100 * recs['mlora']['wauc']:.2f}" in deepfm_row
+    assert "| WDL | not run | not run | not run |" in text
+    assert (tmp_path / "docs" / "results_table1_gender.png").stat().st_size > 1000
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path: Path) -> None:
+    app = typer.Typer()
+    register_reproduce(app)
+    res = CliRunner().invoke(app, [
+        "--table", "table1", "--split", "gender", "--backbone", "wdl", "--seed", "1",
+        "--data-dir", str(tmp_path), "--results-dir", str(tmp_path / "res"),
+        "--work-dir", str(tmp_path / "work"), "--docs-dir", str(tmp_path / "docs"),
+    ])  # fmt: skip
+    assert res.exit_code == 2
+    assert "MovieLens-1M not found" in res.output

@@ -1,0 +1,3 @@
+"""Offline training: data settings (``training.data``), the methods' phases, evaluation, export,
+and adding a domain to a trained model. Entry points: ``mdlora train|export|add-domain|
+quickstart`` (``training.commands``) and :func:`training.methods.run_training`."""

@@ -1,0 +1,314 @@
+"""Add a domain to a trained model: train only its adapter, write an adapter package.
+
+``mdlora add-domain --artifact DIR --data FILE --domain NAME`` loads the artifact and its
+encoder, reads the new domain's rows (the domain column equal to NAME, or every row when the
+file has no domain column), registers the domain in the encoder and the model
+(``model.add_domain``), and trains the new domain's parameters with everything else frozen:
+
+* MLoRA: stage ``adapters``, group ``expert:<d>`` (the bank row of domain ``d``);
+* MoE-MLoRA: for each new expert ``e`` (owned by ``d``), stage ``expert=e`` with group
+  ``expert:<e>``; then stage ``gate`` with group ``gate_row:<d>``. By default the new gate row
+  sees only the domain's own experts (``gate_scope="own"``, the paper's "initialised to that
+  domain's own expert(s)"); with one expert per domain there is then nothing to train and the
+  gate phase is skipped. ``gate_scope="all"`` lets it mix every expert (measured on synthetic
+  data: the row, trained alone, does not recover what the own experts give);
+* MultiLoRA: stage ``lora`` with ``lora:<div>:<d>`` and ``norms:div:<div>:<d>``, then (unless
+  the model ends in a ``lora`` stage, SingleLoRA) stage ``fusion`` with the new norm cells.
+
+Early stopping uses a validation split of the new rows. Every existing domain's scores stay
+bit-identical (frozen rows are masked, frozen norms keep their statistics, a batch holds
+only the new domain). The output is an adapter package (``adapter_config.json`` +
+``adapter_model.safetensors``) the service can register, with the grown encoder beside it as
+``encoder.json``; nothing is written unless training succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mdlora.artifact import (
+    ArtifactError,
+    adapter_dir,
+    load_artifact,
+    make_adapter_package,
+    save_artifact,
+    write_adapter_package,
+)
+from mdlora.encoder import FeatureEncoder, LabeledArrays, canonical_value
+from models.model import MultiDomainModel
+from training.data.prepared import labels_from
+from training.data.splits import stratified_domain_split
+from training.distributed import pick_device
+from training.evaluate import compute_metrics
+from training.loop import LoopSettings, Phase, PhaseResult, predict, to_batch, train_phase
+
+
+@dataclass
+class AddDomainSettings:
+    epochs: int = 10
+    lr: float | None = None  # None: the training run's learning rate
+    batch_size: int | None = None  # None: the training run's batch size
+    patience: int = 3
+    val_fraction: float = 0.2
+    seed: int = 2024
+    gate_scope: str = "own"  # MoE-MLoRA: the new gate row sees only its own experts, or all
+    gate_lr: float = 0.05  # MoE-MLoRA gate row: a few numbers, which need larger steps
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class AddDomainResult:
+    division: str
+    domain: str
+    domain_id: int
+    version: int
+    package_dir: Path | None
+    encoder: FeatureEncoder
+    phases: list[PhaseResult]
+    rows_train: int
+    rows_val: int
+    val_auc_backbone: float | None  # the new domain's validation AUC with the backbone alone
+    val_auc: float | None  # ... with its trained adapter
+    artifact_out: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        def pct(x: float | None) -> str:
+            return "n/a" if x is None else f"{100 * x:.2f}%"
+
+        lines = [
+            f"domain {self.domain!r} added to division {self.division!r} as id {self.domain_id}"
+            f" ({self.rows_train} training rows, {self.rows_val} validation rows)",
+            f"validation AUC: backbone alone {pct(self.val_auc_backbone)}, "
+            f"with the new adapter {pct(self.val_auc)}",
+        ]
+        if self.package_dir is not None:
+            lines.append(f"adapter package (version {self.version}): {self.package_dir}")
+        if self.artifact_out is not None:
+            lines.append(f"grown artifact: {self.artifact_out}")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ rows
+def read_domain_rows(
+    path: Path, encoder: FeatureEncoder, division: str, domain: str, label: str
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """The new domain's rows of a Parquet/CSV file, and their 0/1 labels."""
+    from training.data.tabular import read_table
+
+    df = read_table(path)
+    if division in df.columns:
+        keys = df[division].map(canonical_value)
+        rows = df[keys == domain]
+        if rows.empty:
+            seen = sorted({str(k) for k in keys.dropna().unique()})[:10]
+            raise ValueError(
+                f"{path}: no rows with {division} == {domain!r} (values present: {seen}); "
+                "pass the matching --domain or drop the column to use every row"
+            )
+        df = rows.reset_index(drop=True)
+    else:
+        df = df.assign(**{division: domain})
+    needed = [c for c in encoder.columns if c not in df.columns]
+    if label not in df.columns:
+        needed.append(label)
+    if needed:
+        raise ValueError(
+            f"{path}: column(s) {needed} of the artifact's schema are missing "
+            f"(the file needs {[*encoder.columns, label]}); use --label for another label name"
+        )
+    try:
+        labels = labels_from(df[label])
+    except ValueError as exc:
+        raise ValueError(f"{path}: label column {label!r}: {exc}") from None
+    return df, labels
+
+
+def _split(n: int, labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if n < 10:
+        raise ValueError(f"only {n} rows for the new domain: at least 10 are needed")
+    train, val, _ = stratified_domain_split(
+        np.zeros(n, dtype=np.int64), labels, (1 - val_fraction, val_fraction, 0.0), seed
+    )
+    return train, val
+
+
+def _take(arrays: dict[str, Any], labels: np.ndarray, idx: np.ndarray) -> LabeledArrays:
+    mh = arrays["multi_hot"]
+    return LabeledArrays(
+        sparse=arrays["sparse"][idx], dense=arrays["dense"][idx],
+        domains=arrays["domains"][idx], multi_hot=None if mh is None else mh[idx],
+        labels=labels[idx].astype(np.float32),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- phases
+def new_domain_phases(
+    model: MultiDomainModel, division: str, domain_id: int, final_stage: str, gate_scope: str
+) -> list[Phase]:
+    """The phases that train domain ``domain_id``'s own parameters and nothing else."""
+    cfg = model.config
+    div_i = cfg.division_index(division)
+    rows = [domain_id]
+    if cfg.method == "mlora":
+        return [Phase("adapters", "adapters", [f"expert:{domain_id}"], domains=rows)]
+    if cfg.method == "moe":
+        assert model.gate is not None
+        experts = (model.gate.owner == domain_id).nonzero().squeeze(1).tolist()
+        phases = [Phase(f"expert:{e}", "expert", [f"expert:{e}"], expert=e, domains=rows)
+                  for e in experts]  # fmt: skip
+        if not (gate_scope == "own" and len(experts) == 1):
+            phases.append(Phase("gate", "gate", [f"gate_row:{domain_id}"], domains=rows))
+        return phases
+    if cfg.method == "multilora":
+        groups = [f"lora:{division}:{domain_id}", f"norms:div:{division}:{domain_id}"]
+        phases = [Phase("lora", "lora", groups, division=division, domains=rows,
+                        metric_column=div_i)]  # fmt: skip
+        if final_stage == "fusion":
+            n_nat = len(cfg.divisions[0].domains)
+            n_aux = len(cfg.divisions[1].domains)
+            cells = ([domain_id * n_aux + a for a in range(n_aux)] if div_i == 0
+                     else [n * n_aux + domain_id for n in range(n_nat)])  # fmt: skip
+            phases.append(Phase("fusion", "fusion", [f"norms:cell:{c}" for c in cells],
+                                domains=rows, metric_column=div_i))  # fmt: skip
+        return phases
+    raise ValueError(
+        f"a {cfg.method!r} model has no per-domain adapters: add-domain needs an mlora, moe "
+        "or multilora artifact"
+    )
+
+
+def _val_auc(model: MultiDomainModel, batch: Any) -> float | None:
+    probs = predict(model, batch)
+    return compute_metrics(
+        batch.labels.cpu().numpy(), probs, np.zeros(len(batch), dtype=np.int64), ["new"]
+    ).domains[0].auc
+
+
+def train_new_domain(
+    model: MultiDomainModel,
+    encoder: FeatureEncoder,
+    division: str,
+    domain: str,
+    df: pd.DataFrame,
+    labels: np.ndarray,
+    settings: AddDomainSettings,
+    lr: float,
+    batch_size: int,
+) -> AddDomainResult:
+    """Grow ``encoder`` and ``model`` by ``domain`` and train its parameters on ``df``.
+
+    Works on the objects given (the caller holds copies it can drop on failure).
+    """
+    cfg = model.config
+    div_i = cfg.division_index(division)
+    adapted = {"mlora": 1, "moe": 1, "multilora": 2}.get(cfg.method, 0)
+    if div_i >= adapted:
+        raise ValueError(
+            f"division {division!r} has no per-domain adapters in a {cfg.method} model; "
+            f"choose one of {[d.name for d in cfg.divisions[:adapted]]}"
+        )
+    if domain in encoder.domain_names(division) or domain in model.domain_names(division):
+        raise ValueError(f"division {division!r} already has a domain {domain!r}")
+    final_stage = model.stage
+    domain_id = encoder.add_domain(division, domain)
+    model_id = model.add_domain(division, domain, settings.gate_scope)
+    if model_id != domain_id:
+        raise ArtifactError(
+            f"encoder and model disagree on division {division!r} ({domain_id} vs {model_id} "
+            "domains): the artifact's encoder.json does not belong to its model"
+        )
+    arrays = encoder.transform(df)
+    train_idx, val_idx = _split(len(df), labels, settings.val_fraction, settings.seed)
+    device = model.device
+    train = to_batch(_take(dict(arrays), labels, train_idx), device)
+    val = to_batch(_take(dict(arrays), labels, val_idx), device)
+    model.set_stage("backbone")
+    before = _val_auc(model, val)
+    loop = LoopSettings(
+        batch_size=batch_size, l2=0.0, patience=settings.patience, seed=settings.seed,
+        progress=settings.progress,
+    )  # fmt: skip
+    phases = new_domain_phases(model, division, domain_id, final_stage.name, settings.gate_scope)
+    results = []
+    for i, ph in enumerate(phases):
+        ph.epochs, ph.lr = settings.epochs, settings.gate_lr if ph.stage == "gate" else lr
+        results.append(train_phase(model, ph, train, val, loop, phase_index=i))
+    model.set_stage(final_stage.name, expert=final_stage.expert, division=final_stage.division)
+    model.eval()
+    return AddDomainResult(
+        division=division, domain=domain, domain_id=domain_id, version=0, package_dir=None,
+        encoder=encoder, phases=results, rows_train=len(train_idx), rows_val=len(val_idx),
+        val_auc_backbone=before, val_auc=_val_auc(model, val),
+    )  # fmt: skip
+
+
+def add_domain(
+    artifact: Path,
+    data: Path,
+    domain: str,
+    *,
+    division: str | None = None,
+    out: Path | None = None,
+    settings: AddDomainSettings | None = None,
+    label: str | None = None,
+    version: int = 1,
+    artifact_out: Path | None = None,
+) -> AddDomainResult:
+    """The ``mdlora add-domain`` command (see the module docstring)."""
+    settings = settings or AddDomainSettings()
+    artifact = Path(artifact)
+    art = load_artifact(artifact)
+    if art.encoder is None:
+        raise ArtifactError(f"{artifact} has no encoder.json: add-domain needs the encoder")
+    encoder = FeatureEncoder.from_dict(art.encoder)
+    model = art.model.to(pick_device(settings.device))
+    division = division or model.config.divisions[0].name
+    model.config.division(division)  # a clear KeyError for an unknown division
+    training = art.manifest.get("training", {})
+    run_cfg = training.get("config", {})
+    label = label or training.get("label_column", "label")
+    lr = settings.lr or float(art.manifest.get("metrics", {}).get("hparams", {}).get("lr", 1e-3))
+    batch_size = settings.batch_size or int(
+        art.manifest.get("metrics", {}).get("hparams", {}).get("batch_size", 1024)
+    )
+    if version < 1:
+        raise ValueError(f"--version must be >= 1, got {version}")
+    out = out or Path(f"{artifact}-adapters") / division / domain / str(version)
+    adapter_dir(Path("."), division, domain, version)  # refuses names unusable as paths
+    df, labels = read_domain_rows(Path(data), encoder, division, domain, str(label))
+    torch.manual_seed(settings.seed)
+    result = train_new_domain(
+        model, encoder, division, domain, df, labels, settings, lr, batch_size
+    )
+    metrics = {
+        "val_auc_backbone": result.val_auc_backbone, "val_auc": result.val_auc,
+        "rows_train": result.rows_train, "rows_val": result.rows_val,
+    }  # fmt: skip
+    pkg = make_adapter_package(
+        model, division, domain, version, gate_scope=settings.gate_scope, metrics=metrics,
+        trained_from=str(run_cfg.get("name", artifact.name)),
+    )  # fmt: skip
+    write_adapter_package(pkg, out)
+    (out / "encoder.json").write_text(json.dumps(encoder.to_dict()))
+    result.package_dir, result.version = out, version
+    if artifact_out is not None:
+        save_artifact(
+            model, artifact_out, encoder=encoder.to_dict(),
+            metrics=art.manifest.get("metrics", {}),
+            extra={"training": training, "added_domains": [
+                *art.manifest.get("added_domains", []),
+                {"division": division, "domain": domain, **metrics}]},
+        )  # fmt: skip
+        result.artifact_out = artifact_out
+    return result

@@ -1,0 +1,142 @@
+"""The training part of the ``mdlora`` CLI: ``train``, ``export``, ``add-domain``, ``quickstart``.
+
+Heavy modules (torch, pandas, the data layer) are imported inside the commands, so
+``mdlora --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=2)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the training commands to ``app``."""
+
+    @app.command("train")
+    def train(
+        config: Path = typer.Option(..., "--config", "-c", help="YAML experiment config."),
+        overrides: list[str] | None = typer.Argument(
+            None, help="key=value overrides, e.g. method=moe backbone=dcn epochs=2."
+        ),
+        out: Path | None = typer.Option(None, "--out", help="Run folder (default runs/<name>)."),
+        amp: bool | None = typer.Option(
+            None, "--amp/--no-amp", help="Mixed precision (float16 on CUDA)."
+        ),
+        device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:1 ..."),
+        resume: bool = typer.Option(False, "--resume", help="Reuse finished phases' checkpoints."),
+    ) -> None:
+        """Train a config's method (all its phases), evaluate it and export the artifact.
+
+        Under ``torchrun --nproc_per_node N`` the phases run data-parallel (DDP).
+        """
+        from training.config import ConfigError, load_config
+        from training.distributed import init_from_env, shutdown
+        from training.methods import run_training
+
+        extra = list(overrides or [])
+        if out is not None:
+            extra.append(f"out={out}")
+        if amp is not None:
+            extra.append(f"amp={str(amp).lower()}")
+        if device is not None:
+            extra.append(f"device={device}")
+        if resume:
+            extra.append("resume=true")
+        try:
+            cfg = load_config(config, extra)
+        except ConfigError as exc:
+            raise _fail(str(exc)) from None
+        ctx, dev = init_from_env(cfg.device)
+        if not ctx.is_main:
+            cfg.progress = False
+        try:
+            result = run_training(cfg, ctx, dev)
+        except (ConfigError, FileNotFoundError) as exc:
+            raise _fail(str(exc)) from None
+        finally:
+            shutdown(ctx)
+        if ctx.is_main:
+            wauc = result.test[result.primary].wauc
+            shown = "n/a" if wauc is None else f"{100 * wauc:.2f}%"
+            typer.echo(f"test WAUC {shown}; metrics in {result.out_dir / 'metrics.json'}")
+
+    @app.command("export")
+    def export(
+        run: Path = typer.Option(..., "--run", help="Run folder written by `mdlora train`."),
+        out: Path | None = typer.Option(
+            None, "--out", help="Artifact folder (default <run>/artifact)."
+        ),
+        onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Also write model.onnx."),
+    ) -> None:
+        """Write the artifact directory (and ONNX scorer) of a finished training run."""
+        from training.export import export_run
+
+        try:
+            paths = export_run(run, out, onnx)
+        except FileNotFoundError as exc:
+            raise _fail(str(exc)) from None
+        for p in paths:
+            typer.echo(f"artifact written: {p}")
+
+    @app.command("add-domain")
+    def add_domain_cmd(
+        artifact: Path = typer.Option(..., "--artifact", help="Artifact folder to extend."),
+        data: Path = typer.Option(..., "--data", help="Parquet/CSV rows of the new domain."),
+        domain: str = typer.Option(..., "--domain", help="Name of the new domain."),
+        division: str | None = typer.Option(None, help="Division (default: the primary one)."),
+        out: Path | None = typer.Option(
+            None, "--out",
+            help="Adapter package folder (default <artifact>-adapters/<division>/<domain>/<v>).",
+        ),
+        epochs: int = typer.Option(10, help="Maximum epochs per phase."),
+        lr: float | None = typer.Option(None, help="Learning rate (default: the training run's)."),
+        batch_size: int | None = typer.Option(None, help="Batch size (default: the run's)."),
+        patience: int = typer.Option(3, help="Early-stopping patience (epochs)."),
+        val_fraction: float = typer.Option(0.2, help="Share of the rows used for validation."),
+        label: str | None = typer.Option(None, help="Label column (default: the run's)."),
+        version: int = typer.Option(1, help="Adapter version to write."),
+        gate_scope: str = typer.Option(
+            "own", help="MoE: the new gate row mixes its own experts (own) or all (all)."
+        ),
+        gate_lr: float = typer.Option(0.05, help="MoE: learning rate of the new gate row."),
+        seed: int = typer.Option(2024, help="Random seed."),
+        artifact_out: Path | None = typer.Option(
+            None, "--artifact-out", help="Also write the whole grown model as a new artifact."
+        ),
+    ) -> None:
+        """Train one new domain's adapter with everything else frozen; write its package."""
+        from mdlora.artifact import ArtifactError
+        from training.add_domain import AddDomainSettings, add_domain
+
+        settings = AddDomainSettings(
+            epochs=epochs, lr=lr, batch_size=batch_size, patience=patience,
+            val_fraction=val_fraction, seed=seed, gate_scope=gate_scope, gate_lr=gate_lr,
+        )  # fmt: skip
+        try:
+            res = add_domain(
+                artifact, data, domain, division=division, out=out, settings=settings,
+                label=label, version=version, artifact_out=artifact_out,
+            )  # fmt: skip
+        except (ArtifactError, ValueError, FileNotFoundError, KeyError) as exc:
+            raise _fail(str(exc).strip("'\"")) from None
+        typer.echo(res.describe())
+
+    @app.command("quickstart")
+    def quickstart_cmd(
+        out: Path = typer.Option(Path("artifacts/quickstart"), "--out", help="Artifact folder."),
+        serve: bool = typer.Option(True, "--serve/--no-serve", help="Start the service after."),
+        host: str = typer.Option("127.0.0.1", help="Service host."),
+        port: int = typer.Option(8000, help="Service port."),
+        onnx: bool = typer.Option(False, "--onnx/--no-onnx", help="Also export model.onnx."),
+    ) -> None:
+        """Synthetic data -> Base and MLoRA trained -> table -> artifact -> service, in a minute."""
+        from training.quickstart import quickstart
+
+        quickstart(out, serve=serve, host=host, port=port, onnx=onnx)
