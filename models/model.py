@@ -212,6 +212,12 @@ class MultiDomainModel(nn.Module):
             routing.append("mixture" if cheap else "kernel")
         return routing
 
+    def train(self, mode: bool = True) -> MultiDomainModel:
+        """Also drops the inference-bank cache: optimisers that write parameters without
+        bumping their version counter (fused Adam) would otherwise leave it stale."""
+        self._inference_cache = None
+        return super().train(mode)
+
     def set_routing(self, strategies: str | list[str]) -> None:
         """Choose how each tower layer routes a mixed batch at inference.
 
