@@ -17,12 +17,12 @@ from training.methods import RunResult
 
 #: the synthetic data and training knobs of the quickstart (small, seeded, fast on 2 cores)
 QUICKSTART_DATA = {
-    "n_rows": 60_000, "n_domains": 4, "seed": 4, "n_users": 300, "n_items": 150,
+    "n_rows": 40_000, "n_domains": 4, "seed": 4, "n_users": 300, "n_items": 150,
     "domain_strength": 2.0,
 }  # fmt: skip
 QUICKSTART_TRAINING = {
     "method": "mlora", "backbone": "deepfm", "tower": [64, 32], "dropout": 0.0, "alpha": 8,
-    "lr": 0.003, "batch_size": 512, "epochs": 8, "patience": 2, "seed": 2024,
+    "lr": 0.005, "batch_size": 512, "epochs": 6, "patience": 2, "seed": 2024,
 }  # fmt: skip
 
 
