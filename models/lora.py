@@ -201,9 +201,6 @@ class InferenceBank:
     def rank(self) -> int:
         return int(self.a.shape[2])
 
-    def with_strategy(self, strategy: str) -> InferenceBank:
-        return InferenceBank(self.a, self.b, self.c, strategy)
-
     def apply(self, z: Tensor, x: Tensor, index: Tensor) -> Tensor:
         """``z`` plus the routed change; the ``kernel`` strategy adds in place when it can."""
         if self.strategy == "kernel" and not z.requires_grad:
