@@ -77,7 +77,7 @@ class NFM(Interaction):
     def __init__(self, num_fields: int, dim: int, num_dense: int, bi_dropout: float = 0.0) -> None:
         super().__init__(num_fields, dim, num_dense)
         self.bi = layers.BiInteraction()
-        self.bi_dropout = nn.Dropout(bi_dropout)
+        self.bi_dropout = layers.Dropout(bi_dropout)
         self.tower_in = dim + num_dense
 
     def forward(self, emb: Tensor, dense: Tensor) -> Out:

@@ -14,6 +14,7 @@ from typing import cast
 from torch import Tensor, nn
 
 from models.fusion import FusionAttention
+from models.layers import Dropout
 from models.lora import AdapterBank, InferenceBank
 from models.norm import DomainBatchNorm
 
@@ -59,7 +60,7 @@ class AdaptedTower(nn.Module):
         self.linears = nn.ModuleList(linears)
         self.acts = nn.ModuleList(ACTIVATIONS[activation]() for _ in hidden)
         self.norms = nn.ModuleList(nn.BatchNorm1d(o) for o in hidden) if norm == "batch" else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         for lin in linears:
             nn.init.xavier_normal_(lin.weight)
             nn.init.zeros_(lin.bias)

@@ -186,12 +186,15 @@ def _restore(model: nn.Module, state: dict[str, Tensor]) -> None:
 
 
 def make_adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
-    """Adam without weight decay, multi-tensor (``foreach``).
+    """Adam without weight decay; the fused kernel where this torch has one for the device.
 
-    Not ``fused=True``, although it is ~3x faster on CPU: the fused kernel does not bump the
-    tensors' version counters, and the model's inference-bank cache (used by every eval-mode
-    forward, so by validation) keys on them and would keep serving the old adapters.
+    Fused Adam is about 3x faster than ``foreach`` on CPU. It does not bump the tensors'
+    version counters, which the model's inference-bank cache keys on; the model drops that
+    cache on every ``train()`` / ``eval()``, and validation always goes through ``eval()``.
     """
+    device = params[0].device.type if params else "cpu"
+    if device in ("cpu", "cuda"):
+        return torch.optim.Adam(params, lr=lr, fused=True)
     return torch.optim.Adam(params, lr=lr, foreach=True)
 
 

@@ -13,6 +13,7 @@ from models.freeze import (
 )
 from models.model import MultiDomainModel
 from tests.models.helpers import SPEC, make_batch, make_config, perturb
+from training.loop import make_adam
 
 
 def stage_for(phase: str) -> dict[str, object]:
@@ -33,7 +34,7 @@ def stage_for(phase: str) -> dict[str, object]:
 def one_step(model: MultiDomainModel, groups: list[str]) -> dict[str, torch.Tensor]:
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     params = set_trainable(model, groups)
-    opt = torch.optim.Adam(params, lr=1e-2)
+    opt = make_adam(params, lr=1e-2)  # the optimiser every training phase uses (fused)
     batch = make_batch(256)
     model.train()
     logits = model(batch.sparse, batch.dense, batch.domains, batch.multi_hot)
