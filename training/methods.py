@@ -202,7 +202,12 @@ class Checkpoints:
     def __init__(self, directory: Path, fingerprint: str, resume: bool, write: bool) -> None:
         self.dir, self.fingerprint, self.resume, self.write = directory, fingerprint, resume, write
 
-    def _paths(self, tag: str, index: int, phase: str) -> tuple[Path, Path]:
+    def paths(self, tag: str, index: int, phase: str) -> tuple[Path, Path]:
+        """The weights and metadata files of phase ``index`` (named ``phase``) of ``tag``.
+
+        Public so that a driver running several methods can share a phase (e.g. the
+        backbone) between their run folders by copying these two files.
+        """
         stem = f"{tag}-{index:02d}-{phase.replace(':', '_')}"
         return self.dir / f"{stem}.safetensors", self.dir / f"{stem}.json"
 
@@ -210,7 +215,7 @@ class Checkpoints:
         self, model: MultiDomainModel, tag: str, index: int, phase: Phase,
         train: Callable[[], PhaseResult],
     ) -> PhaseResult:  # fmt: skip
-        weights, meta = self._paths(tag, index, phase.name)
+        weights, meta = self.paths(tag, index, phase.name)
         if self.resume and weights.is_file() and meta.is_file():
             info = json.loads(meta.read_text())
             if info.get("fingerprint") != self.fingerprint:

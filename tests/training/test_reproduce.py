@@ -145,6 +145,21 @@ def test_report_from_an_empty_cache_shows_commands_not_numbers(tmp_path: Path) -
     assert "mdlora reproduce --table multilora" in text
     assert "from 0 cached cells" in text
     assert not list((tmp_path / "docs").glob("*.png"))
+    assert "scripts/probe_adapter_phase.py` measures" in text  # not probed yet: the command
+
+
+def test_report_quotes_the_adapter_phase_probe(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, results_dir=tmp_path / "res",
+                        work_dir=tmp_path / "work", docs_dir=tmp_path / "docs")  # fmt: skip
+    probe = tmp_path / "res" / "probe"
+    probe.mkdir(parents=True)
+    points = [{"epoch": 0, "step": 0, "train_auc": 0.8343, "val_auc": 0.8013},
+              {"epoch": 1, "step": 586, "train_auc": 0.8365, "val_auc": 0.7986}]  # fmt: skip
+    record = {"split": "age", "backbone": "nfm", "seed": 2, "runs": {"adapters": points}}
+    (probe / "age-nfm-s2.json").write_text(json.dumps(record))
+    text = write_report(settings).read_text()
+    row = next(line for line in text.splitlines() if "age / NFM / seed 2 | adapters" in line)
+    assert "83.43 → 83.65" in row and "80.13 → 79.86 (80.13, 79.86)" in row
 
 
 # ------------------------------------------------------------------ tiny real run (CI)
