@@ -43,7 +43,7 @@ from mdlora.artifact import (
 )
 from mdlora.encoder import FeatureEncoder, LabeledArrays, canonical_value
 from models.model import MultiDomainModel
-from training.data.prepared import labels_from
+from training.data.prepared import DataError, labels_from
 from training.data.splits import stratified_domain_split
 from training.distributed import pick_device
 from training.evaluate import compute_metrics
@@ -99,9 +99,17 @@ class AddDomainResult:
 
 # ------------------------------------------------------------------------------ rows
 def read_domain_rows(
-    path: Path, encoder: FeatureEncoder, division: str, domain: str, label: str
+    path: Path,
+    encoder: FeatureEncoder,
+    division: str,
+    domain: str,
+    label: str,
+    positive: list[Any] | None = None,
 ) -> tuple[pd.DataFrame, np.ndarray]:
-    """The new domain's rows of a Parquet/CSV file, and their 0/1 labels."""
+    """The new domain's rows of a Parquet/CSV file, and their 0/1 labels.
+
+    ``positive``: label values that mean a click (the training schema's ``positive_labels``).
+    """
     from training.data.tabular import read_table
 
     df = read_table(path)
@@ -126,9 +134,9 @@ def read_domain_rows(
             f"(the file needs {[*encoder.columns, label]}); use --label for another label name"
         )
     try:
-        labels = labels_from(df[label])
-    except ValueError as exc:
-        raise ValueError(f"{path}: label column {label!r}: {exc}") from None
+        labels = labels_from(df[label], positive)
+    except DataError as exc:
+        raise DataError(f"{path}: label column {label!r}: {exc}") from None
     return df, labels
 
 
@@ -264,8 +272,13 @@ def add_domain(
     label: str | None = None,
     version: int = 1,
     artifact_out: Path | None = None,
+    positive_labels: list[str] | None = None,
 ) -> AddDomainResult:
-    """The ``mdlora add-domain`` command (see the module docstring)."""
+    """The ``mdlora add-domain`` command (see the module docstring).
+
+    ``label`` / ``positive_labels`` default to the training run's (its schema's label column
+    and the values it counted as clicks).
+    """
     settings = settings or AddDomainSettings()
     artifact = Path(artifact)
     art = load_artifact(artifact)
@@ -278,6 +291,7 @@ def add_domain(
     training = art.manifest.get("training", {})
     run_cfg = training.get("config", {})
     label = label or training.get("label_column", "label")
+    positive = positive_labels or training.get("positive_labels")
     lr = settings.lr or float(art.manifest.get("metrics", {}).get("hparams", {}).get("lr", 1e-3))
     batch_size = settings.batch_size or int(
         art.manifest.get("metrics", {}).get("hparams", {}).get("batch_size", 1024)
@@ -286,7 +300,7 @@ def add_domain(
         raise ValueError(f"--version must be >= 1, got {version}")
     out = out or Path(f"{artifact}-adapters") / division / domain / str(version)
     adapter_dir(Path("."), division, domain, version)  # refuses names unusable as paths
-    df, labels = read_domain_rows(Path(data), encoder, division, domain, str(label))
+    df, labels = read_domain_rows(Path(data), encoder, division, domain, str(label), positive)
     torch.manual_seed(settings.seed)
     result = train_new_domain(
         model, encoder, division, domain, df, labels, settings, lr, batch_size

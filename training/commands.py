@@ -37,6 +37,7 @@ def register(app: typer.Typer) -> None:
         Under ``torchrun --nproc_per_node N`` the phases run data-parallel (DDP).
         """
         from training.config import ConfigError, load_config
+        from training.data.prepared import DataError
         from training.distributed import init_from_env, shutdown
         from training.methods import run_training
 
@@ -58,7 +59,7 @@ def register(app: typer.Typer) -> None:
             cfg.progress = False
         try:
             result = run_training(cfg, ctx, dev)
-        except (ConfigError, FileNotFoundError) as exc:
+        except (ConfigError, DataError, FileNotFoundError) as exc:
             raise _fail(str(exc)) from None
         finally:
             shutdown(ctx)
@@ -101,6 +102,10 @@ def register(app: typer.Typer) -> None:
         patience: int = typer.Option(3, help="Early-stopping patience (epochs)."),
         val_fraction: float = typer.Option(0.2, help="Share of the rows used for validation."),
         label: str | None = typer.Option(None, help="Label column (default: the run's)."),
+        positive_label: list[str] | None = typer.Option(
+            None, "--positive-label",
+            help="A label value that means a click (repeatable; default: the run's schema).",
+        ),
         version: int = typer.Option(1, help="Adapter version to write."),
         gate_scope: str = typer.Option(
             "own", help="MoE: the new gate row mixes its own experts (own) or all (all)."
@@ -123,6 +128,7 @@ def register(app: typer.Typer) -> None:
             res = add_domain(
                 artifact, data, domain, division=division, out=out, settings=settings,
                 label=label, version=version, artifact_out=artifact_out,
+                positive_labels=positive_label or None,
             )  # fmt: skip
         except (ArtifactError, ValueError, FileNotFoundError, KeyError) as exc:
             raise _fail(str(exc).strip("'\"")) from None

@@ -46,7 +46,7 @@ def _model_meta(model: MultiDomainModel) -> dict[str, Any]:
 
 def save_final(result: RunResult) -> Path:
     """Write the trained weights, encoder and metrics to ``<run>/final/``."""
-    from training.methods import label_column, state_dict_cpu
+    from training.methods import label_column, positive_labels, state_dict_cpu
 
     final = result.out_dir / FINAL
     if final.exists():
@@ -66,9 +66,13 @@ def save_final(result: RunResult) -> Path:
     info = {
         "models": index,
         "metrics": result.metrics_dict(),
-        "training": {"config": result.config.to_dict(), "label_column": label_column(
-            result.config), "data": result.prepared.name},
-    }  # fmt: skip
+        "training": {
+            "config": result.config.to_dict(),
+            "label_column": label_column(result.config),
+            "positive_labels": positive_labels(result.config),
+            "data": result.prepared.name,
+        },
+    }
     (final / "run.json").write_text(json.dumps(info, indent=2))
     return final
 

@@ -92,6 +92,19 @@ def label_column(cfg: TrainConfig) -> str:
     return "label"
 
 
+def positive_labels(cfg: TrainConfig) -> list[Any] | None:
+    """The table schema's ``positive_labels`` as written (None: the label is already 0/1).
+
+    Kept as parsed, booleans included: YAML reads an unquoted ``yes`` as True, which
+    ``labels_from`` matches against the spellings YAML maps to True.
+    """
+    if cfg.data.source == "table" and cfg.data.schema:
+        pos = cfg.data.schema.get("positive_labels")
+        if pos is not None:
+            return list(pos) if isinstance(pos, list) else [pos]
+    return None
+
+
 # ------------------------------------------------------------------------------ model
 @dataclass
 class Hparams:

@@ -89,3 +89,36 @@ def test_bad_override_and_missing_config_fail_with_a_message(config: Path) -> No
     assert res.exit_code == 2 and "did you mean 'epochs'" in res.output
     res = runner.invoke(_app(), ["train", "--config", "nope.yaml"])
     assert res.exit_code == 2 and "config file not found" in res.output
+
+
+def test_text_labels_train_and_add_domain_with_the_runs_positive_labels(tmp_path: Path) -> None:
+    rows = make_synthetic(n_rows=6_000, n_domains=3, seed=2, n_users=100, n_items=50)
+    rows["label"] = rows["label"].map({1: "yes", 0: "no"})
+    rows[rows["domain"] != "d2"].to_csv(tmp_path / "train.csv", index=False)
+    rows[rows["domain"] == "d2"].to_csv(tmp_path / "new.csv", index=False)
+    schema = {"label": "label", "divisions": ["domain"], "sparse": ["user_id", "item_id"]}
+    cfg = {"name": "text-labels", "method": "mlora", "backbone": "mlp", "embed_dim": 4,
+           "tower": [16], "epochs": 1, "threads": 1, "onnx": False, "progress": False,
+           "data": {"source": "table", "path": str(tmp_path / "train.csv"), "schema": schema}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    res = runner.invoke(_app(), ["train", "--config", str(path), "--out", str(run)])
+    assert res.exit_code == 2, res.output  # a clean error, not a traceback
+    assert "label column 'label'" in res.output and "positive_labels" in res.output
+    # written unquoted, as a user would: YAML reads `yes` as True
+    path.write_text(yaml.safe_dump(cfg).replace("    label: label\n",
+                                                "    label: label\n    positive_labels: [yes]\n"))
+    res = runner.invoke(_app(), ["train", "--config", str(path), "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(_app(), [
+        "add-domain", "--artifact", str(run / "artifact"), "--data", str(tmp_path / "new.csv"),
+        "--domain", "d2", "--out", str(tmp_path / "pkg"), "--epochs", "1",
+    ])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "domain 'd2' added" in res.output
+    res = runner.invoke(_app(), [
+        "add-domain", "--artifact", str(run / "artifact"), "--data", str(tmp_path / "new.csv"),
+        "--domain", "d2", "--out", str(tmp_path / "pkg2"), "--positive-label", "maybe",
+    ])  # fmt: skip
+    assert res.exit_code == 2 and "no label equals one of positive_labels ['maybe']" in res.output

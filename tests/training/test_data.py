@@ -19,11 +19,13 @@ from mdlora.encoder import FeatureEncoder
 from models.features import EncodedBatch
 from training.data import (
     ArrayDataset,
+    DataError,
     TableSchema,
     concat_arrays,
     fit_stream,
     iter_batches,
     iter_parquet_batches,
+    labels_from,
     load_movielens_1m,
     load_movielens_100k,
     load_taobao,
@@ -366,6 +368,35 @@ def test_tabular_schema_errors_name_the_column(tmp_path: Path) -> None:
         prepare_table(bad, schema)
     with pytest.raises(ValueError, match="at least one division"):
         TableSchema(label="label", divisions=[], sparse=["user_id"])
+
+
+def test_labels_accept_text_booleans_and_declared_positives() -> None:
+    assert labels_from(pd.Series(["TRUE", "false", " True "])).tolist() == [1.0, 0.0, 1.0]
+    assert labels_from(pd.Series(["1", "0", 1])).tolist() == [1.0, 0.0, 1.0]
+    with pytest.raises(DataError, match=r'positive_labels: \["yes"\]'):
+        labels_from(pd.Series(["yes", "no"]))
+    assert labels_from(pd.Series(["yes", "no", " yes"]), ["yes"]).tolist() == [1.0, 0.0, 1.0]
+    views = pd.Series(["click", "view", "buy"])
+    assert labels_from(views, ["click", "buy"]).tolist() == [1.0, 0.0, 1.0]
+    # YAML reads an unquoted `yes` as True: it still matches the text "yes" / "Yes"
+    assert labels_from(pd.Series(["Yes", "no"]), [True]).tolist() == [1.0, 0.0]
+    with pytest.raises(DataError, match=r"no label equals one of positive_labels \['Y'\]"):
+        labels_from(pd.Series(["yes", "no"]), ["Y"])
+    with pytest.raises(DataError, match="1 missing label"):
+        labels_from(pd.Series([1.0, None, 0.0]))
+
+
+def test_table_with_text_labels_trains_through_the_schema(tmp_path: Path) -> None:
+    df = make_synthetic(600, seed=0)
+    df["label"] = np.where(df["label"] == 1, "yes", "no")
+    raw = {**synthetic_schema().to_dict(), "positive_labels": ["yes"]}
+    prep = prepare_table(df, TableSchema.from_dict(raw), seed=0)
+    n_pos = sum(int(p["labels"].sum()) for p in (prep.train, prep.val, prep.test))
+    assert n_pos == int((df["label"] == "yes").sum())
+    with pytest.raises(DataError, match=r"'positive_label' \(did you mean 'positive_labels'\?\)"):
+        TableSchema.from_dict({**raw, "positive_label": ["yes"]})
+    with pytest.raises(DataError, match=r"needs \['label'\]"):
+        TableSchema.from_dict({"divisions": ["domain"], "sparse": ["user_id"]})
 
 
 def test_tabular_csv_keeps_text_ids_and_prepares(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from training.data.dataset import (
     shard_indices,
 )
 from training.data.movielens import load_movielens_1m, load_movielens_100k
-from training.data.prepared import PreparedData, encode_splits, labels_from
+from training.data.prepared import DataError, PreparedData, encode_splits, labels_from
 from training.data.presets import PRESETS, mlora_setting, multilora_setting, prepare_preset
 from training.data.splits import random_split, stratified_domain_split, subsample
 from training.data.synthetic import (
@@ -37,6 +37,7 @@ from training.data.taobao import load_taobao, taobao_setting, write_synthetic_ta
 __all__ = [
     "PRESETS",
     "ArrayDataset",
+    "DataError",
     "EncodedArrays",
     "FeatureEncoder",
     "LabeledArrays",

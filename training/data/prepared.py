@@ -12,7 +12,11 @@ import pandas as pd
 from mdlora.encoder import FeatureEncoder, LabeledArrays
 from models.features import FeatureSpec
 
-__all__ = ["PreparedData", "encode_splits", "labels_from"]
+__all__ = ["DataError", "PreparedData", "encode_splits", "labels_from"]
+
+
+class DataError(ValueError):
+    """The input data cannot be used as declared; the message says which column and why."""
 
 
 @dataclass
@@ -71,17 +75,54 @@ class PreparedData:
         return res
 
 
-def labels_from(values: pd.Series | np.ndarray) -> np.ndarray:
-    """0/1 labels as float32, rejecting anything else with a clear message."""
+#: label strings read as booleans without a declaration (compared case-insensitively)
+BOOLEAN_STRINGS = {"true": 1.0, "false": 0.0}
+#: what YAML 1.1 reads as a boolean, for ``positive_labels: [yes]`` written unquoted
+YAML_BOOL_WORDS = {True: ("true", "yes", "y", "on"), False: ("false", "no", "n", "off")}
+
+
+def labels_from(
+    values: pd.Series | np.ndarray, positive: Sequence[Any] | None = None
+) -> np.ndarray:
+    """0/1 labels as float32, rejecting anything else with a clear message.
+
+    Accepted without a declaration: booleans, the numbers 0 and 1 (also as text), and the
+    strings true/false in any case. ``positive`` declares the label values that mean a click
+    (e.g. ``["yes"]`` or ``["click", "purchase"]``); every other value is then a non-click,
+    compared as stripped text, and missing values are refused.
+    """
     arr = np.asarray(values)
+    series = pd.Series(arr)
+    if series.isna().any():
+        raise DataError(f"{int(series.isna().sum())} missing label value(s)")
+    if positive is not None:
+        if len(positive) == 0:
+            raise DataError("positive_labels is empty: list the label value(s) that mean a click")
+        wanted = {str(v).strip() for v in positive if not isinstance(v, bool)}
+        # YAML reads an unquoted yes / on / true as the boolean True: match those spellings
+        spelled = {w for v in positive if isinstance(v, bool) for w in YAML_BOOL_WORDS[v]}
+        text = series.astype(str).str.strip()
+        hit = (text.isin(wanted) | text.str.lower().isin(spelled)).to_numpy()
+        if not hit.any():
+            shown = list(pd.unique(series.astype(str)))[:5]
+            raise DataError(
+                f"no label equals one of positive_labels {list(positive)}; values present, "
+                f"e.g. {shown}"
+            )
+        return hit.astype(np.float32)
     if arr.dtype == bool:
         return arr.astype(np.float32)
-    num = pd.to_numeric(pd.Series(arr), errors="coerce").to_numpy(np.float64, na_value=np.nan)
+    num = pd.to_numeric(series, errors="coerce").to_numpy(np.float64, na_value=np.nan)
+    if arr.dtype == object:
+        text = series.astype(str).str.strip().str.lower()
+        num = np.where(np.isnan(num), text.map(BOOLEAN_STRINGS).to_numpy(np.float64), num)
     bad = ~np.isin(num, (0.0, 1.0))
     if bad.any():
         shown = list(pd.unique(pd.Series(arr[bad]).astype(str)))[:5]
-        raise ValueError(
-            f"labels must be 0/1 (or boolean); found {int(bad.sum())} other value(s), e.g. {shown}"
+        raise DataError(
+            f"labels must be 0/1, booleans or true/false; found {int(bad.sum())} other "
+            f"value(s), e.g. {shown}. If some of them mean a click, declare which in the "
+            "table schema, e.g. positive_labels: [\"yes\"] (--positive-label for add-domain)"
         )
     return num.astype(np.float32)
 

@@ -8,8 +8,9 @@ files are streamed with pandas ``chunksize``).
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from mdlora.encoder import (
     canonical_value,
     natural_order,
 )
-from training.data.prepared import PreparedData, encode_splits, labels_from
+from training.data.prepared import DataError, PreparedData, encode_splits, labels_from
 from training.data.splits import random_split, stratified_domain_split, subsample
 
 __all__ = [
@@ -45,7 +46,8 @@ class TableSchema:
     """Which columns of a table are what.
 
     Args:
-        label: the 0/1 label column (booleans accepted).
+        label: the label column: 0/1, booleans or true/false, or any values with
+            ``positive_labels``.
         divisions: domain columns, the primary one first (at least one).
         sparse / multi_hot / dense: feature columns. A division column may also be listed in
             ``sparse`` to embed the domain as a feature.
@@ -56,6 +58,8 @@ class TableSchema:
         min_count: values seen fewer times in training map to the OOV id.
         domain_order: optional per-division domain values in id order; by default the natural
             order of the values present in the table.
+        positive_labels: the label values that mean a click (e.g. ``["yes"]``); every other
+            value is a non-click. By default the label must already be 0/1 or boolean.
     """
 
     label: str
@@ -67,16 +71,17 @@ class TableSchema:
     multi_hot_max_len: int | dict[str, int] | None = None
     min_count: int = 1
     domain_order: dict[str, list[str]] | None = None
+    positive_labels: list[Any] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.divisions, str):
             self.divisions = [self.divisions]
         if not self.divisions:
-            raise ValueError("TableSchema needs at least one division (domain) column")
+            raise DataError("TableSchema needs at least one division (domain) column")
         if not self.sparse and not self.multi_hot:
-            raise ValueError("TableSchema needs at least one sparse or multi-hot column")
+            raise DataError("TableSchema needs at least one sparse or multi-hot column")
         if self.label in (*self.sparse, *self.multi_hot, *self.dense, *self.divisions):
-            raise ValueError(f"the label column {self.label!r} cannot also be a feature/division")
+            raise DataError(f"the label column {self.label!r} cannot also be a feature/division")
 
     @property
     def columns(self) -> list[str]:
@@ -115,6 +120,19 @@ class TableSchema:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TableSchema:
+        known = [f.name for f in fields(cls)]
+        unknown = [k for k in d if k not in known]
+        if unknown:
+            hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+            said = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "")
+                             for k, h in hints.items())  # fmt: skip
+            raise DataError(f"unknown table schema key(s) {said}; known: {known}")
+        missing = [k for k in ("label", "divisions") if k not in d]
+        if missing:
+            raise DataError(f"the table schema needs {missing}")
+        positive = d.get("positive_labels")
+        if positive is not None and not isinstance(positive, list):
+            d = {**d, "positive_labels": [positive]}  # a single value
         return cls(**dict(d))
 
 
@@ -137,7 +155,7 @@ def _check_file_columns(path: Path, schema: TableSchema) -> None:
     present = _present_columns(path)
     missing = [c for c in schema.columns if c not in present]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{path}: declared column(s) {missing} not found; columns present: {present}"
         )
 
@@ -163,16 +181,16 @@ def validate_table(df: pd.DataFrame, schema: TableSchema, source: str = "table")
     """Check the declared columns exist and the label is 0/1; return labels as float32."""
     missing = [c for c in schema.columns if c not in df.columns]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{source}: declared column(s) {missing} not found; columns present: {list(df.columns)}"
         )
     try:
-        labels = labels_from(df[schema.label])
-    except ValueError as e:
-        raise ValueError(f"{source}: label column {schema.label!r}: {e}") from None
+        labels = labels_from(df[schema.label], schema.positive_labels)
+    except DataError as e:
+        raise DataError(f"{source}: label column {schema.label!r}: {e}") from None
     for div in schema.divisions:
         if df[div].isna().any():
-            raise ValueError(f"{source}: division column {div!r} has missing values")
+            raise DataError(f"{source}: division column {div!r} has missing values")
     return labels
 
 
@@ -219,7 +237,7 @@ def prepare_table(
         )
         if (dom < 0).any():
             bad = list(pd.unique(df[primary].to_numpy(dtype=object)[dom < 0]))[:5]
-            raise ValueError(
+            raise DataError(
                 f"division {primary!r}: values {bad} are not in the declared domain_order"
             )
         splits = stratified_domain_split(dom, labels, split, seed)
