@@ -112,13 +112,23 @@ def register(app: typer.Typer) -> None:
         ),
         gate_lr: float = typer.Option(0.05, help="MoE: learning rate of the new gate row."),
         seed: int = typer.Option(2024, help="Random seed."),
+        threads: int | None = typer.Option(
+            None, help="torch CPU threads (default: all cores; fewer on a busy machine)."
+        ),
         artifact_out: Path | None = typer.Option(
             None, "--artifact-out", help="Also write the whole grown model as a new artifact."
         ),
     ) -> None:
         """Train one new domain's adapter with everything else frozen; write its package."""
+        import torch
+
         from mdlora.artifact import ArtifactError
         from training.add_domain import AddDomainSettings, add_domain
+
+        if threads is not None:
+            if threads < 1:
+                raise _fail(f"--threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)
 
         settings = AddDomainSettings(
             epochs=epochs, lr=lr, batch_size=batch_size, patience=patience,
