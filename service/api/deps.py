@@ -41,9 +41,22 @@ def parse_body(model: type[M], body: bytes) -> M:
         where = ".".join(str(p) for p in loc) or "body"
         raise ServiceError(
             422,
-            f"invalid request body at {where}: {msg}",
+            f"invalid request body at {where}: {msg}{_hint(errors[0] if errors else None)}",
             errors=_jsonable(errors),
         ) from None
+
+
+def _hint(error: Any) -> str:
+    """A pointer for the commonest mistake: feature values beside ``id`` instead of inside
+    ``features``."""
+    if not error or error.get("type") != "extra_forbidden":
+        return ""
+    loc = [str(p) for p in error.get("loc", ())]
+    if len(loc) >= 2 and loc[-2] == "user":
+        return f" (feature values go under user.features: {{\"{loc[-1]}\": ...}})"
+    if len(loc) >= 3 and loc[-3] == "items":
+        return f" (feature values go under the item's features: {{\"{loc[-1]}\": ...}})"
+    return ""
 
 
 def _jsonable(errors: list[Any]) -> list[dict[str, Any]]:

@@ -179,6 +179,21 @@ def test_bad_bodies_are_422_with_a_message(
     assert rb.status_code == 422, (what, rb.text)
 
 
+def test_features_beside_the_id_get_a_pointer_to_features(
+    make_artifact: Callable[[str], Path],
+) -> None:
+    with client(make_artifact("mlora")) as c:
+        user = c.post("/predict", json={"domain": "25", "user": {"id": 1, "gender": "F"},
+                                        "item_ids": [3]})  # fmt: skip
+        item = c.post("/predict/batch", json={"requests": [
+            {"domain": "25", "items": [{"id": 3, "genres": ["Drama"]}]}]})  # fmt: skip
+    assert user.status_code == 422
+    assert 'user.gender' in user.json()["detail"]
+    assert 'go under user.features: {"gender": ...}' in user.json()["detail"]
+    assert item.status_code == 422
+    assert "go under the item's features: {\"genres\": ...}" in item.json()["detail"]
+
+
 def test_limits_name_the_setting(make_artifact: Callable[[str], Path]) -> None:
     art = make_artifact("mlora")
     with client(art, max_items=5, max_body_bytes=2048, max_batch_requests=2) as c:
