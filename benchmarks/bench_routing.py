@@ -5,13 +5,18 @@ MLP in the MLoRA MovieLens setting (user id, movie id, domain id; embedding 8; t
 256-128-64; ranks from the published alpha). Modes: MLoRA, MoE-MLoRA with one and with three
 experts per domain. Each is timed side by side, interleaved, against
 
-* the same backbone with no adapters (``*_over_backbone``), and
-* scoring each domain's samples with a separate call of the same model, as the papers' code
-  does (``loop_over_onepass``: per-domain calls / one pass).
+* the same backbone with no adapters (``*_over_backbone``: the model's default routing;
+  ``*_tuned``: the per-layer choice of ``tune_routing``; ``*_bag``: embedding_bag only),
+* scoring each domain's samples with a separate call of the same model
+  (``loop_over_onepass``: per-domain calls / one pass; those calls get the merged
+  single-domain layers, the strongest baseline), and with separate calls that apply the
+  adapter per sample as the papers' code does (``loop_unmerged_over_onepass``), and
+* the same 1024 rows all in one domain, the shape of one ``/predict`` request, against the
+  backbone on those rows (``*_single_domain_over_backbone_*``).
 
-Routing strategies are timed too (``bag``, ``fused_down``, ``kernel``, and the per-layer choice by
-``tune_routing``); the headline ratios use the tuned choice. Prints a table, then one JSON
-line. Run: ``.venv/bin/python benchmarks/bench_routing.py [--quick]``.
+Strategies timed: ``bag``, ``fused_down``, ``kernel``, ``merged``, the default and the tuned
+choice. Prints a table, then one JSON line. Run:
+``.venv/bin/python benchmarks/bench_routing.py [--quick] [--threads N]``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from models.features import EncodedBatch, FeatureSpec, SparseField
 from models.model import Division, ModelConfig, MultiDomainModel
 
 BATCH = 1024
+STRATEGIES = ("bag", "fused_down", "kernel", "merged")
 
 
 def make_model(backbone: str, method: str, n_domains: int, experts: int = 1) -> MultiDomainModel:
@@ -59,7 +65,11 @@ def make_batch(n_domains: int, seed: int = 0) -> EncodedBatch:
     return EncodedBatch(sparse, torch.zeros(BATCH, 0), domain.unsqueeze(1))
 
 
-def per_domain_loop(model: MultiDomainModel, batch: EncodedBatch) -> Callable[[], torch.Tensor]:
+def per_domain_loop(
+    model: MultiDomainModel, batch: EncodedBatch, merged: bool = True
+) -> Callable[[], torch.Tensor]:
+    """One model call per domain. ``merged=False``: each call applies the per-sample adapter
+    (``x A B``, as the papers' code does) rather than the domain's merged layer."""
     domain = batch.domains[:, 0]
     order = torch.argsort(domain)
     counts = torch.bincount(domain).tolist()
@@ -67,11 +77,24 @@ def per_domain_loop(model: MultiDomainModel, batch: EncodedBatch) -> Callable[[]
 
     def run() -> torch.Tensor:
         out = torch.empty(BATCH)
+        if not merged:
+            for bank in model.inference_banks():
+                bank.merge_limit = 0
         scores = torch.cat([model.score_batch(p) for p in parts])
         out[order] = scores
         return out
 
     return run
+
+
+def single_domain(batch: EncodedBatch) -> EncodedBatch:
+    """The same rows, all in the batch's most popular domain (one /predict request's shape)."""
+    one = batch.select(torch.arange(len(batch)))
+    top = int(torch.bincount(one.domains[:, 0]).argmax())
+    one.domains = torch.full_like(one.domains, top)
+    one.sparse = one.sparse.clone()
+    one.sparse[:, 2] = top + 1
+    return one
 
 
 def scorer(model: MultiDomainModel, batch: EncodedBatch) -> Callable[[], torch.Tensor]:
@@ -100,7 +123,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rounds = 15 if args.quick else 60
     results: dict[str, float] = {}
-    print(f"{'backbone':8} {'domains':>7} {'mode':10} {'strategy':24} {'ms':>7} "
+    print(f"{'backbone':8} {'domains':>7} {'mode':10} {'strategy':30} {'ms':>7} "
           f"{'x backbone':>10} {'loop/one':>8}")  # fmt: skip
     for backbone in ("deepfm", "mlp"):
         for n in (21, 200):
@@ -111,33 +134,49 @@ def main() -> None:
                 "moe": make_model(backbone, "moe", n, 1),
                 "moe3": make_model(backbone, "moe", n, 3),
             }
+            one = single_domain(batch)
             for mode, model in modes.items():
-                fns: dict[str, Callable[[], object]] = {"backbone": scorer(base, batch)}
-                for strategy in ("bag", "fused_down", "kernel"):
+                fns: dict[str, Callable[[], object]] = {
+                    "backbone": scorer(base, batch), "backbone_single": scorer(base, one),
+                }  # fmt: skip
+                default = model.default_routing()
+                for strategy in (*STRATEGIES, "default"):
                     clone = make_model(backbone, "moe" if mode != "mlora" else "mlora", n,
                                        3 if mode == "moe3" else 1)  # fmt: skip
                     clone.load_state_dict(model.state_dict())
-                    clone.set_routing(strategy)
+                    clone.set_routing(default if strategy == "default" else strategy)
                     fns[strategy] = scorer(clone, batch)
+                    if strategy == "default":
+                        fns["single"] = scorer(clone, one)
+                        fns["loop"] = per_domain_loop(clone, batch)
+                    if strategy == "kernel":
+                        fns["loop_unmerged"] = per_domain_loop(clone, batch, merged=False)
                 tuned = model.tune_routing(batch, repeats=5)
                 fns["tuned"] = scorer(model, batch)
-                fns["loop"] = per_domain_loop(model, batch)
                 with torch.inference_mode():
                     t = timeit(fns, rounds)
-                for name in ("bag", "fused_down", "kernel", "tuned"):
-                    label = f"{name}{'=' + ','.join(tuned) if name == 'tuned' else ''}"
+                for name in (*STRATEGIES, "default", "tuned"):
+                    label = name
+                    if name in ("default", "tuned"):
+                        label += "=" + ",".join(default if name == "default" else tuned)
                     ratio, speedup = t[name] / t["backbone"], t["loop"] / t[name]
-                    print(f"{backbone:8} {n:7d} {mode:10} {label:24} {t[name] * 1e3:7.2f} "
+                    print(f"{backbone:8} {n:7d} {mode:10} {label:30} {t[name] * 1e3:7.2f} "
                           f"{ratio:10.2f} {speedup:8.1f}")  # fmt: skip
+                single = t["single"] / t["backbone_single"]
+                print(f"{backbone:8} {n:7d} {mode:10} {'one domain, default':30} "
+                      f"{t['single'] * 1e3:7.2f} {single:10.2f}")  # fmt: skip
                 key = f"{mode}_over_backbone_{n}"
-                loopkey = f"loop_over_onepass_{n}"
+                prefix = "" if backbone == "deepfm" else "mlp_"
+                results[f"{prefix}{key}"] = round(t["default"] / t["backbone"], 3)
+                results[f"{prefix}{key}_tuned"] = round(t["tuned"] / t["backbone"], 3)
+                results[f"{prefix}{mode}_single_domain_over_backbone_{n}"] = round(single, 3)
                 if backbone == "deepfm":
-                    results[key] = round(t["tuned"] / t["backbone"], 3)
                     if mode == "mlora":
-                        results[loopkey] = round(t["loop"] / t["tuned"], 2)
+                        results[f"loop_over_onepass_{n}"] = round(t["loop"] / t["default"], 2)
+                        results[f"loop_unmerged_over_onepass_{n}"] = round(
+                            t["loop_unmerged"] / t["default"], 2
+                        )
                     results[f"{key}_bag"] = round(t["bag"] / t["backbone"], 3)
-                else:
-                    results[f"mlp_{key}"] = round(t["tuned"] / t["backbone"], 3)
                 results[f"{backbone}_{mode}_{n}_backbone_ms"] = round(t["backbone"] * 1e3, 3)
     print(json.dumps(results, sort_keys=True))
 

@@ -26,7 +26,13 @@ For an expert ``e`` the change to the layer's pre-activation is ``s_e * (x A_e B
   expert's rank, so it pays for MoE-MLoRA when ``E * r`` is small next to the layer; its
   GEMM shapes change when experts are added, so growth is exact to rounding, not to the bit;
 * ``gather`` materialises each sample's ``A[e]``, ``B[e]`` and uses batched matmuls: slow on
-  CPU, but made of plain Gather/MatMul operators, so it is what the ONNX export uses.
+  CPU, but made of plain Gather/MatMul operators, so it is what the ONNX export uses;
+* ``merged`` (inference) keeps, per domain, the shared layer with its adapter merged in,
+  ``W + A'_d B'_d`` and ``b + c_d``, and scores a batch as one GEMM per domain present
+  (sorted segments); with more domains present than ``merge_limit`` it falls back to
+  ``kernel``. A single-domain batch (one ``/predict`` request) then costs exactly the bare
+  backbone, and a MoE-MLoRA layer whose folded adapters are nearly full rank costs one
+  GEMM per domain instead of a dense per-sample update.
 
 At inference the MoE gate depends only on the domain, so :func:`fold_experts` turns it into
 one effective adapter per domain and the hard path applies (``InferenceBank``).
@@ -45,7 +51,9 @@ from models.kernels import lowrank_add_
 
 # Hard routing with gradients uses the one-hot mixture up to this many stacked columns (E*r).
 DENSE_TRAINING_WIDTH = 256
-ROUTING_STRATEGIES = ("bag", "fused_down", "gather", "kernel", "mixture")
+ROUTING_STRATEGIES = ("bag", "fused_down", "gather", "kernel", "mixture", "merged")
+#: ``merged`` keeps one merged weight per domain only while a layer's copies fit in this
+MERGED_MAX_BYTES = 128 << 20
 
 
 def rank_from_alpha(out_dim: int, alpha: float) -> int:
@@ -169,13 +177,44 @@ def lowrank_soft(x: Tensor, a: Tensor, b: Tensor, c: Tensor, weights: Tensor) ->
     return torch.addmm(weights @ c, u, b.reshape(e * r, -1))
 
 
+class Segments:
+    """Which domains a batch holds, computed once per forward for the ``merged`` path."""
+
+    def __init__(self, index: Tensor) -> None:
+        self.index = index
+        self.single: int | None = None
+        self.present: list[int] = []
+        self.counts: list[int] = []
+        self._order: tuple[Tensor, Tensor] | None = None
+        if index.numel() == 0:
+            return
+        first = index[0]
+        if bool((index == first).all()):
+            self.single = int(first)
+            self.present, self.counts = [self.single], [index.numel()]
+            return
+        counts = torch.bincount(index)
+        present = counts.nonzero().squeeze(1)
+        self.present, self.counts = present.tolist(), counts[present].tolist()
+
+    def order_and_inverse(self) -> tuple[Tensor, Tensor]:
+        """The permutation sorting the batch by domain, and its inverse."""
+        if self._order is None:
+            order = torch.argsort(self.index, stable=True)
+            self._order = (order, torch.argsort(order))
+        return self._order
+
+
 @dataclass
 class InferenceBank:
     """Per-domain effective adapters of one layer, laid out for hard routing at inference.
 
     ``a``: ``[D, in, R]``, ``b``: ``[D, R, out]`` (row scale folded), ``c``: ``[D, out]``.
     ``strategy`` picks how a mixed batch is routed (see module docstring); ``a_cat`` is the
-    ``[in, D*R]`` matrix the ``fused_down`` strategy multiplies by.
+    ``[in, D*R]`` matrix the ``fused_down`` strategy multiplies by. ``merged_w`` /
+    ``merged_b`` (``[D, in, out]`` / ``[D, out]``) are the shared layer with each domain's
+    adapter merged in, used by :meth:`merged_forward` for batches with at most
+    ``merge_limit`` domains present.
     """
 
     a: Tensor
@@ -185,6 +224,9 @@ class InferenceBank:
     a_cat: Tensor | None = None
     a_t: Tensor | None = None
     gate: Tensor | None = None  # "mixture": [D, E] gate rows; a, b, c are then the E experts
+    merged_w: Tensor | None = None
+    merged_b: Tensor | None = None
+    merge_limit: int = 0
 
     def __post_init__(self) -> None:
         if self.strategy not in ROUTING_STRATEGIES:
@@ -194,16 +236,50 @@ class InferenceBank:
             self.a_cat = self.a.permute(1, 0, 2).reshape(i, d * r).contiguous()
         if self.strategy == "mixture" and self.gate is None:
             raise ValueError("the mixture strategy needs the per-domain gate table")
-        if self.strategy == "kernel" and self.a_t is None:
+        if self.strategy in ("kernel", "merged") and self.a_t is None:
             self.a_t = self.a.transpose(1, 2).contiguous()
 
     @property
     def rank(self) -> int:
         return int(self.a.shape[2])
 
+    def merge(self, weight: Tensor, bias: Tensor, limit: int) -> None:
+        """Build the merged per-domain layers from the shared ``nn.Linear`` weight and bias.
+
+        Left unmerged (``merge_limit`` 0: the ``kernel`` path always) when the copies would
+        take more than ``MERGED_MAX_BYTES``.
+        """
+        d, in_dim, _ = self.a.shape
+        out = self.b.shape[2]
+        if limit < 1 or d * in_dim * out * self.a.element_size() > MERGED_MAX_BYTES:
+            self.merge_limit = 0
+            return
+        self.merged_w = (weight.t().unsqueeze(0) + torch.bmm(self.a, self.b)).contiguous()
+        self.merged_b = (bias.unsqueeze(0) + self.c).contiguous()
+        self.merge_limit = limit
+
+    def merged_forward(self, x: Tensor, segments: Segments) -> Tensor | None:
+        """The adapted layer's pre-activation from the merged weights; None when the batch
+        has more domains than ``merge_limit`` (the caller then routes by ``strategy``)."""
+        w, bias = self.merged_w, self.merged_b
+        if w is None or bias is None or x.shape[0] == 0:
+            return None
+        if segments.single is not None:  # one domain: one GEMM, a plain layer's cost
+            return torch.addmm(bias[segments.single], x, w[segments.single])
+        if len(segments.present) > self.merge_limit:
+            return None
+        order, inverse = segments.order_and_inverse()
+        xs = x.index_select(0, order)
+        out = x.new_empty(x.shape[0], w.shape[2])
+        start = 0
+        for d, n in zip(segments.present, segments.counts, strict=True):
+            torch.addmm(bias[d], xs[start : start + n], w[d], out=out[start : start + n])
+            start += n
+        return out.index_select(0, inverse)
+
     def apply(self, z: Tensor, x: Tensor, index: Tensor) -> Tensor:
         """``z`` plus the routed change; the ``kernel`` strategy adds in place when it can."""
-        if self.strategy == "kernel" and not z.requires_grad:
+        if self.strategy in ("kernel", "merged") and not z.requires_grad:
             assert self.a_t is not None
             if lowrank_add_(z, x, self.a_t, self.b, self.c, index):
                 return z
@@ -213,7 +289,7 @@ class InferenceBank:
         if self.strategy == "mixture":
             assert self.gate is not None
             return lowrank_soft(x, self.a, self.b, self.c, self.gate[index])
-        if self.strategy in ("bag", "kernel"):
+        if self.strategy in ("bag", "kernel", "merged"):
             return lowrank_bag(x, self.a, self.b, self.c, index)
         if self.strategy == "gather":
             return lowrank_gather(x, self.a, self.b, self.c, index)
@@ -221,6 +297,20 @@ class InferenceBank:
         r = self.rank
         u = (x @ self.a_cat).gather(1, _bag_rows(index, r))
         return lowrank_up(u, self.b, self.c, index)
+
+
+def merge_limit(bank: InferenceBank) -> int:
+    """How many domains a batch may hold for ``merged`` to use its per-domain GEMMs.
+
+    From benchmarks/bench_routing.py on 2 cores: a GEMM segment costs a fixed ~15-20 us on top
+    of its FLOPs. A low-rank adapter adds little to the shared GEMM through the fused kernel,
+    so merging pays for single-domain batches only (one ``/predict`` request). Folded MoE
+    adapters near full rank (``R (in + out) >= in out / 2``) cost more per sample than the
+    shared layer itself, and up to 32 segments are cheaper than that.
+    """
+    _, in_dim, r = bank.a.shape
+    out = bank.b.shape[2]
+    return 32 if 2 * r * (in_dim + out) >= in_dim * out else 1
 
 
 def fold_experts(

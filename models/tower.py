@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from models.fusion import FusionAttention
 from models.layers import Dropout
-from models.lora import AdapterBank, InferenceBank
+from models.lora import AdapterBank, InferenceBank, Segments
 from models.norm import DomainBatchNorm
 
 ACTIVATIONS = {"relu": nn.ReLU, "prelu": nn.PReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
@@ -95,10 +95,19 @@ class AdaptedTower(nn.Module):
         return cast(nn.ModuleList, slots[name])
 
     def forward(self, x: Tensor, route: Route | None = None) -> Tensor:
+        segments: Segments | None = None
         for i, lin in enumerate(self.linears):
-            z = self.dropout(lin(x))
-            if route is not None:
-                z = self._adapt(i, x, z, route)
+            merged = None
+            if route is not None and route.banks is not None and route.banks[i].merge_limit:
+                assert route.index is not None and not route.lora and route.norm is None
+                segments = segments or Segments(route.index)
+                merged = route.banks[i].merged_forward(x, segments)
+            if merged is not None:  # inference: the shared layer and the adapter in one GEMM
+                z = merged
+            else:
+                z = self.dropout(lin(x))
+                if route is not None:
+                    z = self._adapt(i, x, z, route)
             if self.norms is not None:
                 z = self.norms[i](z)
             x = self.acts[i](z)

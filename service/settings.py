@@ -39,7 +39,7 @@ class ServiceSettings(BaseSettings):
     device: Annotated[str | None, F("torch device; default cuda when present, else cpu")] = None
     torch_threads: Annotated[int | None, F("intra-op threads of torch and numba", ge=1)] = 1
     routing: Annotated[
-        Literal["artifact", "auto", "bag", "fused_down", "gather", "kernel"],
+        Literal["artifact", "auto", "bag", "fused_down", "gather", "kernel", "mixture", "merged"],
         F("adapter routing: the artifact's, timed at start (auto), or one strategy"),
     ] = "artifact"
     unknown_domain: Annotated[

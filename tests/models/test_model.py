@@ -102,7 +102,7 @@ def test_adding_a_domain_leaves_existing_domains_bit_identical(
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     new_id = model.add_domain(division, "newcomer", gate_scope=scope)
     assert model.domain_names(division)[new_id] == "newcomer"
-    # the GEMM mixture (a MoE default) changes shape with the experts: exact to rounding only
+    # the default (merged GEMM segments, or a GEMM mixture if chosen) is checked to rounding
     torch.testing.assert_close(score(model, batch), before_default, atol=1e-6, rtol=0)
     model.set_routing("kernel")
     assert torch.equal(score(model, batch), before)
@@ -175,3 +175,58 @@ def test_fused_kernel_is_available_and_used() -> None:
     model.set_routing("bag")
     with torch.inference_mode():
         torch.testing.assert_close(model.score_batch(batch), fused, atol=1e-5, rtol=0)
+
+
+def _single_domain(batch: EncodedBatch, domain: int) -> EncodedBatch:
+    one = batch.select(torch.arange(len(batch)))
+    one.domains = one.domains.clone()
+    one.domains[:, 0] = domain
+    return one
+
+
+@pytest.mark.parametrize("method", ["mlora", "moe1", "moe3"])
+def test_single_domain_batches_use_the_merged_layers(method: str) -> None:
+    """A one-domain batch (a /predict request) runs W + A_d B_d as one GEMM per layer, and
+    scores as the per-sample adapters do."""
+    from models.lora import Segments
+
+    model = perturb(MultiDomainModel(make_config("deepfm", method))).eval()
+    batch = _single_domain(make_batch(), 2)
+    banks = model.inference_banks()
+    assert all(b.merge_limit >= 1 and b.merged_w is not None for b in banks)
+    assert banks[0].merged_forward(torch.randn(5, banks[0].a.shape[1]),
+                                   Segments(torch.full((5,), 2))) is not None  # fmt: skip
+    merged = score(model, batch)
+    model.set_routing("bag")  # no kernel, and the merged path off for comparison:
+    for b in model.inference_banks():
+        b.merge_limit = 0
+    torch.testing.assert_close(merged, score(model, batch), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["mlora", "moe3"])
+def test_merged_strategy_segments_match_and_fall_back(
+    method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = perturb(MultiDomainModel(make_config("deepfm", method))).eval()
+    batch = make_batch()
+    model.set_routing("kernel")
+    ref = score(model, batch)
+    model.set_routing("merged")
+    for b in model.inference_banks():
+        b.merge_limit = N_PRIMARY  # every domain of the batch as its own GEMM segment
+    torch.testing.assert_close(score(model, batch), ref, atol=1e-5, rtol=0)
+    # over the memory cap nothing is merged, and scores are the same
+    monkeypatch.setattr("models.lora.MERGED_MAX_BYTES", 16)
+    model.set_routing("merged")
+    assert all(b.merge_limit == 0 and b.merged_w is None for b in model.inference_banks())
+    torch.testing.assert_close(score(model, batch), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["mlora", "moe3"])
+def test_adding_a_domain_leaves_single_domain_scores_bit_identical(method: str) -> None:
+    model = perturb(MultiDomainModel(make_config("deepfm", method))).eval()
+    batches = [_single_domain(make_batch(64), d) for d in range(N_PRIMARY)]
+    before = [score(model, b) for b in batches]
+    model.add_domain("occupation", "newcomer")
+    for b, old in zip(batches, before, strict=True):
+        assert torch.equal(score(model, b), old)
