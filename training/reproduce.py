@@ -1317,7 +1317,7 @@ def write_report(settings: Settings, data_slice: Slice | None = None) -> Path:
             "",
         ]
     lines += summary_section(records, sl)
-    lines += _setup_section()
+    lines += _setup_section(_select(records, sl))
     lines += report_table1(records, sl, results_dir, docs_dir)
     lines += report_figure2(records, sl, results_dir, docs_dir)
     lines += report_multilora(records, sl, results_dir, docs_dir)
@@ -1447,7 +1447,28 @@ def _rel(p: Path) -> str:
         return str(p)
 
 
-def _setup_section() -> list[str]:
+#: when the 16-bit CPU dropout mask and fused Adam landed (commit 55d6374)
+FAST_DROPOUT_SINCE = "2026-11-24T10:58:00Z"
+
+
+def _code_line(records: list[dict[str, Any]]) -> str:
+    """Which training code the cached cells ran with (same distributions, other streams)."""
+    stamps = [str(r.get("finished_at", "")) for r in records if not r.get("same_run_as")]
+    old = sum(1 for t in stamps if t and t < FAST_DROPOUT_SINCE)
+    if not old:
+        return ""
+    return (
+        f"* Code: {old} of the {len(stamps)} cells finished before {FAST_DROPOUT_SINCE} ran "
+        "with torch's per-element Bernoulli dropout and multi-tensor Adam; the rest with the "
+        "16-bit CPU dropout mask (`models.layers.Dropout`) and fused Adam, which draw the same "
+        "distributions from other random streams and run an epoch several times faster. A "
+        "seed therefore does not reproduce an older cell bit for bit; it is one more sample "
+        "of the same experiment."
+    )
+
+
+def _setup_section(records: list[dict[str, Any]] | None = None) -> list[str]:
+    code = _code_line(records or [])
     return [
         "## Setup",
         "",
@@ -1475,6 +1496,7 @@ def _setup_section() -> list[str]:
         "by side (a lock per group keeps them apart); the thread count per process is in the "
         "device line above. On the shared 2-core machine, one thread per process was used: "
         "with two threads, a training step ran about 15 times slower under contention.",
+        *([code] if code else []),
         "",
     ]
 
