@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import typer
 
+import mdlora  # noqa: F401  (its OpenMP spin default, before torch loads)
 from training.commands import register
 
 app = typer.Typer(

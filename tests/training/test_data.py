@@ -34,6 +34,7 @@ from training.data import (
     mlora_setting,
     multilora_setting,
     num_batches,
+    prepare_preset,
     prepare_table,
     random_split,
     read_table,
@@ -44,6 +45,7 @@ from training.data import (
     write_synthetic,
     write_synthetic_taobao,
 )
+from training.data.presets import ml100k_age_codes
 
 SHARED_DATA = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data").resolve()
 ML1M = SHARED_DATA / "ml-1m"
@@ -133,6 +135,35 @@ def test_ml100k_counts() -> None:
 
 
 # ------------------------------------------------------------------ MovieLens settings
+
+
+def test_ml100k_ages_bucket_into_ml1m_codes() -> None:
+    years = pd.Series([7, 17, 18, 24, 25, 34, 35, 44, 45, 49, 50, 55, 56, 73])
+    codes = [1, 1, 18, 18, 25, 25, 35, 35, 45, 45, 50, 50, 56, 56]
+    assert ml100k_age_codes(years).tolist() == codes
+
+
+def test_movielens_presets_take_an_ml100k_folder() -> None:
+    if not ML100K.is_dir():
+        pytest.skip(f"MovieLens-100K not found at {ML100K} (get ml-100k.zip from grouplens.org)")
+    raw = load_movielens_100k(ML100K)
+    occ = prepare_preset("ml100k-mlora-occupation", ML100K, seed=3)
+    assert occ.name == "ml100k-mlora-occupation"
+    assert occ.domain_names["occupation"] == sorted(raw["occupation"].unique())
+    assert len(occ.domain_names["occupation"]) == 21
+    total = sum(len(p["labels"]) for p in (occ.train, occ.val, occ.test))
+    assert total == 100_000
+    positives = sum(float(p["labels"].sum()) for p in (occ.train, occ.val, occ.test))
+    assert positives == float((raw["rating"] == 5).sum())
+    # the ml1m-* names detect the layout, and a loaded 100K frame works like the folder
+    age = prepare_preset("ml1m-mlora-age", raw, seed=3)
+    assert age.name == "ml100k-mlora-age" and len(age.domain_names["age"]) == 7
+    multi = prepare_preset("ml100k-multilora", ML100K)
+    assert multi.domain_names == {"age_group": ["1-18", "25", "35-56"], "gender": ["F", "M"]}
+    young = int((ml100k_age_codes(raw["age"]) <= 18).sum())
+    splits = (multi.train, multi.val, multi.test)
+    n_young = sum(int((p["domains"][:, 0] == 0).sum()) for p in splits)
+    assert n_young == young
 
 
 @pytest.mark.parametrize(

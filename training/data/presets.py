@@ -11,6 +11,12 @@
   genre and the domain indicator; dense age scaled to [0, 1]; optionally all genres as a
   mean-pooled multi-hot field named ``genres`` (our extension); random 8:1:1 split.
 
+Both also take a MovieLens-100K folder (``u.data``, ``u.user``, ``u.item``; detected from the
+files, or use the ``ml100k-*`` preset names): ages in years are bucketed into ML-1M's age codes
+(under 18 -> 1, 18-24 -> 18, 25-34 -> 25, 35-44 -> 35, 45-49 -> 45, 50-55 -> 50, 56+ -> 56)
+so the age and age-group divisions mean the same, and the occupation domains are ML-100K's 21
+occupation names.
+
 The encoder is always fitted on the training split only.
 """
 
@@ -24,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from mdlora.encoder import FeatureEncoder, MultiHotColumn
-from training.data.movielens import ML1M_AGE_CODES, load_movielens_1m
+from training.data.movielens import ML1M_AGE_CODES, load_movielens_1m, load_movielens_100k
 from training.data.prepared import PreparedData, encode_splits
 from training.data.splits import random_split, stratified_domain_split, subsample
 
@@ -81,10 +87,27 @@ MULTILORA_HPARAMS: dict[str, Any] = {
 }
 
 
-def _ratings(data: str | Path | pd.DataFrame) -> pd.DataFrame:
-    if isinstance(data, pd.DataFrame):
-        return data
-    return load_movielens_1m(data)
+def ml100k_age_codes(years: pd.Series) -> pd.Series:
+    """Ages in years -> ML-1M's age codes (the lower bound of each ML-1M age band)."""
+    bounds = np.array(ML1M_AGE_CODES[1:])  # 18, 25, 35, 45, 50, 56
+    codes = np.array(ML1M_AGE_CODES)
+    return pd.Series(codes[np.searchsorted(bounds, years.to_numpy(), side="right")],
+                     index=years.index)  # fmt: skip
+
+
+def _ratings(data: str | Path | pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The ratings frame and which MovieLens it is (``ml1m`` or ``ml100k``)."""
+    if isinstance(data, pd.DataFrame):  # from load_movielens_1m / load_movielens_100k
+        occupation = data["occupation"].astype(str)
+        if occupation.str.isdigit().all():
+            return data, "ml1m"
+        if not data["age"].isin(ML1M_AGE_CODES).all():  # ML-100K ages in years
+            data = data.assign(age=ml100k_age_codes(data["age"]))
+        return data, "ml100k"
+    if (Path(data) / "u.data").is_file():
+        raw = load_movielens_100k(data)
+        return raw.assign(age=ml100k_age_codes(raw["age"])), "ml100k"
+    return load_movielens_1m(data), "ml1m"
 
 
 def mlora_setting(
@@ -103,10 +126,13 @@ def mlora_setting(
     """
     if division not in MLORA_DIVISIONS:
         raise ValueError(f"unknown MLoRA division {division!r}; use one of {list(MLORA_DIVISIONS)}")
-    raw = subsample(_ratings(data), max_rows, sample_frac, seed)
+    full, kind = _ratings(data)
+    raw = subsample(full, max_rows, sample_frac, seed)
     df = raw[["user_id", "movie_id", division]].reset_index(drop=True)
     labels = (raw["rating"].to_numpy() == 5).astype(np.float32)
     names = MLORA_DIVISIONS[division]
+    if kind == "ml100k" and division == "occupation":
+        names = sorted(full["occupation"].astype(str).unique())  # ML-100K: occupation names
     encoder = FeatureEncoder(
         sparse=["user_id", "movie_id", division],
         divisions=[division],
@@ -120,7 +146,7 @@ def mlora_setting(
     splits = stratified_domain_split(dom, labels, MLORA_HPARAMS["split"], seed)
     train, val, test = encode_splits(df, encoder, labels, splits)
     return PreparedData(
-        name=f"ml1m-mlora-{division}",
+        name=f"{kind}-mlora-{division}",
         encoder=encoder,
         train=train,
         val=val,
@@ -145,7 +171,8 @@ def multilora_setting(
     ``with_genres=True`` adds the all-genres multi-hot field ``genres`` (mean-pooled; our
     extension, not in the paper).
     """
-    raw = subsample(_ratings(data), max_rows, sample_frac, seed)
+    full, kind = _ratings(data)
+    raw = subsample(full, max_rows, sample_frac, seed)
     code_to_group = {c: g for g, codes in MULTILORA_AGE_GROUPS.items() for c in codes}
     age_group = raw["age"].map(code_to_group)
     if age_group.isna().any():
@@ -169,7 +196,7 @@ def multilora_setting(
     )
     splits = random_split(len(df), MULTILORA_HPARAMS["split"], seed)
     train, val, test = encode_splits(df, encoder, labels, splits)
-    name = "ml1m-multilora-genres" if with_genres else "ml1m-multilora"
+    name = f"{kind}-multilora-genres" if with_genres else f"{kind}-multilora"
     return PreparedData(
         name=name,
         encoder=encoder,
@@ -199,6 +226,12 @@ PRESETS: dict[str, Callable[..., PreparedData]] = {
     "ml1m-mlora-occupation": lambda data, **kw: mlora_setting(data, "occupation", **kw),
     "ml1m-multilora": lambda data, **kw: multilora_setting(data, **kw),
     "ml1m-multilora-genres": lambda data, **kw: multilora_setting(data, with_genres=True, **kw),
+    # the same settings on a MovieLens-100K folder (the ml1m-* names accept one too)
+    "ml100k-mlora-gender": lambda data, **kw: mlora_setting(data, "gender", **kw),
+    "ml100k-mlora-age": lambda data, **kw: mlora_setting(data, "age", **kw),
+    "ml100k-mlora-occupation": lambda data, **kw: mlora_setting(data, "occupation", **kw),
+    "ml100k-multilora": lambda data, **kw: multilora_setting(data, **kw),
+    "ml100k-multilora-genres": lambda data, **kw: multilora_setting(data, with_genres=True, **kw),
     "taobao-10": _taobao(10),
     "taobao-20": _taobao(20),
     "taobao-30": _taobao(30),
