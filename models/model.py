@@ -259,9 +259,12 @@ class MultiDomainModel(nn.Module):
         return Route(lora={nat: primary, aux: domains[:, 1]}, norm=("cell", cell), fuse=True)
 
     def _bank_tensors(self) -> list[Tensor]:
+        """What the inference banks are built from: adapters, gate, and the tower's linear
+        layers (the ``merged`` per-domain layers include them)."""
         tensors: list[Tensor] = []
         if self.tower.banks is not None:
             tensors += list(self.tower.banks.parameters())
+            tensors += list(self.tower.linears.parameters())
         if self.gate is not None:
             tensors += [*self.gate.parameters(), *self.gate.buffers()]
         return tensors

@@ -230,3 +230,18 @@ def test_adding_a_domain_leaves_single_domain_scores_bit_identical(method: str) 
     model.add_domain("occupation", "newcomer")
     for b, old in zip(batches, before, strict=True):
         assert torch.equal(score(model, b), old)
+
+
+def test_merged_layers_follow_a_change_of_the_shared_weights() -> None:
+    """The merged per-domain layers contain the tower's weights: editing those (fine-tuning,
+    loading another checkpoint) must not leave a stale inference cache behind."""
+    model = perturb(MultiDomainModel(make_config("deepfm", "mlora"))).eval()
+    batch = _single_domain(make_batch(), 1)
+    before = score(model, batch)
+    with torch.no_grad():
+        model.tower.linears[0].weight.mul_(1.5)
+    after = score(model, batch)
+    assert not torch.allclose(after, before)
+    for b in model.inference_banks():
+        b.merge_limit = 0  # the per-sample path, which reads the live weights
+    torch.testing.assert_close(score(model, batch), after, atol=1e-5, rtol=0)
