@@ -272,7 +272,7 @@ def add_domain(
     label: str | None = None,
     version: int = 1,
     artifact_out: Path | None = None,
-    positive_labels: list[str] | None = None,
+    positive_labels: list[Any] | None = None,
 ) -> AddDomainResult:
     """The ``mdlora add-domain`` command (see the module docstring).
 

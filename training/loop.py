@@ -194,7 +194,10 @@ def make_adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
     """
     device = params[0].device.type if params else "cpu"
     if device in ("cpu", "cuda"):
-        return torch.optim.Adam(params, lr=lr, fused=True)
+        try:
+            return torch.optim.Adam(params, lr=lr, fused=True)
+        except RuntimeError:  # a torch without the fused kernel for this device (CPU < 2.4)
+            pass
     return torch.optim.Adam(params, lr=lr, foreach=True)
 
 
