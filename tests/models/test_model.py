@@ -238,8 +238,10 @@ def test_merged_layers_follow_a_change_of_the_shared_weights() -> None:
     model = perturb(MultiDomainModel(make_config("deepfm", "mlora"))).eval()
     batch = _single_domain(make_batch(), 1)
     before = score(model, batch)
+    first = model.tower.linears[0]
+    assert isinstance(first, torch.nn.Linear)
     with torch.no_grad():
-        model.tower.linears[0].weight.mul_(1.5)
+        first.weight.mul_(1.5)
     after = score(model, batch)
     assert not torch.allclose(after, before)
     for b in model.inference_banks():
