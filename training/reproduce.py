@@ -1493,8 +1493,9 @@ def _setup_section(records: list[dict[str, Any]] | None = None) -> list[str]:
         "(tests/training/test_reproduce.py checks the weights match an unshared run).",
         "* Timings are wall-clock seconds per cell on a machine shared with other work, so "
         "they are noisy. Several `mdlora reproduce` processes can work through one grid side "
-        "by side (a lock per group keeps them apart); the thread count per process is in the "
-        "device line above. On the shared 2-core machine, one thread per process was used: "
+        "by side (`--workers N` starts them; a lock per group keeps them apart); the thread "
+        "count per process is in the device line above. On the shared 2-core machine, one "
+        "thread per process was used: "
         "with two threads, a training step ran about 15 times slower under contention "
         "(measured before `mdlora` shortened OpenMP's spin-wait, `GOMP_SPINCOUNT=10000`).",
         *([code] if code else []),

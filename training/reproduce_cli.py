@@ -2,9 +2,43 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import typer
+
+
+def _worker_argv(
+    table: list[str] | None,
+    split: list[str] | None,
+    backbone: list[str] | None,
+    method: list[str] | None,
+    seed: list[int] | None,
+    settings: Any,
+    max_rows: int | None,
+    sample_frac: float | None,
+    epochs: int | None,
+    verbose: bool,
+) -> list[str]:
+    """The command line of one more worker on the same grid (``--workers 1``)."""
+    argv = [sys.executable, "-m", "training.reproduce_cli", "--workers", "1"]
+    for flag, values in (("--table", table), ("--split", split), ("--backbone", backbone),
+                         ("--method", method), ("--seed", seed)):  # fmt: skip
+        for v in values or []:
+            argv += [flag, str(v)]
+    argv += ["--data-dir", str(settings.data_dir), "--results-dir", str(settings.results_dir),
+             "--work-dir", str(settings.work_dir), "--docs-dir", str(settings.docs_dir),
+             "--device", settings.device]  # fmt: skip
+    for flag, value in (("--max-rows", max_rows), ("--sample-frac", sample_frac),
+                        ("--epochs", epochs), ("--threads", settings.threads)):  # fmt: skip
+        if value is not None:
+            argv += [flag, str(value)]
+    if verbose:
+        argv.append("--verbose")
+    return argv
 
 
 def register_reproduce(app: typer.Typer) -> None:
@@ -55,7 +89,11 @@ def register_reproduce(app: typer.Typer) -> None:
             help="Only rebuild docs/results.md and the plots from the cache.",
         ),
         verbose: bool = typer.Option(False, "--verbose", help="Show every phase's epochs."),
-
+        workers: int = typer.Option(
+            1, "--workers",
+            help="Processes working through the grid side by side (default 1). Each takes "
+            "cells whose group no other holds; extra workers log to <work-dir>/worker-<i>.log.",
+        ),
     ) -> None:
         """Reproduce the papers' MovieLens tables, cell by cell (cached, resumable).
 
@@ -87,16 +125,45 @@ def register_reproduce(app: typer.Typer) -> None:
             device=device, threads=threads, verbose=verbose,
             data_slice=Slice(max_rows, sample_frac, epochs),
         )  # fmt: skip
+        if workers < 1:
+            typer.secho("error: --workers must be >= 1", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=2)
+        children: list[tuple[subprocess.Popen[bytes], Path]] = []
+        if workers > 1 and not report_only:
+            if threads is None:  # one core's worth each, not every worker on every core
+                settings.threads = threads = max(1, (os.cpu_count() or 1) // workers)
+            argv = _worker_argv(table, split, backbone, method, seed, settings, max_rows,
+                                sample_frac, epochs, verbose)  # fmt: skip
+            Path(settings.work_dir).mkdir(parents=True, exist_ok=True)
+            for i in range(2, workers + 1):
+                log = Path(settings.work_dir) / f"worker-{i}.log"
+                with log.open("wb") as fh:
+                    proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT)
+                children.append((proc, log))
+                typer.echo(f"worker {i} started (pid {proc.pid}), log: {log}")
         try:
             new, report = reproduce(
                 settings, table, split, backbone, method, seed, report_only=report_only
             )
         except ReproduceError as exc:
+            for proc, _ in children:
+                proc.terminate()
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
             raise typer.Exit(code=2) from None
+        failed = []
+        for proc, log in children:
+            if proc.wait() != 0:
+                failed.append(str(log))
+        if children:  # the others may have finished cells after this one's last report
+            from training.reproduce import write_report
+
+            report = write_report(settings)
         if not report_only:
-            typer.echo(f"{len(new)} cell(s) run this time")
+            typer.echo(f"{len(new)} cell(s) run this time by this process")
         typer.echo(f"report: {report}")
+        if failed:
+            typer.secho(f"error: worker(s) failed, see {failed}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=1)
 
 
 def main() -> None:

@@ -206,6 +206,29 @@ def test_tiny_reproduce_run_caches_cells_and_writes_the_report(tmp_path: Path) -
     assert (tmp_path / "docs" / "results_table1_gender.png").stat().st_size > 1000
 
 
+@pytest.mark.skipif(not ML1M.is_dir(), reason=f"MovieLens-1M not found at {ML1M}")
+def test_two_workers_share_the_grid(tmp_path: Path) -> None:
+    app = typer.Typer()
+    register_reproduce(app)
+    args = [
+        "--table", "table1", "--split", "gender", "--backbone", "deepfm,wdl", "--method",
+        "base", "--seed", "1", "--max-rows", "6000", "--epochs", "1", "--device", "cpu",
+        "--data-dir", str(ML1M.parent), "--results-dir", str(tmp_path / "res"),
+        "--work-dir", str(tmp_path / "work"), "--docs-dir", str(tmp_path / "docs"),
+        "--workers", "2",
+    ]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "worker 2 started" in res.output
+    cells = sorted(p.name for p in (tmp_path / "res" / "table1").glob("*.json"))
+    assert cells == ["gender-deepfm-base-s1@r6000-e1.json", "gender-wdl-base-s1@r6000-e1.json"]
+    log = (tmp_path / "work" / "worker-2.log").read_text()
+    by_main = int(res.output.split(" cell(s) run this time")[0].split()[-1])
+    by_worker = int(log.split(" cell(s) run this time")[0].split()[-1])
+    assert by_main + by_worker == 2  # each cell ran once, in one process or the other
+    assert not list((tmp_path / "work").glob("*.lock"))
+
+
 def test_missing_data_dir_is_a_clear_error(tmp_path: Path) -> None:
     app = typer.Typer()
     register_reproduce(app)
