@@ -98,8 +98,8 @@ def ml100k_age_codes(years: pd.Series) -> pd.Series:
 def _ratings(data: str | Path | pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """The ratings frame and which MovieLens it is (``ml1m`` or ``ml100k``)."""
     if isinstance(data, pd.DataFrame):  # from load_movielens_1m / load_movielens_100k
-        occupation = data["occupation"].astype(str)
-        if occupation.str.isdigit().all():
+        occupation = data["occupation"]  # ML-1M: integer codes; ML-100K: names
+        if pd.api.types.is_integer_dtype(occupation) or occupation.astype(str).str.isdigit().all():
             return data, "ml1m"
         if not data["age"].isin(ML1M_AGE_CODES).all():  # ML-100K ages in years
             data = data.assign(age=ml100k_age_codes(data["age"]))
