@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from mdlora.fileio import atomic_write, staging_dir
 from models.model import ModelConfig, MultiDomainModel
 from models.state import (
     TensorMismatchError,
@@ -54,8 +53,29 @@ class ArtifactError(ValueError):
     """An artifact or adapter package cannot be used; the message says what to fix."""
 
 
+def error_text(exc: BaseException) -> str:
+    """An exception's message for a user: a KeyError's own text, without the repr quotes
+    ``str(KeyError("x"))`` adds (stripping quote characters would eat real ones)."""
+    if isinstance(exc, KeyError) and len(exc.args) == 1:
+        return str(exc.args[0])
+    return str(exc)
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def package_digest(config: bytes, weights: bytes) -> str:
+    """Checksum of a whole adapter package: its config and its weights.
+
+    Two packages can share weights and differ in config (another domain, another gate scope),
+    so anything that stores or caches packages keys on this, never on the weights alone.
+    """
+    h = hashlib.sha256(b"mdlora-adapter-package\0")
+    h.update(len(config).to_bytes(8, "little"))
+    h.update(config)
+    h.update(weights)
+    return h.hexdigest()
 
 
 def _describe(tensors: dict[str, Tensor]) -> dict[str, dict[str, Any]]:
@@ -119,9 +139,34 @@ class AdapterPackage:
         return str(self.config["domain"])
 
 
+def backbone_tensors(model: MultiDomainModel) -> dict[str, Tensor]:
+    """The frozen backbone's weights: what ``backbone.safetensors`` of an artifact holds."""
+    return {k: v for k, v in shared_tensors(model).items() if not k.startswith(GATE_PREFIXES)}
+
+
+def _backbone_bytes(tensors: dict[str, Tensor]) -> bytes:
+    return st_save({k: v.cpu() for k, v in tensors.items()}, metadata={"format": "pt"})
+
+
+def backbone_digest(model: MultiDomainModel) -> str:
+    """sha256 of the backbone weights as an artifact stores them (``backbone.safetensors``).
+
+    An adapter package records it, so a server refuses an adapter trained against another
+    backbone even when the architecture and vocabularies (``model_signature``) are the same.
+    """
+    return sha256_bytes(_backbone_bytes(backbone_tensors(model)))
+
+
 def make_adapter_package(
-    model: MultiDomainModel, division: str, domain: str, version: int = 1, **extra: Any
+    model: MultiDomainModel,
+    division: str,
+    domain: str,
+    version: int = 1,
+    backbone_sha256: str | None = None,
+    **extra: Any,
 ) -> AdapterPackage:
+    """One domain's adapter as a package; ``backbone_sha256`` (computed when None) names the
+    backbone it was trained against."""
     tensors = adapter_tensors(model, division, domain)
     cfg = model.config
     config = {
@@ -130,6 +175,7 @@ def make_adapter_package(
         "method": cfg.method,
         "backbone": cfg.backbone,
         "model_signature": model_signature(cfg),
+        "backbone_sha256": backbone_sha256 or backbone_digest(model),
         "division": division,
         "domain": domain,
         "version": version,
@@ -168,11 +214,7 @@ def parse_adapter_package(
         raise ArtifactError(f"{ADAPTER_CONFIG} is not valid JSON ({exc})") from None
     if not isinstance(config, dict) or config.get("format") != "mdlora-adapter":
         raise ArtifactError(f"{ADAPTER_CONFIG} is not an mdlora adapter config (format field)")
-    for key in ("division", "domain", "model_signature", "tensors"):
-        if key not in config:
-            raise ArtifactError(f"{ADAPTER_CONFIG} lacks the {key!r} field")
-    if not str(config["domain"]).strip():
-        raise ArtifactError("adapter domain name is empty")
+    _check_config_fields(config)
     if "sha256" in config and config["sha256"] != sha256_bytes(weights):
         raise ArtifactError(f"{ADAPTER_WEIGHTS} does not match the checksum in {ADAPTER_CONFIG}")
     tensors = load_safetensors_bytes(weights, ADAPTER_WEIGHTS)
@@ -181,6 +223,50 @@ def parse_adapter_package(
     except TensorMismatchError as exc:
         raise ArtifactError(str(exc)) from None
     return AdapterPackage(config, tensors)
+
+
+def _check_config_fields(config: dict[str, Any]) -> None:
+    """Types of the config fields a server reads (so a malformed config is a 4xx, not a crash)."""
+    where = ADAPTER_CONFIG
+    for key in ("division", "domain", "model_signature", "tensors"):
+        if key not in config:
+            raise ArtifactError(f"{where} lacks the {key!r} field")
+    for key in ("division", "domain", "model_signature", "method", "backbone"):
+        if key in config and not isinstance(config[key], str):
+            raise ArtifactError(f"{where}: {key!r} must be a string, got {config[key]!r}")
+    if not config["domain"].strip():
+        raise ArtifactError("adapter domain name is empty")
+    tensors = config["tensors"]
+    if not isinstance(tensors, dict) or not tensors:
+        raise ArtifactError(f"{where}: 'tensors' must map tensor names to shape and dtype")
+    for name, spec in tensors.items():
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        if (
+            not isinstance(shape, list)
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+            or not isinstance(spec.get("dtype"), str)
+        ):
+            raise ArtifactError(
+                f'{where}: tensors[{name!r}] must be {{"shape": [ints], "dtype": str}}, '
+                f"got {spec!r}"
+            )
+    ranks = config.get("ranks", [1])
+    if (
+        not isinstance(ranks, list)
+        or not ranks
+        or not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks)
+    ):
+        raise ArtifactError(f"{where}: 'ranks' must be a list of positive integers, got {ranks!r}")
+    scope = config.get("gate_scope", "all")
+    if scope not in ("all", "own"):
+        raise ArtifactError(f"{where}: 'gate_scope' must be 'all' or 'own', got {scope!r}")
+    for key in ("version", "experts", "schema_version"):
+        v = config.get(key, 1)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ArtifactError(f"{where}: {key!r} must be a positive integer, got {v!r}")
+    sha = config.get("sha256", "")
+    if not isinstance(sha, str):
+        raise ArtifactError(f"{where}: 'sha256' must be a hex string, got {sha!r}")
 
 
 def read_adapter_package(directory: Path, max_bytes: int | None = None) -> AdapterPackage:
@@ -195,9 +281,17 @@ def read_adapter_package(directory: Path, max_bytes: int | None = None) -> Adapt
 
 
 def check_adapter_fits(
-    model: MultiDomainModel, pkg: AdapterPackage, max_rank: int | None = None
+    model: MultiDomainModel,
+    pkg: AdapterPackage,
+    max_rank: int | None = None,
+    backbone_sha256: str | None = None,
 ) -> None:
-    """Refuse a package that does not fit ``model`` (ArtifactError says why)."""
+    """Refuse a package that does not fit ``model`` (ArtifactError says why).
+
+    ``backbone_sha256``: the serving artifact's backbone digest; a package that names another
+    one was trained against other backbone weights and is refused (packages written before
+    the field existed name none and are checked on their signature and tensors only).
+    """
     cfg = model.config
     if pkg.config.get("method") != cfg.method or pkg.config.get("backbone") != cfg.backbone:
         raise ArtifactError(
@@ -209,19 +303,33 @@ def check_adapter_fits(
             "adapter was trained against a different backbone or feature spec "
             f"(signature {pkg.config['model_signature']}, model {model_signature(cfg)})"
         )
-    if max_rank is not None and max(pkg.config.get("ranks", [0])) > max_rank:
-        raise ArtifactError(f"adapter rank {pkg.config.get('ranks')} exceeds the cap {max_rank}")
+    theirs = pkg.config.get("backbone_sha256")
+    if theirs is not None and backbone_sha256 and theirs != backbone_sha256:
+        raise ArtifactError(
+            f"adapter was trained against other backbone weights (backbone_sha256 "
+            f"{str(theirs)[:12]}..., this model's {backbone_sha256[:12]}...): train it with "
+            "`mdlora add-domain --artifact` pointed at the export this server loads"
+        )
+    if max_rank is not None:
+        # the rank is what the tensors hold (lora_A is in x r), whatever the config says
+        ranks = [int(t.shape[-1]) for n, t in pkg.tensors.items() if n.endswith("lora_A")]
+        rank = max([*ranks, *(pkg.config.get("ranks") or [])], default=0)
+        if rank > max_rank:
+            raise ArtifactError(
+                f"adapter rank {rank} exceeds the cap {max_rank} (MDLORA_MAX_ADAPTER_RANK)"
+            )
     try:
         check_tensors(adapter_signature(model, pkg.division), pkg.tensors, "adapter")
     except (TensorMismatchError, KeyError, ValueError) as exc:
-        raise ArtifactError(str(exc).strip("'\"")) from None
+        raise ArtifactError(error_text(exc)) from None
 
 
 def apply_adapter(model: MultiDomainModel, pkg: AdapterPackage, max_rank: int | None = None) -> int:
     """Validate ``pkg`` against ``model`` and install it (adds the domain if new)."""
     check_adapter_fits(model, pkg, max_rank)
+    scope = pkg.config.get("gate_scope")
     return install_adapter(
-        model, pkg.division, pkg.domain, pkg.tensors, str(pkg.config.get("gate_scope", "all"))
+        model, pkg.division, pkg.domain, pkg.tensors, None if scope is None else str(scope)
     )
 
 
@@ -236,14 +344,7 @@ class Artifact:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data)
 
 
 def adapter_dir(root: Path, division: str, domain: str, version: int) -> Path:
@@ -270,7 +371,7 @@ def save_artifact(
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    tmp = staging_dir(directory)
     try:
         shared = shared_tensors(model)
         gate = {k: v for k, v in shared.items() if k.startswith(GATE_PREFIXES)}
@@ -279,15 +380,16 @@ def save_artifact(
         for name, tensors in (("backbone.safetensors", backbone), ("gate.safetensors", gate)):
             if not tensors:
                 continue
-            data = st_save(tensors, metadata={"format": "pt"})
+            data = _backbone_bytes(tensors)
             (tmp / name).write_bytes(data)
             files[name] = {"sha256": sha256_bytes(data), "tensors": _describe(tensors)}
+        digest = files.get("backbone.safetensors", {}).get("sha256")
         adapters = []
         cfg = model.config
         adapted = {"mlora": 1, "moe": 1, "multilora": 2}.get(cfg.method, 0)
         for div in cfg.divisions[:adapted]:
             for dom in div.domains:
-                pkg = make_adapter_package(model, div.name, dom, 1)
+                pkg = make_adapter_package(model, div.name, dom, 1, digest)
                 path = write_adapter_package(pkg, adapter_dir(tmp, div.name, dom, 1))
                 adapters.append({
                     "division": div.name, "domain": dom, "version": 1,

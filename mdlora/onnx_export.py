@@ -42,7 +42,6 @@ import contextlib
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -53,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from mdlora.artifact import model_signature
+from mdlora.fileio import staging_dir
 from models.lora import InferenceBank
 from models.model import MultiDomainModel
 
@@ -219,7 +219,7 @@ def export_onnx(
         weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         external = weight_bytes > EXTERNAL_DATA_BYTES
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+        tmp = staging_dir(path)
         try:
             staged = tmp / path.name
             with torch.no_grad(), _quiet_exporter():
@@ -328,9 +328,7 @@ def banks_from_model(model: MultiDomainModel) -> list[NumpyBank]:
     """
     if not has_bank_inputs(model):
         return []
-    return [
-        (b.a.cpu().numpy(), b.b.cpu().numpy(), b.c.cpu().numpy()) for b in model.folded_banks()
-    ]
+    return [(b.a.cpu().numpy(), b.b.cpu().numpy(), b.c.cpu().numpy()) for b in model.folded_banks()]
 
 
 def _array(x: ArrayLike, dtype: type[np.generic]) -> np.ndarray:

@@ -137,19 +137,36 @@ def install_adapter(
     division: str,
     domain: str,
     tensors: dict[str, Tensor],
-    gate_scope: str = "all",
+    gate_scope: str | None = None,
 ) -> int:
     """Write one domain's adapter into ``model``, adding the domain if it is new.
 
+    ``gate_scope`` (MoE): which experts a new domain's gate row sees (``"all"`` when None).
+    The scope is fixed when a domain is added, so for an existing domain a different scope is
+    refused rather than ignored (the adapter was trained against the other gate row).
     Everything is validated before the model changes; on error the model is untouched.
     Returns the domain id.
     """
     _adapted(model, division)
     check_tensors(adapter_signature(model, division), tensors, f"adapter {division}/{domain}")
+    if gate_scope not in (None, "all", "own"):
+        raise ValueError(f"gate_scope must be 'all' or 'own', got {gate_scope!r}")
+    names = model.domain_names(division)
+    if domain in names and gate_scope is not None and model.gate is not None:
+        held = model.gate.scope(names.index(domain))
+        if held != gate_scope:
+            raise ValueError(
+                f"{division}/{domain} is served with gate scope {held!r} and this adapter asks "
+                f"for {gate_scope!r}; the scope is fixed when a domain is added, so remove the "
+                "domain first (DELETE its adapter) to register it with another scope"
+            )
     device = model.device
     tensors = {k: v.to(device) for k, v in tensors.items()}
-    names = model.domain_names(division)
-    d = names.index(domain) if domain in names else model.add_domain(division, domain, gate_scope)
+    d = (
+        names.index(domain)
+        if domain in names
+        else model.add_domain(division, domain, gate_scope or "all")
+    )
     tower = model.tower
     if model.config.method in ("mlora", "moe"):
         assert tower.banks is not None

@@ -31,8 +31,8 @@ from mdlora.artifact import (
     AdapterPackage,
     ArtifactError,
     check_adapter_fits,
+    error_text,
     parse_adapter_package,
-    sha256_bytes,
 )
 from models.state import TensorMismatchError
 from service.errors import ServiceError
@@ -44,6 +44,7 @@ from service.registry import (
     RegistryState,
     RegistryStore,
     RegistryUnavailable,
+    VersionRecord,
     check_name,
     new_record,
     next_version,
@@ -77,7 +78,7 @@ class ControlPlane:
         self.holder = SnapshotHolder(initial)
         self.registry_error: str | None = None
         self.known_state = RegistryState()
-        self._packages: OrderedDict[str, AdapterPackage] = OrderedDict()
+        self._packages: OrderedDict[tuple[str, str, int, str], AdapterPackage] = OrderedDict()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             1, "mdlora-builder", initializer=thread_init
         )
@@ -245,22 +246,24 @@ class ControlPlane:
     ) -> AdapterPackage:
         if loaded.origin == "artifact":
             return self.base.artifact_package(*key)
-        pkg = self._packages.get(loaded.sha256)
+        entry = state.domains.get(key)
+        record = entry.record(loaded.version) if entry else None
+        if record is None:
+            raise RegistryError(f"{key[0]}/{key[1]}: version {loaded.version} not listed")
+        pkg = self._packages.get(_cache_key(key, record))
         if pkg is None:
-            entry = state.domains[key]
-            record = entry.record(loaded.version)
-            if record is None:
-                raise RegistryError(f"{key[0]}/{key[1]}: version {loaded.version} not listed")
             config, weights = self.store.fetch(key, record)
             pkg = parse_adapter_package(config, weights, self.max_adapter_bytes)
-            self._remember(pkg, loaded.sha256)
+            self._remember(pkg, key, record)
         if (pkg.division, pkg.domain) != key:
             raise RegistryError(f"package for {pkg.division}/{pkg.domain} stored under {key}")
         return pkg
 
-    def _remember(self, pkg: AdapterPackage, sha: str) -> None:
-        self._packages[sha] = pkg
-        self._packages.move_to_end(sha)
+    def _remember(self, pkg: AdapterPackage, key: DomainKey, record: VersionRecord) -> None:
+        """Keep a parsed package, by domain, version and whole-package digest."""
+        ck = _cache_key(key, record)
+        self._packages[ck] = pkg
+        self._packages.move_to_end(ck)
         while len(self._packages) > 256:
             self._packages.popitem(last=False)
 
@@ -315,23 +318,25 @@ class ControlPlane:
         try:
             pkg = parse_adapter_package(config, weights, self.max_adapter_bytes)
             key = (check_name("division", pkg.division), check_name("domain", pkg.domain))
-            check_adapter_fits(self.holder.current.model, pkg, self.base.max_rank)
+            check_adapter_fits(
+                self.holder.current.model, pkg, self.base.max_rank, self.base.backbone_sha256
+            )
         except ArtifactError as exc:
             raise self._refuse(422, f"adapter refused: {exc}") from None
-        self._remember(pkg, sha256_bytes(weights))
         for _ in range(COMMIT_ATTEMPTS):
             state = self._read()
             current = self._sync(state)
             artifact = self.base.adapters.get(key)
             record = new_record(
-                next_version(state, key, artifact.version if artifact else None), weights
+                next_version(state, key, artifact.version if artifact else None), config, weights
             )
+            self._remember(pkg, key, record)
             loaded = LoadedAdapter(record.version, record.sha256, "registry")
             new_domain = key[1] not in current.domain_ids.get(key[0], {})
             try:
                 snapshot = current.with_adapters([(pkg, loaded)], state.version + 1)
             except (ArtifactError, TensorMismatchError, ValueError, KeyError) as exc:
-                raise self._refuse(422, f"adapter refused: {str(exc).strip(chr(39))}") from None
+                raise self._refuse(422, f"adapter refused: {error_text(exc)}") from None
             self.prepare(snapshot)
             new = state.with_entry(key, set_active(state.domains.get(key), record.version, record))
             try:
@@ -349,7 +354,9 @@ class ControlPlane:
             return {
                 "division": key[0],
                 "domain": key[1],
+                "action": "register",
                 "version": record.version,
+                "origin": "registry",
                 "sha256": record.sha256,
                 "new_domain": new_domain,
                 "registry_version": new.version,
@@ -450,6 +457,7 @@ class ControlPlane:
                     "version": r.version,
                     "origin": "registry",
                     "sha256": r.sha256,
+                    "package_sha256": r.package or None,
                     "size": r.size,
                     "created_at": r.created_at,
                 }
@@ -462,3 +470,7 @@ class ControlPlane:
             "trained_with_artifact": artifact is not None,
             "versions": versions,
         }
+
+
+def _cache_key(key: DomainKey, record: VersionRecord) -> tuple[str, str, int, str]:
+    return (key[0], key[1], record.version, record.blob_id)

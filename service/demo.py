@@ -167,7 +167,8 @@ def demo_adapter(
 ) -> AdapterPackage:
     """A random adapter package for ``domain`` (new or existing) that fits ``model``."""
     work = copy.deepcopy(model)
-    if domain not in work.domain_names(division):
+    new = domain not in work.domain_names(division)
+    if new:
         work.add_domain(division, domain, gate_scope="own")
     idx = work.domain_names(division).index(domain)
     gen = torch.Generator().manual_seed(seed)
@@ -183,6 +184,6 @@ def demo_adapter(
             bank.B[r] = torch.randn(bank.B[r].shape, generator=gen) * 0.3
             bank.bias[r] = torch.randn(bank.bias[r].shape, generator=gen) * 0.3
     pkg = make_adapter_package(work, division, domain, version)
-    if work.gate is not None:
+    if work.gate is not None and new:
         pkg.config["gate_scope"] = "own"
     return pkg

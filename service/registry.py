@@ -27,9 +27,7 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
 import shutil
-import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -43,8 +41,10 @@ from mdlora.artifact import (
     ADAPTER_WEIGHTS,
     ArtifactError,
     adapter_dir,
+    package_digest,
     sha256_bytes,
 )
+from mdlora.fileio import atomic_write
 
 log = logging.getLogger("mdlora.service")
 
@@ -73,18 +73,43 @@ class VersionRecord:
     sha256: str  # of adapter_model.safetensors
     size: int
     created_at: float
+    package: str = ""  # package_digest(config, weights); "" in states written before it existed
+
+    @property
+    def blob_id(self) -> str:
+        """What the package is stored under: its whole-package digest (weights alone: legacy)."""
+        return self.package or self.sha256
+
+    def check(self, key: DomainKey, config: bytes, weights: bytes) -> None:
+        """Refuse fetched bytes that are not the package this record registered."""
+        if sha256_bytes(weights) != self.sha256 or (
+            self.package and package_digest(config, weights) != self.package
+        ):
+            raise RegistryError(
+                f"{key[0]}/{key[1]} v{self.version}: the stored package does not match "
+                "its registered checksum"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "version": self.version,
             "sha256": self.sha256,
             "size": self.size,
             "created_at": self.created_at,
         }
+        if self.package:
+            out["package"] = self.package
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> VersionRecord:
-        return cls(int(d["version"]), str(d["sha256"]), int(d["size"]), float(d["created_at"]))
+        return cls(
+            int(d["version"]),
+            str(d["sha256"]),
+            int(d["size"]),
+            float(d["created_at"]),
+            str(d.get("package") or ""),
+        )
 
 
 @dataclass(frozen=True)
@@ -199,16 +224,7 @@ class RegistryStore(ABC):
 
 # ------------------------------------------------------------------------------------ local
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data, durable=True)
 
 
 class LocalRegistry(RegistryStore):
@@ -280,8 +296,7 @@ class LocalRegistry(RegistryStore):
             config, weights = (d / ADAPTER_CONFIG).read_bytes(), (d / ADAPTER_WEIGHTS).read_bytes()
         except OSError as exc:
             raise RegistryError(f"{d}: adapter package unreadable ({exc.strerror})") from None
-        if sha256_bytes(weights) != record.sha256:
-            raise RegistryError(f"{d}: weights do not match the registered checksum")
+        record.check(key, config, weights)
         return config, weights
 
     def ping(self) -> None:
@@ -337,7 +352,7 @@ class RedisRegistry(RegistryStore):
             if package is not None:
                 _, record, config, weights = package
                 self.client.hset(
-                    self._blob_key(record.sha256), mapping={"config": config, "weights": weights}
+                    self._blob_key(record.blob_id), mapping={"config": config, "weights": weights}
                 )
             with self.client.pipeline() as pipe:
                 try:
@@ -359,12 +374,11 @@ class RedisRegistry(RegistryStore):
     def fetch(self, key: DomainKey, record: VersionRecord) -> tuple[bytes, bytes]:
         with self._errors():
             config, weights = self.client.hmget(
-                self._blob_key(record.sha256), ["config", "weights"]
+                self._blob_key(record.blob_id), ["config", "weights"]
             )
         if not isinstance(config, bytes) or not isinstance(weights, bytes):
             raise RegistryError(f"{key[0]}/{key[1]} v{record.version}: package missing in Redis")
-        if sha256_bytes(weights) != record.sha256:
-            raise RegistryError(f"{key[0]}/{key[1]} v{record.version}: checksum mismatch")
+        record.check(key, bytes(config), bytes(weights))
         return bytes(config), bytes(weights)
 
     def ping(self) -> None:
@@ -420,8 +434,10 @@ def check_name(what: str, name: str) -> str:
     return name
 
 
-def new_record(version: int, weights: bytes) -> VersionRecord:
-    return VersionRecord(version, sha256_bytes(weights), len(weights), time.time())
+def new_record(version: int, config: bytes, weights: bytes) -> VersionRecord:
+    return VersionRecord(
+        version, sha256_bytes(weights), len(weights), time.time(), package_digest(config, weights)
+    )
 
 
 def set_active(

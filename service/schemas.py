@@ -95,6 +95,7 @@ class AdapterVersion(BaseModel):
     version: int
     origin: str
     sha256: str
+    package_sha256: str | None = None  # config and weights together (registered versions)
     size: int | None = None
     created_at: float | None = None
 

@@ -129,6 +129,8 @@ class ArtifactBase:
                 "encoder the model was trained with (save_artifact(..., encoder=enc.to_dict()))"
             )
         self.info = ArtifactInfo.from_artifact(artifact)
+        backbone_file = artifact.manifest.get("files", {}).get("backbone.safetensors", {})
+        self.backbone_sha256: str | None = backbone_file.get("sha256")
         self.model = artifact.model.to(device).eval()
         self.device = torch.device(device)
         self.encoder = FeatureEncoder.from_dict(artifact.encoder)
@@ -156,7 +158,9 @@ class ArtifactBase:
             raise KeyError(f"{division}/{domain} is not a domain of the artifact")
         with self._lock:
             if key not in self._packages:
-                pkg = make_adapter_package(self.model, division, domain, self.adapters[key].version)
+                pkg = make_adapter_package(
+                    self.model, division, domain, self.adapters[key].version, self.backbone_sha256
+                )
                 pkg.tensors = {k: v.cpu() for k, v in pkg.tensors.items()}
                 self._packages[key] = pkg
             return self._packages[key]

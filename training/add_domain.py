@@ -63,6 +63,23 @@ class AddDomainSettings:
     device: str = "auto"
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs >= 1,
+            "patience": self.patience >= 1,
+            "batch_size": self.batch_size is None or self.batch_size >= 1,
+            "lr": self.lr is None or self.lr > 0,
+            "gate_lr": self.gate_lr > 0,
+            "val_fraction": 0 < self.val_fraction < 1,
+            "gate_scope": self.gate_scope in ("own", "all"),
+        }
+        bad = [f"{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                f"invalid add-domain settings: {', '.join(bad)} (epochs, patience and batch "
+                "size >= 1; learning rates > 0; 0 < val_fraction < 1; gate_scope own or all)"
+            )
+
 
 @dataclass
 class AddDomainResult:
@@ -80,6 +97,22 @@ class AddDomainResult:
     artifact_out: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def warnings(self) -> list[str]:
+        """What a user should know before shipping this adapter."""
+        out = []
+        if self.val_auc_backbone is None:
+            out.append(
+                "the validation rows hold a single class, so AUC cannot be measured and early "
+                "stopping had nothing to go on; give the domain rows with both labels"
+            )
+        elif self.phases and all(p.best_epoch == 0 for p in self.phases):
+            out.append(
+                "no epoch improved the validation AUC over the backbone alone, so the adapter "
+                "kept its starting weights and scores exactly like the backbone (more rows, "
+                "another --lr or more --epochs may help)"
+            )
+        return out
+
     def describe(self) -> str:
         def pct(x: float | None) -> str:
             return "n/a" if x is None else f"{100 * x:.2f}%"
@@ -90,6 +123,7 @@ class AddDomainResult:
             f"validation AUC: backbone alone {pct(self.val_auc_backbone)}, "
             f"with the new adapter {pct(self.val_auc)}",
         ]
+        lines += [f"warning: {w}" for w in self.warnings()]
         if self.package_dir is not None:
             lines.append(f"adapter package (version {self.version}): {self.package_dir}")
         if self.artifact_out is not None:
@@ -200,7 +234,7 @@ def _val_auc(model: MultiDomainModel, batch: Any) -> float | None:
     probs = predict(model, batch)
     return compute_metrics(
         batch.labels.cpu().numpy(), probs, np.zeros(len(batch), dtype=np.int64), ["new"]
-    ).domains[0].auc
+    ).domains[0].auc  # fmt: skip
 
 
 def train_new_domain(
@@ -308,9 +342,12 @@ def add_domain(
     metrics = {
         "val_auc_backbone": result.val_auc_backbone, "val_auc": result.val_auc,
         "rows_train": result.rows_train, "rows_val": result.rows_val,
+        "warnings": result.warnings(),
     }  # fmt: skip
+    backbone_sha = art.manifest.get("files", {}).get("backbone.safetensors", {}).get("sha256")
     pkg = make_adapter_package(
-        model, division, domain, version, gate_scope=settings.gate_scope, metrics=metrics,
+        model, division, domain, version, backbone_sha, gate_scope=settings.gate_scope,
+        metrics=metrics,
         trained_from=str(run_cfg.get("name", artifact.name)),
     )  # fmt: skip
     write_adapter_package(pkg, out)

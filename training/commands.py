@@ -11,6 +11,24 @@ from pathlib import Path
 import typer
 
 
+def _positive(value: float | None) -> float | None:
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"must be > 0, got {value}")
+    return value
+
+
+def _fraction(value: float) -> float:
+    if not 0 < value < 1:
+        raise typer.BadParameter(f"must be between 0 and 1 (exclusive), got {value}")
+    return value
+
+
+def _gate_scope(value: str) -> str:
+    if value not in ("own", "all"):
+        raise typer.BadParameter(f"must be 'own' or 'all', got {value!r}")
+    return value
+
+
 def _fail(message: str) -> typer.Exit:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     return typer.Exit(code=2)
@@ -96,24 +114,34 @@ def register(app: typer.Typer) -> None:
             None, "--out",
             help="Adapter package folder (default <artifact>-adapters/<division>/<domain>/<v>).",
         ),
-        epochs: int = typer.Option(10, help="Maximum epochs per phase."),
-        lr: float | None = typer.Option(None, help="Learning rate (default: the training run's)."),
-        batch_size: int | None = typer.Option(None, help="Batch size (default: the run's)."),
-        patience: int = typer.Option(3, help="Early-stopping patience (epochs)."),
-        val_fraction: float = typer.Option(0.2, help="Share of the rows used for validation."),
+        epochs: int = typer.Option(10, min=1, help="Maximum epochs per phase."),
+        lr: float | None = typer.Option(
+            None, callback=_positive, help="Learning rate (default: the training run's)."
+        ),
+        batch_size: int | None = typer.Option(None, min=1, help="Batch size (default: the run's)."),
+        patience: int = typer.Option(3, min=1, help="Early-stopping patience (epochs)."),
+        val_fraction: float = typer.Option(
+            0.2,
+            callback=_fraction,
+            help="Share of the rows used for validation.",
+        ),
         label: str | None = typer.Option(None, help="Label column (default: the run's)."),
         positive_label: list[str] | None = typer.Option(
             None, "--positive-label",
             help="A label value that means a click (repeatable; default: the run's schema).",
         ),
-        version: int = typer.Option(1, help="Adapter version to write."),
+        version: int = typer.Option(1, min=1, help="Adapter version to write."),
         gate_scope: str = typer.Option(
-            "own", help="MoE: the new gate row mixes its own experts (own) or all (all)."
+            "own",
+            callback=_gate_scope,
+            help="MoE: the new gate row mixes its own experts (own) or all (all).",
         ),
-        gate_lr: float = typer.Option(0.05, help="MoE: learning rate of the new gate row."),
+        gate_lr: float = typer.Option(
+            0.05, callback=_positive, help="MoE: learning rate of the new gate row."
+        ),
         seed: int = typer.Option(2024, help="Random seed."),
         threads: int | None = typer.Option(
-            None, help="torch CPU threads (default: all cores; fewer on a busy machine)."
+            None, min=1, help="torch CPU threads (default: all cores; fewer on a busy machine)."
         ),
         artifact_out: Path | None = typer.Option(
             None, "--artifact-out", help="Also write the whole grown model as a new artifact."
@@ -122,7 +150,7 @@ def register(app: typer.Typer) -> None:
         """Train one new domain's adapter with everything else frozen; write its package."""
         import torch
 
-        from mdlora.artifact import ArtifactError
+        from mdlora.artifact import ArtifactError, error_text
         from training.add_domain import AddDomainSettings, add_domain
 
         if threads is not None:
@@ -141,7 +169,7 @@ def register(app: typer.Typer) -> None:
                 positive_labels=positive_label or None,
             )  # fmt: skip
         except (ArtifactError, ValueError, FileNotFoundError, KeyError) as exc:
-            raise _fail(str(exc).strip("'\"")) from None
+            raise _fail(error_text(exc)) from None
         typer.echo(res.describe())
 
     @app.command("quickstart")

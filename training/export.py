@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mdlora.artifact import save_artifact
+from mdlora.fileio import share_tree
 from models.model import ModelConfig, MultiDomainModel
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ def save_final(result: RunResult) -> Path:
         },
     }
     (final / "run.json").write_text(json.dumps(info, indent=2))
+    share_tree(final)  # safetensors' save_file creates owner-only files
     return final
 
 

@@ -176,10 +176,17 @@ def _bad_packages(model: Any, tmp: Path) -> dict[str, tuple[bytes, bytes]]:
     torch.save(t, buf)  # a pickle archive renamed to .safetensors
     other, _ = demo_model("mlora", "age", backbone="dcn")
     other_tower, _ = demo_model("mlora", "age", tower=(32, 16))
+    retrained = copy.deepcopy(model)  # same architecture and vocabularies, other weights
+    with torch.no_grad():
+        next(p for n, p in retrained.named_parameters() if "embedding" in n).add_(0.01)
     bad_name = copy.deepcopy(good)
     bad_name.config["domain"] = "../../etc"
     big_rank = json.loads(cfg)
     big_rank["ranks"] = [512, 512]
+
+    def malformed(**fields: Any) -> tuple[bytes, bytes]:
+        return json.dumps(dict(json.loads(cfg), **fields)).encode(), weights
+
     return {
         "wrong shape": _forge(good, wrong_shape),
         "missing tensor": _forge(good, missing),
@@ -195,12 +202,22 @@ def _bad_packages(model: Any, tmp: Path) -> dict[str, tuple[bytes, bytes]]:
         "config not an adapter": (json.dumps({"format": "something"}).encode(), weights),
         "other backbone": adapter_package_bytes(demo_adapter(other, "age", "88")),
         "other tower": adapter_package_bytes(demo_adapter(other_tower, "age", "88")),
+        "other backbone weights": adapter_package_bytes(demo_adapter(retrained, "age", "88")),
         "path in domain name": adapter_package_bytes(bad_name),
         "rank over the cap": (json.dumps(big_rank).encode(), weights),
         "unknown division": adapter_package_bytes(
             AdapterPackage(dict(good.config, division="gender"), good.tensors)
         ),
         "oversize": (cfg, weights + b"\0" * 70_000),
+        "ranks empty": malformed(ranks=[]),
+        "ranks null": malformed(ranks=None),
+        "ranks a string": malformed(ranks="4,2"),
+        "tensors null": malformed(tensors=None),
+        "tensors a string": malformed(tensors="x"),
+        "tensor spec without shape": malformed(tensors={"tower.0.lora_A": {"dtype": "float32"}}),
+        "gate scope unknown": malformed(gate_scope="bogus"),
+        "domain a number": malformed(domain=57),
+        "version a string": malformed(version="2"),
     }
 
 
@@ -247,6 +264,7 @@ def test_refusals_name_the_problem(make_artifact: Callable[[str], Path], tmp_pat
         "oversize": "MDLORA_MAX_ADAPTER_BYTES",
         "wrong shape": "shape",
         "rank over the cap": "cap",
+        "other backbone weights": "other backbone weights",
     }
     with client(art, max_adapter_bytes=65_536, max_adapter_rank=64) as c:
         for what, needle in expect.items():
@@ -283,3 +301,69 @@ def test_models_describes_the_serving_snapshot(make_artifact: Callable[[str], Pa
         ("M", 1, "artifact"),
     }
     assert d["runtime"] == "torch" and d["registry"] == "local" and d["registry_version"] == 0
+
+
+def _renamed(pkg: AdapterPackage, **config: Any) -> AdapterPackage:
+    """The same tensors (so the same weights file) under another config."""
+    return AdapterPackage(dict(pkg.config, **config), pkg.tensors)
+
+
+@pytest.mark.parametrize("registry", ["local", "redis"])
+def test_packages_sharing_weights_stay_apart(
+    make_artifact: Callable[[str], Path], registry: str, request: pytest.FixtureRequest
+) -> None:
+    """Two packages with byte-identical weights but different configs (another domain) are
+    stored, cached and served as two packages, through removals and a restart."""
+    art = make_artifact("mlora")
+    kw: dict[str, Any] = {}
+    if registry == "redis":
+        kw = {
+            "registry": "redis",
+            "redis_url": request.getfixturevalue("redis_url"),
+            "redis_prefix": request.getfixturevalue("redis_prefix"),
+        }
+    model = load_artifact(art).model
+    pkg = demo_adapter(model, "age", "new-a", seed=7)
+    twin = _renamed(pkg, domain="new-b")
+    assert adapter_package_bytes(pkg)[1] == adapter_package_bytes(twin)[1]
+    with client(art, **kw) as c:
+        for p in (pkg, twin, pkg):
+            assert c.post("/v1/adapters", files=upload_files(p), headers=AUTH).status_code == 201
+        want = predict(c, "new-b").json()["scores"]
+        assert c.delete("/v1/adapters/age/new-a", headers=AUTH).status_code == 200
+        assert predict(c, "new-b").json()["scores"] == want
+        assert c.get("/v1/adapters/age/new-b", headers=AUTH).json()["active_version"] == 1
+    with client(art, **kw) as c:  # a new process reads the store back
+        assert predict(c, "new-b").json()["scores"] == want
+        assert predict(c, "new-a").status_code == 404
+        shown = c.get("/v1/adapters/age/new-b", headers=AUTH).json()
+        assert shown["active_version"] == 1 and shown["versions"][0]["package_sha256"]
+
+
+def test_a_gate_scope_change_needs_a_removal_first(
+    make_artifact: Callable[[str], Path],
+) -> None:
+    """MoE: one set of weights registered with gate_scope "own", then "all". The scope is fixed
+    when a domain is added, so v2 is refused (it was once served with v1's gate row, because
+    the package cache was keyed on the weights); after a removal it serves as a fresh server
+    holding only that package does."""
+    art = make_artifact("moe")
+    model = load_artifact(art).model
+    own = demo_adapter(model, "gender", "X", seed=2)
+    assert own.config.get("gate_scope") == "own"
+    both = _renamed(own, gate_scope="all")
+    req = {**PREDICT, "domain": "X"}
+    with client(make_artifact("moe")) as fresh:
+        assert fresh.post("/v1/adapters", files=upload_files(both), headers=AUTH).status_code == 201
+        want = fresh.post("/predict", json=req).json()["scores"]
+    with client(art) as c:
+        assert c.post("/v1/adapters", files=upload_files(own), headers=AUTH).status_code == 201
+        v1 = c.post("/predict", json=req).json()["scores"]
+        r = c.post("/v1/adapters", files=upload_files(both), headers=AUTH)
+        assert r.status_code == 422 and "scope" in r.json()["detail"], r.text
+        assert c.post("/predict", json=req).json()["scores"] == v1
+        assert c.delete("/v1/adapters/gender/X", headers=AUTH).status_code == 200
+        assert c.post("/v1/adapters", files=upload_files(both), headers=AUTH).status_code == 201
+        v3 = c.post("/predict", json=req).json()
+    assert v3["adapter_versions"] == {"gender": 2}  # the refused one took no version
+    assert v3["scores"] == pytest.approx(want, abs=1e-6) and v3["scores"] != v1

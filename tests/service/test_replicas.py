@@ -84,7 +84,7 @@ def test_a_missed_message_is_caught_by_the_periodic_reconcile(
         assert scores(c, "42") == 404
         writer = RedisRegistry(redis_url, redis_prefix, model_id)
         writer.channel = f"{redis_prefix}:nobody-listens"  # the message is lost
-        record = new_record(1, weights)
+        record = new_record(1, config, weights)
         state = RegistryState().with_entry(("age", "42"), set_active(None, 1, record))
         writer.commit(0, state, (("age", "42"), record, config, weights))
         wait_until(lambda: isinstance(scores(c, "42"), list), timeout=3.0)

@@ -124,3 +124,43 @@ def test_a_file_without_the_domain_column_uses_every_row(root: Path) -> None:
                      settings=AddDomainSettings(epochs=1, progress=False))  # fmt: skip
     assert res.rows_train + res.rows_val == len(pd.read_csv(path))
     assert (root / "nocol-pkg" / "adapter_model.safetensors").is_file()
+
+
+def test_an_adapter_that_learned_nothing_says_so(root: Path) -> None:
+    """Labels that carry no signal for the new domain: no epoch beats the backbone, the
+    package equals its starting point, and the result (and the package) warn about it."""
+    artifact = _trained(root, "mlora")
+    path, _ = _new_rows(root)
+    rng = np.random.default_rng(0)
+    noise = pd.read_csv(path).assign(label=lambda d: rng.integers(0, 2, len(d)))
+    noise.to_csv(root / "noise.csv", index=False)
+    res = add_domain(artifact, root / "noise.csv", "d3", out=root / "noise-pkg",
+                     settings=AddDomainSettings(epochs=2, patience=1, lr=1e-6,
+                                                progress=False))  # fmt: skip
+    if any(p.best_epoch for p in res.phases):
+        pytest.skip("an epoch improved by chance on the noise labels")
+    assert res.warnings() and "starting weights" in res.warnings()[0]
+    assert "warning: no epoch improved" in res.describe()
+    pkg = read_adapter_package(root / "noise-pkg")
+    assert pkg.config["metrics"]["warnings"] == res.warnings()
+    assert all(not v.any() for k, v in pkg.tensors.items() if k.endswith(("lora_B", "bias")))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"epochs": 0}, {"batch_size": 0}, {"batch_size": -5}, {"patience": 0}, {"lr": 0.0},
+     {"val_fraction": 1.0}, {"gate_scope": "bogus"}],
+)  # fmt: skip
+def test_settings_out_of_range_are_refused(bad: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        AddDomainSettings(**bad)  # type: ignore[arg-type]
+
+
+def test_a_package_names_the_backbone_it_was_trained_against(root: Path) -> None:
+    artifact = _trained(root, "mlora")
+    path, _ = _new_rows(root)
+    add_domain(artifact, path, "d3", out=root / "named-pkg",
+               settings=AddDomainSettings(epochs=1, progress=False))  # fmt: skip
+    manifest = load_artifact(artifact).manifest
+    pkg = read_adapter_package(root / "named-pkg")
+    assert pkg.config["backbone_sha256"] == manifest["files"]["backbone.safetensors"]["sha256"]
