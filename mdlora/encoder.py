@@ -587,8 +587,8 @@ class FeatureEncoder:
         span = hi - lo
         with np.errstate(invalid="ignore"):
             out = (vals - lo) / span if span > 0 else np.zeros_like(vals)
-            out = np.clip(out, 0.0, 1.0)
-        out[~np.isfinite(vals)] = 0.0
+            out = np.clip(out, 0.0, 1.0)  # +-inf land on the ends of the range
+        out[np.isnan(vals)] = 0.0  # missing
         return out.astype(np.float32)
 
     # ---------------------------------------------------------------- serving fast path

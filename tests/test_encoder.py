@@ -296,3 +296,12 @@ def test_transform_is_vectorised_fast() -> None:
     enc.transform(df)
     elapsed = time.perf_counter() - t0
     assert elapsed < 10.0, f"fit+transform of {n} rows took {elapsed:.1f}s"
+
+
+def test_infinite_dense_values_scale_to_the_ends_and_nan_to_zero() -> None:
+    enc = FeatureEncoder(sparse=["u"], dense=["x"], divisions=["d"])
+    enc.fit(pd.DataFrame({"u": [1, 2], "x": [0.0, 10.0], "d": ["a", "a"]}))
+    rows = pd.DataFrame({"u": [1] * 4, "x": [np.inf, -np.inf, np.nan, 5.0], "d": ["a"] * 4})
+    assert enc.transform(rows)["dense"][:, 0].tolist() == [1.0, 0.0, 0.0, 0.5]
+    records = rows.to_dict("records")
+    assert enc.encode_records(records)["dense"][:, 0].tolist() == [1.0, 0.0, 0.0, 0.5]

@@ -144,7 +144,7 @@ def read_domain_rows(
 
     ``positive``: label values that mean a click (the training schema's ``positive_labels``).
     """
-    from training.data.tabular import read_table
+    from training.data.tabular import check_dense_column, read_table
 
     df = read_table(path)
     if division in df.columns:
@@ -171,6 +171,8 @@ def read_domain_rows(
         labels = labels_from(df[label], positive)
     except DataError as exc:
         raise DataError(f"{path}: label column {label!r}: {exc}") from None
+    for col in encoder.dense_columns:
+        check_dense_column(df[col], f"{path}: dense column {col!r}")
     return df, labels
 
 

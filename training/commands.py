@@ -72,7 +72,10 @@ def register(app: typer.Typer) -> None:
             cfg = load_config(config, extra)
         except ConfigError as exc:
             raise _fail(str(exc)) from None
-        ctx, dev = init_from_env(cfg.device)
+        try:
+            ctx, dev = init_from_env(cfg.device)
+        except (RuntimeError, ValueError) as exc:
+            raise _fail(str(exc)) from None
         if not ctx.is_main:
             cfg.progress = False
         try:

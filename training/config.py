@@ -130,6 +130,48 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        self._check_model()
+
+    def _check_model(self) -> None:
+        from models.backbones import BACKBONES
+        from models.tower import ACTIVATIONS
+
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
+            )
+        if self.tower_norm not in ("none", "batch"):
+            raise ConfigError(f"tower_norm must be 'none' or 'batch', got {self.tower_norm!r}")
+
+        if self.backbone not in BACKBONES:
+            hint = difflib.get_close_matches(str(self.backbone), list(BACKBONES), n=1)
+            raise ConfigError(
+                f"unknown backbone {self.backbone!r}; choose from {sorted(BACKBONES)}"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            )
+        for name in ("embed_dim", "threads", "gate_dim", "fusion_rank"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+        for name in ("tower", "ranks"):
+            v = getattr(self, name)
+            if v is not None and (
+                not isinstance(v, list)
+                or not v
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in v)
+            ):
+                raise ConfigError(f"{name} must be a non-empty list of integers >= 1, got {v!r}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("lr", "alpha"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ConfigError(f"{name} must be > 0, got {v}")
+        if self.l2 is not None and self.l2 < 0:
+            raise ConfigError(f"l2 must be >= 0, got {self.l2}")
+        for k, v in self.phase_lr.items():
+            if not v > 0:
+                raise ConfigError(f"phase_lr.{k} must be > 0, got {v}")
 
     @property
     def model_method(self) -> str:

@@ -54,3 +54,24 @@ def test_fingerprint_ignores_outputs_but_not_training_knobs(tmp_path: Path) -> N
     moved = load_config(CONFIGS / "synthetic-quickstart.yaml", ["out=/elsewhere", "progress=false"])
     other = load_config(CONFIGS / "synthetic-quickstart.yaml", ["lr=0.01"])
     assert base.fingerprint() == moved.fingerprint() != other.fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("backbone=deepfn", "did you mean 'deepfm'"),
+        ("tower=[]", "tower must be a non-empty list"),
+        ("tower=[64,-3]", "tower must be a non-empty list"),
+        ("ranks=[4,0]", "ranks must be"),
+        ("dropout=1.5", "dropout must be in"),
+        ("embed_dim=0", "embed_dim must be"),
+        ("threads=0", "threads must be"),
+        ("lr=-1e-3", "lr must be > 0"),
+        ("l2=-1", "l2 must be >= 0"),
+        ("activation=swish", "activation must be one of"),
+        ("tower_norm=layer", "tower_norm must be"),
+    ],
+)
+def test_model_settings_out_of_range_are_refused(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_config(CONFIGS / "synthetic-quickstart.yaml", [override])

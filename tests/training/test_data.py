@@ -46,6 +46,7 @@ from training.data import (
     write_synthetic_taobao,
 )
 from training.data.presets import ml100k_age_codes
+from training.data.tabular import validate_table
 
 SHARED_DATA = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data").resolve()
 ML1M = SHARED_DATA / "ml-1m"
@@ -559,3 +560,22 @@ def test_make_loader_yields_encoded_batches() -> None:
     assert all(torch.equal(a.sparse, b.sparse) for a, b in zip(batches, direct, strict=True))
     dist = list(make_loader(arrays, 100, shuffle=True, rank=1, world_size=2, seed=3))
     assert sum(len(b) for b in dist) == 250
+
+
+def test_dense_columns_with_text_or_infinities_are_refused() -> None:
+    schema = TableSchema(label="label", divisions=["d"], sparse=["u"], dense=["age"])
+    frame = pd.DataFrame({"label": [0, 1, 0], "d": ["a", "a", "b"], "u": [1, 2, 3]})
+    validate_table(frame.assign(age=[1.0, np.nan, 3.0]), schema)  # missing values are fine
+    with pytest.raises(DataError, match=r"'age' has 1 value\(s\) that are not numbers.*'old'"):
+        validate_table(frame.assign(age=["1", "old", "3"]), schema)
+    with pytest.raises(DataError, match="'age' has 2 infinite"):
+        validate_table(frame.assign(age=[1.0, np.inf, -np.inf]), schema)
+
+
+def test_empty_and_unreadable_files_name_the_file(tmp_path: Path) -> None:
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(DataError, match=r"empty\.csv is empty"):
+        read_table(tmp_path / "empty.csv")
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=r"bad\.parquet cannot be read as Parquet"):
+        read_table(tmp_path / "bad.parquet")

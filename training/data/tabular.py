@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mdlora.encoder import (
@@ -146,9 +147,15 @@ def _csv_dtypes(schema: TableSchema | None) -> dict[str, Any] | None:
 
 
 def _present_columns(path: Path) -> list[str]:
-    if _is_parquet(path):
-        return list(pq.ParquetFile(path).schema_arrow.names)
-    return list(pd.read_csv(path, nrows=0).columns)
+    try:
+        if _is_parquet(path):
+            return list(pq.ParquetFile(path).schema_arrow.names)
+        return list(pd.read_csv(path, nrows=0).columns)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path} is empty (no header row, no data)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, pa.ArrowException) as exc:
+        kind = "Parquet" if _is_parquet(path) else "CSV"
+        raise DataError(f"{path} cannot be read as {kind}: {exc}") from None
 
 
 def _check_file_columns(path: Path, schema: TableSchema) -> None:
@@ -172,9 +179,15 @@ def read_table(path: str | Path, schema: TableSchema | None = None) -> pd.DataFr
     if schema is not None:
         _check_file_columns(p, schema)
         columns = schema.columns
-    if _is_parquet(p):
-        return pd.read_parquet(p, columns=columns)
-    return pd.read_csv(p, usecols=columns, dtype=_csv_dtypes(schema), keep_default_na=True)
+    try:
+        if _is_parquet(p):
+            return pd.read_parquet(p, columns=columns)
+        return pd.read_csv(p, usecols=columns, dtype=_csv_dtypes(schema), keep_default_na=True)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{p} is empty (no header row, no data)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, pa.ArrowException) as exc:
+        kind = "Parquet" if _is_parquet(p) else "CSV"
+        raise DataError(f"{p} cannot be read as {kind}: {exc}") from None
 
 
 def validate_table(df: pd.DataFrame, schema: TableSchema, source: str = "table") -> np.ndarray:
@@ -191,7 +204,27 @@ def validate_table(df: pd.DataFrame, schema: TableSchema, source: str = "table")
     for div in schema.divisions:
         if df[div].isna().any():
             raise DataError(f"{source}: division column {div!r} has missing values")
+    for col in schema.dense:
+        check_dense_column(df[col], f"{source}: dense column {col!r}")
     return labels
+
+
+def check_dense_column(values: pd.Series, what: str) -> None:
+    """Refuse a dense column with text that is not a number, or infinite values (missing
+    values are fine: they are scaled to 0)."""
+    if pd.api.types.is_bool_dtype(values.dtype):
+        return
+    nums = pd.to_numeric(values, errors="coerce")
+    bad = values[nums.isna() & values.notna()]
+    if len(bad):
+        examples = sorted({str(v) for v in bad.iloc[:1000]})[:5]
+        raise DataError(
+            f"{what} has {len(bad)} value(s) that are not numbers, e.g. {examples}; convert or "
+            "blank them, or declare the column as sparse if it is a category"
+        )
+    n_inf = int(np.isinf(nums.to_numpy(np.float64, na_value=np.nan)).sum())
+    if n_inf:
+        raise DataError(f"{what} has {n_inf} infinite value(s); replace or blank them")
 
 
 def _natural_domain_order(df: pd.DataFrame, schema: TableSchema) -> dict[str, list[str]]:
