@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
@@ -19,10 +19,10 @@ def serve_artifact(artifact_dir: Path, host: str = "127.0.0.1", port: int = 8000
     import uvicorn
 
     from service.app import create_app
-    from service.settings import ServiceSettings
+    from service.settings import load_settings
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    settings = ServiceSettings(artifact_dir=artifact_dir)
+    settings = load_settings(artifact_dir=artifact_dir)
     uvicorn.run(
         create_app(settings, serving_process=True),
         host=host,
@@ -38,24 +38,30 @@ def serve_artifact(artifact_dir: Path, host: str = "127.0.0.1", port: int = 8000
 
 def _read_data(path: Path, columns: list[str]) -> Any:
     """A table (Parquet/CSV), or a MovieLens-1M folder (with the presets' derived columns)."""
-    import pandas as pd
+    from training.data.tabular import read_table
 
     if path.is_dir():
-        from training.data.movielens import load_movielens_1m
+        from training.data.presets import load_movielens
 
-        frame = load_movielens_1m(path)
+        frame = load_movielens(path)
         if "age_group" in columns and "age_group" not in frame.columns:
             from training.data.presets import MULTILORA_AGE_GROUPS
 
             groups = {c: g for g, codes in MULTILORA_AGE_GROUPS.items() for c in codes}
             frame["age_group"] = frame["age"].map(groups)
         return frame
-    suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq", ".parq"):
-        return pd.read_parquet(path)
-    if suffix in (".csv", ".tsv", ".txt"):
-        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", low_memory=False)
-    raise typer.BadParameter(f"{path}: use a .parquet or .csv file, or a MovieLens-1M folder")
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: give a Parquet/CSV file or a MovieLens folder")
+    if path.suffix.lower() == ".tsv":
+        import pandas as pd
+
+        return pd.read_csv(path, sep="\t", low_memory=False)
+    return read_table(path)
+
+
+def _exit(message: str) -> NoReturn:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
 
 
 def register(app: typer.Typer) -> None:
@@ -75,7 +81,10 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("give --artifact DIR or set MDLORA_ARTIFACT_DIR")
         if not (Path(directory) / "manifest.json").is_file():
             raise typer.BadParameter(f"{directory} is not an artifact (no manifest.json)")
-        serve_artifact(Path(directory), host, port)
+        try:
+            serve_artifact(Path(directory), host, port)
+        except ValueError as exc:  # settings, or an artifact the service cannot use
+            _exit(str(exc))
 
     @app.command("publish-features")
     def publish(
@@ -94,29 +103,39 @@ def register(app: typer.Typer) -> None:
         import redis
         from rich.console import Console
 
-        from mdlora.artifact import read_manifest
+        from mdlora.artifact import ArtifactError, error_text, read_manifest
         from mdlora.encoder import FeatureEncoder
         from service.features import detect_id_fields, publish_features
 
         console = Console()
-        manifest = read_manifest(artifact)
-        if not manifest.get("encoder"):
-            raise typer.BadParameter(f"{artifact} has no encoder.json")
-        encoder = FeatureEncoder.load(artifact / manifest["encoder"])
-        user_col, item_col = detect_id_fields(encoder, manifest, user_field, item_field)
-        if user_col is None or item_col is None:
-            raise typer.BadParameter(
-                "cannot tell the user / item id columns: pass --user-field and --item-field"
-            )
-        frame = _read_data(data, encoder.columns)
         url = redis_url or os.environ.get("MDLORA_REDIS_URL", "redis://127.0.0.1:6379/0")
-        client = redis.Redis.from_url(url, decode_responses=True)
-        try:
-            client.ping()
-        except (redis.RedisError, OSError) as exc:
-            raise typer.BadParameter(f"cannot reach Redis at {url}: {exc}") from None
         key_prefix = prefix or os.environ.get("MDLORA_REDIS_PREFIX", "mdlora")
-        result = publish_features(frame, encoder, user_col, item_col, client, key_prefix)
+        try:
+            manifest = read_manifest(artifact)
+            if not manifest.get("encoder"):
+                raise ArtifactError(f"{artifact} has no encoder.json")
+            encoder = FeatureEncoder.load(artifact / manifest["encoder"])
+            user_col, item_col = detect_id_fields(encoder, manifest, user_field, item_field)
+            if user_col is None or item_col is None:
+                raise ArtifactError(
+                    "cannot tell the user / item id columns: pass --user-field and --item-field"
+                )
+            frame = _read_data(data, encoder.columns)
+            for col in (user_col, item_col):
+                if col not in frame.columns:
+                    raise ArtifactError(
+                        f"{data} has no {col!r} column (the id column the model reads); "
+                        f"its columns: {list(frame.columns)[:20]} (see --user-field/--item-field)"
+                    )
+            client = redis.Redis.from_url(url, decode_responses=True)
+            client.ping()
+            result = publish_features(frame, encoder, user_col, item_col, client, key_prefix)
+        except (redis.RedisError, OSError) as exc:
+            if isinstance(exc, FileNotFoundError):
+                _exit(error_text(exc))
+            _exit(f"cannot reach or write Redis at {url}: {exc}")
+        except (ArtifactError, ValueError, KeyError) as exc:  # DataError is a ValueError
+            _exit(error_text(exc))
         console.print(
             f"published {result['users']} users ({', '.join(result['user_columns']) or '-'}) "
             f"and {result['items']} items ({', '.join(result['item_columns']) or '-'}) "

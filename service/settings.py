@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -80,3 +80,23 @@ class ServiceSettings(BaseSettings):
         if self.feature_store == "auto":
             return self.registry == "redis"
         return self.feature_store == "redis"
+
+
+def settings_error_text(exc: ValidationError) -> str:
+    """One line per invalid setting, named as its environment variable."""
+    lines = []
+    for err in exc.errors():
+        name = "MDLORA_" + "_".join(str(p) for p in err["loc"][:1]).upper()
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{name}: {err['msg']}{shown}")
+    return "invalid settings: " + "; ".join(lines)
+
+
+def load_settings(**values: Any) -> ServiceSettings:
+    """``ServiceSettings`` from the environment (and ``values``), or ValueError saying which
+    ``MDLORA_*`` variable is wrong."""
+    try:
+        return ServiceSettings(**values)
+    except ValidationError as exc:
+        raise ValueError(settings_error_text(exc)) from None

@@ -69,3 +69,39 @@ def test_serve_artifact_answers_over_http(demo_artifacts: dict[str, Path]) -> No
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_publish_features_user_errors_are_one_line(
+    demo_artifacts: dict[str, Path], tmp_path: Path
+) -> None:
+    art = str(demo_artifacts["multilora"])
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "other.csv").write_text("uid,item\n1,2\n")
+    cases = {
+        "not found": (["--artifact", art, "--data", str(tmp_path / "nope.csv")], "not found"),
+        "empty": (["--artifact", art, "--data", str(tmp_path / "empty.csv")], "is empty"),
+        "no id column": (
+            ["--artifact", art, "--data", str(tmp_path / "other.csv")], "no 'user_id'"
+        ),
+        "not an artifact": (["--artifact", str(tmp_path), "--data", "x.csv"], "not an mdlora"),
+        "redis down": (
+            ["--artifact", art, "--data", str(tmp_path / "other.csv"), "--user-field", "uid",
+             "--item-field", "item", "--redis-url", f"redis://127.0.0.1:{free_port()}/0"],
+            "cannot reach or write Redis",
+        ),
+    }  # fmt: skip
+    for what, (args, needle) in cases.items():
+        result = CliRunner().invoke(cli(), ["publish-features", *args])
+        assert result.exit_code == 2, (what, result.output)
+        assert needle in result.output and "Traceback" not in result.output, (what, result.output)
+
+
+def test_serve_names_an_invalid_setting_by_its_variable(demo_artifacts: dict[str, Path]) -> None:
+    result = CliRunner().invoke(
+        cli(),
+        ["serve", "--artifact", str(demo_artifacts["mlora"])],
+        env={"MDLORA_RUNTIME": "tensorrt", "MDLORA_MAX_ITEMS": "0"},
+    )
+    assert result.exit_code == 2, result.output
+    assert "MDLORA_RUNTIME" in result.output and "'tensorrt'" in result.output
+    assert "MDLORA_MAX_ITEMS" in result.output and "Traceback" not in result.output

@@ -110,6 +110,11 @@ def _ratings(data: str | Path | pd.DataFrame) -> tuple[pd.DataFrame, str]:
     return load_movielens_1m(data), "ml1m"
 
 
+def load_movielens(path: str | Path) -> pd.DataFrame:
+    """A MovieLens-1M or -100K folder as one ratings frame, ages as ML-1M's codes."""
+    return _ratings(path)[0]
+
+
 def mlora_setting(
     data: str | Path | pd.DataFrame,
     division: str = "age",
