@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from mdlora.encoder import canonical_value
+from models.features import OOV_ID
 from service.errors import ServiceError
 from service.features import FeatureStore, RequestEncoder
 from service.metrics import UNKNOWN_DOMAIN_LABEL, ServiceMetrics
@@ -223,6 +225,7 @@ class Predictor:
         for div, name in names.items():
             user.setdefault(div, name)  # a division that is also a feature column
         sparse, dense, multi_hot = self.encoder.encode(user, g.items, g.n, g.id_columns)
+        notes = self._input_warnings(user, g, sparse, set(snap.divisions))
         domains = np.empty((g.n, len(ids)), np.int64)
         domains[:] = ids
         flag = np.full(g.n, True) if backbone and snap.backbone_model is not None else None
@@ -232,10 +235,61 @@ class Predictor:
         )
         primary = names.get(snap.divisions[0], "")
         label = primary if primary in snap.domain_ids[snap.divisions[0]] else UNKNOWN_DOMAIN_LABEL
-        warnings = list(g.warnings)
+        warnings = [*g.warnings, *notes]
         if backbone:
             warnings.append(f"unknown domain in {unknown}: scored with the backbone alone")
         return Prepared(rows, {d: names[d] for d in names}, versions, backbone, label, warnings)
+
+    def _input_warnings(
+        self, user: dict[str, Any], g: Gathered, sparse: np.ndarray, divisions: set[str]
+    ) -> list[str]:
+        """What the scores could not use: unknown ids and names, missing or bad values.
+
+        The request is still scored (an unknown id is a cold-start user or item, which the
+        model scores through its out-of-vocabulary row); the answer says so.
+        """
+        enc, out = self.encoder, []
+        given = set(user) | set(g.items)
+        unknown = sorted(given - enc.columns - divisions)
+        if unknown:
+            out.append(
+                f"unknown feature(s) {unknown[:10]} ignored; this model reads {sorted(enc.columns)}"
+            )
+        missing = sorted(enc.columns - given)
+        if missing:
+            out.append(
+                f"no value for feature(s) {missing[:10]}: scored as missing (send them in "
+                "user.features / items[].features, or publish them to the feature store)"
+            )
+        uf, itf = self.user_field, self.item_field
+        if (
+            uf in enc.sparse
+            and user.get(uf) is not None
+            and sparse[0, enc.sparse.index(uf)] == OOV_ID
+        ):
+            out.append(
+                f"user id {user[uf]!r} is not in the model's vocabulary: scored as a new user"
+            )
+        if itf in enc.sparse and itf in g.items:
+            col = sparse[:, enc.sparse.index(itf)]
+            ids = g.items[itf]
+            oov = [ids[i] for i in np.flatnonzero(col == OOV_ID) if ids[i] is not None]
+            if oov:
+                out.append(
+                    f"{len(oov)} of {g.n} item ids are not in the model's vocabulary (scored as "
+                    f"new items), e.g. {oov[:5]}"
+                )
+        bad = [
+            c
+            for c in enc.dense
+            if _not_a_number(user.get(c)) or any(_not_a_number(v) for v in g.items.get(c, ()))
+        ]
+        if bad:
+            out.append(
+                f"dense feature(s) {bad} have values that are not finite numbers: text and NaN "
+                "are scored as missing, infinities as the ends of the training range"
+            )
+        return out
 
     # ------------------------------------------------------------------ scoring
     def answer(
@@ -283,3 +337,13 @@ class Predictor:
             start += n
         labels = {p.label for p in prepared}
         return out, labels.pop() if len(labels) == 1 else "(mixed)"
+
+
+def _not_a_number(v: Any) -> bool:
+    """A given value that a dense feature cannot use as is (text, NaN, infinity)."""
+    if v is None or isinstance(v, bool):
+        return False
+    try:
+        return not math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return True

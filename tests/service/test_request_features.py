@@ -166,3 +166,38 @@ def test_unreachable_feature_store_scores_with_a_warning(
         r = c.post("/predict", json={"domain": "25", "user": {"id": 3}, "item_ids": [3, 6]})
     assert r.status_code == 200
     assert any("feature store unavailable" in w for w in r.json()["warnings"])
+
+
+def test_answers_say_what_the_scores_could_not_use(make_artifact: Callable[[str], Path]) -> None:
+    """Unknown ids and feature names, missing features and non-numeric dense values are
+    scored (cold start, missing) and named in ``warnings``; a complete request has none."""
+    full_user = {"user_id": 4, "gender": "M", "occupation": 3, "age": 35, "age_group": "25"}
+    item = {"movie_id": 3, "first_genre": "Drama", "genres": ["Drama"]}
+    with TestClient(
+        create_app(ServiceSettings(artifact_dir=make_artifact("multilora")))
+    ) as c:
+
+        def warnings(user: dict[str, Any], items: list[dict[str, Any]]) -> list[str]:
+            body = {
+                "user": {"features": user},
+                "items": [{"features": f} for f in items],
+                "domains": {"age_group": "25", "gender": "M"},
+            }
+            r = c.post("/predict", json=body)
+            assert r.status_code == 200, r.text
+            assert len(r.json()["scores"]) == len(items)
+            return list(r.json()["warnings"])
+
+        assert warnings(full_user, [item]) == []
+        got = " | ".join(
+            warnings(
+                {**full_user, "user_id": 987654, "age": "old", "zip": "02134"},
+                [item, {**item, "movie_id": 99999}, {**item, "movie_id": 88888}],
+            )
+        )
+        assert "user id 987654 is not in the model's vocabulary" in got
+        assert "2 of 3 item ids are not in the model's vocabulary" in got and "99999" in got
+        assert "unknown feature(s) ['zip'] ignored" in got
+        assert "dense feature(s) ['age']" in got
+        got = " | ".join(warnings({"user_id": 4}, [{"movie_id": 3}]))
+        assert "no value for feature(s) ['age', 'first_genre', 'genres', 'occupation']" in got
