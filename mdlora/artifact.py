@@ -103,6 +103,12 @@ def load_safetensors_bytes(data: bytes, what: str) -> dict[str, Tensor]:
     try:
         return st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
+        # (checked only after the parse failed: a safetensors header length may start so too)
+        if data[:4] == b"PK\x03\x04" or data[:2] in (b"\x80\x02", b"\x80\x04", b"\x80\x05"):
+            raise ArtifactError(
+                f"{what} is a torch.save / pickle file; pickles are never loaded (they can run "
+                "code): save the tensors with safetensors.torch.save_file"
+            ) from None
         raise ArtifactError(f"{what}: not a valid safetensors file ({exc})") from None
 
 
@@ -319,9 +325,24 @@ def check_adapter_fits(
                 f"adapter rank {rank} exceeds the cap {max_rank} (MDLORA_MAX_ADAPTER_RANK)"
             )
     try:
-        check_tensors(adapter_signature(model, pkg.division), pkg.tensors, "adapter")
+        expected = adapter_signature(model, pkg.division)
+        pkg.tensors = _conform_dtypes(pkg.tensors, expected)
+        check_tensors(expected, pkg.tensors, "adapter")
     except (TensorMismatchError, KeyError, ValueError) as exc:
         raise ArtifactError(error_text(exc)) from None
+
+
+def _conform_dtypes(
+    tensors: dict[str, Tensor], expected: dict[str, tuple[tuple[int, ...], torch.dtype]]
+) -> dict[str, Tensor]:
+    """Floating tensors saved in another float type (float16, bfloat16, float64) cast to the
+    model's; a value a float32 cannot hold becomes infinite and is refused by the check."""
+    out = {}
+    for name, t in tensors.items():
+        want = expected.get(name, (None, t.dtype))[1]
+        cast = t.is_floating_point() and want.is_floating_point and t.dtype != want
+        out[name] = t.to(want) if cast else t
+    return out
 
 
 def apply_adapter(model: MultiDomainModel, pkg: AdapterPackage, max_rank: int | None = None) -> int:

@@ -118,10 +118,14 @@ def check_tensors(
     for name, exp in expected.items():
         shape, dtype = (tuple(exp.shape), exp.dtype) if isinstance(exp, Tensor) else exp
         got = given[name]
-        if tuple(got.shape) != shape or got.dtype != dtype:
+        if tuple(got.shape) != shape:
             raise TensorMismatchError(
-                f"{what}: tensor {name!r} has shape {tuple(got.shape)} {got.dtype}, "
-                f"expected {shape} {dtype}"
+                f"{what}: tensor {name!r} has shape {tuple(got.shape)}, expected {shape}"
+            )
+        if got.dtype != dtype:
+            raise TensorMismatchError(
+                f"{what}: tensor {name!r} is {str(got.dtype).removeprefix('torch.')}, expected "
+                f"{str(dtype).removeprefix('torch.')}"
             )
         if (
             got.is_floating_point()

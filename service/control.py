@@ -32,6 +32,7 @@ from mdlora.artifact import (
     ArtifactError,
     check_adapter_fits,
     error_text,
+    package_digest,
     parse_adapter_package,
 )
 from models.state import TensorMismatchError
@@ -78,6 +79,9 @@ class ControlPlane:
         self.holder = SnapshotHolder(initial)
         self.registry_error: str | None = None
         self.known_state = RegistryState()
+        # domains the registry asks for that the serving snapshot lacks: key -> why
+        self.unloaded: dict[DomainKey, str] = {}
+        self._load_errors: dict[DomainKey, str] = {}
         self._packages: OrderedDict[tuple[str, str, int, str], AdapterPackage] = OrderedDict()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             1, "mdlora-builder", initializer=thread_init
@@ -196,15 +200,33 @@ class ControlPlane:
     def _sync(self, state: RegistryState) -> Snapshot:
         """Swap in a snapshot reflecting ``state`` (if the serving one does not)."""
         current = self.holder.current
+        if state.version < self.known_state.version:
+            log.warning(
+                "the registry went back from change %d to %d (was its store emptied or "
+                "restored?); serving what it holds now",
+                self.known_state.version,
+                state.version,
+            )
         self.known_state = state
         target = self.desired(state)
         if dict(current.adapters) == target:
             if current.registry_version != state.version:
                 self._swap(current.with_registry_version(state.version))
+            self._note_unloaded()
             return self.holder.current
         snapshot = self._build(current, state, target)
         self._swap(snapshot)
+        self._note_unloaded()
         return snapshot
+
+    def _note_unloaded(self) -> None:
+        """Record which registered versions the serving snapshot could not load (readiness)."""
+        served = self.holder.current.adapters
+        self.unloaded = {
+            k: self._load_errors.get(k, "not loaded")
+            for k, v in self.desired(self.known_state).items()
+            if served.get(k) != v
+        }
 
     def _build(
         self, current: Snapshot, state: RegistryState, target: dict[DomainKey, LoadedAdapter]
@@ -221,6 +243,7 @@ class ControlPlane:
                 packages.append((self._package(key, target[key], state), target[key]))
             except (RegistryError, ArtifactError) as exc:
                 log.error("cannot load adapter %s/%s: %s", key[0], key[1], exc)
+                self._load_errors[key] = f"v{target[key].version}: {exc}"
                 self.metrics.adapter_loads.labels("error").inc()
         loaded = len(packages)
         try:
@@ -232,6 +255,9 @@ class ControlPlane:
                     snapshot = snapshot.with_adapters([pkg], state.version)
                 except (ArtifactError, TensorMismatchError, ValueError, KeyError) as exc:
                     log.error("adapter %s/%s refused: %s", pkg[0].division, pkg[0].domain, exc)
+                    self._load_errors[(pkg[0].division, pkg[0].domain)] = (
+                        f"v{pkg[1].version}: {error_text(exc)}"
+                    )
                     self.metrics.adapter_loads.labels("error").inc()
                     loaded -= 1
             if snapshot is start:
@@ -302,6 +328,7 @@ class ControlPlane:
             ) from None
         self.known_state = new
         self._swap(snapshot)
+        self._note_unloaded()
 
     def _refuse(self, status: int, message: str) -> ServiceError:
         self.metrics.adapter_loads.labels("refused").inc()
@@ -323,9 +350,28 @@ class ControlPlane:
             )
         except ArtifactError as exc:
             raise self._refuse(422, f"adapter refused: {exc}") from None
+        digest = package_digest(config, weights)
         for _ in range(COMMIT_ATTEMPTS):
             state = self._read()
             current = self._sync(state)
+            entry = state.domains.get(key)
+            active = entry.record(entry.active) if entry else None
+            if (
+                active is not None
+                and active.package == digest
+                and current.adapters.get(key)
+                == LoadedAdapter(active.version, active.sha256, "registry")
+            ):  # the same package again (a retried upload): nothing to change
+                return {
+                    "division": key[0],
+                    "domain": key[1],
+                    "action": "unchanged",
+                    "version": active.version,
+                    "origin": "registry",
+                    "sha256": active.sha256,
+                    "new_domain": False,
+                    "registry_version": state.version,
+                }
             artifact = self.base.adapters.get(key)
             record = new_record(
                 next_version(state, key, artifact.version if artifact else None), config, weights

@@ -129,6 +129,7 @@ class AdapterChange(BaseModel):
 class Health(BaseModel):
     status: str
     registry: str | None = None
+    adapters: str | None = None  # registered adapters that could not be loaded, and why
     registry_version: int | None = None
     model_version: str | None = None
     snapshot_age_seconds: float | None = None

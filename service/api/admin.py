@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
-from fastapi import APIRouter, Depends, File, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Request, Response, UploadFile
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.api.deps import get_service
@@ -71,9 +71,12 @@ async def _read_upload(upload: UploadFile, limit: int, what: str) -> bytes:
         422: {"model": ErrorBody, "description": "package refused; reason in detail"},
     },
     summary="Register a domain adapter (the package `mdlora add-domain` writes)",
+    description="201 with the new version; 200 with action `unchanged` when the package is "
+    "byte for byte the domain's active version already (a retried upload is safe).",
 )
 async def register_adapter(
     request: Request,
+    response: Response,
     adapter_config: UploadFile = File(description="adapter_config.json"),
     adapter_model: UploadFile = File(description="adapter_model.safetensors"),
 ) -> dict[str, Any]:
@@ -85,7 +88,10 @@ async def register_adapter(
     except ServiceError:
         service.control.metrics.adapter_loads.labels("refused").inc()
         raise
-    return await service.control.run(service.control.register, config, weights)
+    out = await service.control.run(service.control.register, config, weights)
+    if out.get("action") == "unchanged":
+        response.status_code = 200
+    return out
 
 
 @router.get("/adapters", response_model=AdapterList, summary="List adapters and their versions")

@@ -28,7 +28,8 @@ async def healthz() -> dict[str, str]:
     "/readyz",
     response_model=Health,
     responses={503: {"model": Health, "description": "no model loaded yet"}},
-    summary="Readiness: a model is loaded (registry reachable: ready; not: degraded)",
+    summary="Readiness: a model is loaded (ready; degraded: registry unreachable, or a "
+    "registered adapter could not be loaded)",
 )
 async def readyz(request: Request) -> Response:
     service = getattr(request.app.state, "service", None)
@@ -37,14 +38,22 @@ async def readyz(request: Request) -> Response:
     control = service.control
     ok = await asyncio.to_thread(control.check_registry)
     snap = control.current
+    unloaded = dict(control.unloaded)
     body = {
-        "status": "ready" if ok else "degraded",
+        "status": "ready" if ok and not unloaded else "degraded",
         "registry": "ok" if ok else f"unavailable: {control.registry_error}",
+        "adapters": (
+            "not loaded: "
+            + "; ".join(f"{k[0]}/{k[1]} {why}" for k, why in sorted(unloaded.items()))
+            if unloaded
+            else None
+        ),
         "registry_version": snap.registry_version,
         "model_version": snap.info.model_version,
         "snapshot_age_seconds": time.time() - snap.created_at,
     }
     # Degraded still serves the loaded snapshot: keep the replica in the load balancer.
+    body = {k: v for k, v in body.items() if v is not None}
     return Response(orjson.dumps(body), 200, media_type="application/json")
 
 

@@ -171,7 +171,8 @@ def _bad_packages(model: Any, tmp: Path) -> dict[str, tuple[bytes, bytes]]:
     nan = dict(t, **{"tower.0.lora_B": torch.full_like(t["tower.0.lora_B"], float("nan"))})
     inf = dict(t, **{"tower.1.bias": torch.full_like(t["tower.1.bias"], float("inf"))})
     extra = dict(t, **{"tower.9.lora_A": torch.zeros(2, 2)})
-    wrong_dtype = dict(t, **{"tower.0.lora_A": t["tower.0.lora_A"].double()})
+    wrong_dtype = dict(t, **{"tower.0.lora_A": t["tower.0.lora_A"].to(torch.int32)})
+    too_big = dict(t, **{"tower.0.lora_B": t["tower.0.lora_B"].double().fill_(1e300)})
     buf = io.BytesIO()
     torch.save(t, buf)  # a pickle archive renamed to .safetensors
     other, _ = demo_model("mlora", "age", backbone="dcn")
@@ -194,6 +195,7 @@ def _bad_packages(model: Any, tmp: Path) -> dict[str, tuple[bytes, bytes]]:
         "infinite values": _forge(good, inf),
         "unexpected tensor": _forge(good, extra),
         "wrong dtype": _forge(good, wrong_dtype),
+        "float64 values beyond float32": _forge(good, too_big),
         "truncated file": (unchecked, weights[: len(weights) // 2]),
         "checksum mismatch": (cfg, weights[:-4] + b"\0\0\0\0"),
         "pickle renamed": (unchecked, buf.getvalue()),
@@ -264,6 +266,8 @@ def test_refusals_name_the_problem(make_artifact: Callable[[str], Path], tmp_pat
         "oversize": "MDLORA_MAX_ADAPTER_BYTES",
         "wrong shape": "shape",
         "rank over the cap": "cap",
+        "pickle renamed": "pickle",
+        "wrong dtype": "is int32, expected float32",
         "other backbone weights": "other backbone weights",
     }
     with client(art, max_adapter_bytes=65_536, max_adapter_rank=64) as c:
@@ -313,7 +317,7 @@ def test_packages_sharing_weights_stay_apart(
     make_artifact: Callable[[str], Path], registry: str, request: pytest.FixtureRequest
 ) -> None:
     """Two packages with byte-identical weights but different configs (another domain) are
-    stored, cached and served as two packages, through removals and a restart."""
+    stored, cached and served as two packages, through a rollback and a restart."""
     art = make_artifact("mlora")
     kw: dict[str, Any] = {}
     if registry == "redis":
@@ -325,19 +329,38 @@ def test_packages_sharing_weights_stay_apart(
     model = load_artifact(art).model
     pkg = demo_adapter(model, "age", "new-a", seed=7)
     twin = _renamed(pkg, domain="new-b")
+    other = demo_adapter(model, "age", "new-a", seed=8)
     assert adapter_package_bytes(pkg)[1] == adapter_package_bytes(twin)[1]
     with client(art, **kw) as c:
-        for p in (pkg, twin, pkg):
+        for p in (pkg, twin, other):
             assert c.post("/v1/adapters", files=upload_files(p), headers=AUTH).status_code == 201
-        want = predict(c, "new-b").json()["scores"]
-        assert c.delete("/v1/adapters/age/new-a", headers=AUTH).status_code == 200
-        assert predict(c, "new-b").json()["scores"] == want
-        assert c.get("/v1/adapters/age/new-b", headers=AUTH).json()["active_version"] == 1
+        want_b = predict(c, "new-b").json()["scores"]
+        r = c.post("/v1/adapters/age/new-a/rollback", headers=AUTH)
+        assert r.status_code == 200 and r.json()["version"] == 1, r.text
+        want_a = predict(c, "new-a").json()["scores"]
+        assert want_a == want_b  # same weights, and the same backbone around them
+        assert c.get("/readyz").json()["status"] == "ready"
     with client(art, **kw) as c:  # a new process reads the store back
-        assert predict(c, "new-b").json()["scores"] == want
-        assert predict(c, "new-a").status_code == 404
+        assert c.get("/readyz").json()["status"] == "ready"
+        assert predict(c, "new-a").json()["adapter_versions"] == {"age": 1}
+        assert predict(c, "new-b").json()["scores"] == want_b
         shown = c.get("/v1/adapters/age/new-b", headers=AUTH).json()
         assert shown["active_version"] == 1 and shown["versions"][0]["package_sha256"]
+
+
+def test_registering_the_active_package_again_changes_nothing(
+    make_artifact: Callable[[str], Path],
+) -> None:
+    art = make_artifact("mlora")
+    pkg = demo_adapter(load_artifact(art).model, "age", "again", seed=2)
+    with client(art) as c:
+        first = c.post("/v1/adapters", files=upload_files(pkg), headers=AUTH)
+        again = c.post("/v1/adapters", files=upload_files(pkg), headers=AUTH)
+        assert first.status_code == 201 and again.status_code == 200, again.text
+        assert again.json()["action"] == "unchanged" and again.json()["version"] == 1
+        assert again.json()["registry_version"] == first.json()["registry_version"]
+        shown = c.get("/v1/adapters/age/again", headers=AUTH).json()
+        assert [v["version"] for v in shown["versions"]] == [1]
 
 
 def test_a_gate_scope_change_needs_a_removal_first(
@@ -367,3 +390,46 @@ def test_a_gate_scope_change_needs_a_removal_first(
         v3 = c.post("/predict", json=req).json()
     assert v3["adapter_versions"] == {"gender": 2}  # the refused one took no version
     assert v3["scores"] == pytest.approx(want, abs=1e-6) and v3["scores"] != v1
+
+
+def test_readiness_is_degraded_while_a_registered_adapter_cannot_load(
+    make_artifact: Callable[[str], Path],
+) -> None:
+    art = make_artifact("mlora")
+    model = load_artifact(art).model
+    with client(art) as c:
+        pkg = demo_adapter(model, "age", "late", seed=3)
+        assert c.post("/v1/adapters", files=upload_files(pkg), headers=AUTH).status_code == 201
+        assert c.get("/readyz").json()["status"] == "ready"
+    stored = art / "adapters" / "age" / "late" / "1" / "adapter_model.safetensors"
+    stored.write_bytes(stored.read_bytes()[:-8] + b"\0" * 8)  # damaged on disk
+    with client(art) as c:
+        ready = c.get("/readyz").json()
+        assert predict(c, "late").status_code == 404
+        assert ready["status"] == "degraded" and ready["registry"] == "ok"
+        assert "age/late v1" in ready["adapters"] and "checksum" in ready["adapters"]
+        # a good registration of the same domain brings it back
+        pkg = demo_adapter(model, "age", "late", seed=4)
+        assert c.post("/v1/adapters", files=upload_files(pkg), headers=AUTH).status_code == 201
+        assert c.get("/readyz").json()["status"] == "ready"
+        assert predict(c, "late").status_code == 200
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_packages_saved_in_another_float_type_are_cast(
+    make_artifact: Callable[[str], Path], dtype: torch.dtype
+) -> None:
+    art = make_artifact("mlora")
+    model = load_artifact(art).model
+    pkg = demo_adapter(model, "age", "half", seed=3)
+    low = AdapterPackage(pkg.config, {k: v.to(dtype) for k, v in pkg.tensors.items()})
+    cfg, weights = _forge(low, low.tensors)
+    with client(art) as c:
+        files = {"adapter_config": ("c", cfg), "adapter_model": ("m", weights)}
+        r = c.post("/v1/adapters", files=files, headers=AUTH)
+        assert r.status_code == 201, r.text
+        got = predict(c, "half").json()["scores"]
+    with client(make_artifact("mlora")) as c:
+        assert c.post("/v1/adapters", files=upload_files(pkg), headers=AUTH).status_code == 201
+        want = predict(c, "half").json()["scores"]
+    assert got == pytest.approx(want, abs=0.02)

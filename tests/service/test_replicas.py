@@ -109,3 +109,25 @@ def test_replicas_agree_for_every_method(
         wait_until(lambda: b.post("/predict", json=req).json().get("scores") == want["scores"], 1.0)
         time.sleep(0.05)
         assert b.post("/predict", json=req).json()["adapter_versions"][division] == 1
+
+
+def test_a_registry_that_lost_its_data_is_followed_with_a_warning(
+    make_artifact: Callable[[str], Path],
+    redis_url: str,
+    redis_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import redis
+
+    art = make_artifact("mlora")
+    model = load_artifact(art).model
+    with TestClient(create_app(settings(art, redis_url, redis_prefix))) as a:
+        files = upload_files(demo_adapter(model, "age", "42"))
+        assert a.post("/v1/adapters", files=files, headers=AUTH).status_code == 201
+        assert isinstance(scores(a, "42"), list)
+        client = redis.Redis.from_url(redis_url)
+        client.delete(*client.keys(f"{redis_prefix}:registry:*"))  # emptied / restored
+        with caplog.at_level("WARNING", logger="mdlora.service"):
+            a.app.state.service.control.request_reconcile()  # type: ignore[attr-defined]
+            wait_until(lambda: scores(a, "42") == 404, timeout=3.0)
+    assert "the registry went back from change 1 to 0" in caplog.text
