@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
 FeatureValue = str | int | float | bool | None | list[str | int | float]
-Id = str | int
+# strict: a JSON true/false or 196.5 is refused, not taken as the id 1 / 0 / 196
+Id = StrictStr | StrictInt
 # A domain is named by a string; an integer is taken as its decimal string ("occupation": 4).
 DomainName = Annotated[str, Field(max_length=128)] | int
 

@@ -164,6 +164,8 @@ BAD_BODIES: list[tuple[str, bytes]] = [
     ),
     ("no domain", orjson.dumps({"user": {"id": 1}, "item_ids": [3]})),
     ("null id list", orjson.dumps({"domain": "25", "item_ids": [None]})),
+    ("boolean item id", orjson.dumps({"domain": "25", "item_ids": [3, True]})),
+    ("fractional user id", orjson.dumps({"domain": "25", "user": {"id": 196.5}, "item_ids": [3]})),
 ]
 
 
