@@ -308,6 +308,10 @@ class RunResult:
     artifacts: list[Path] = field(default_factory=list)
     distributed: dict[str, Any] = field(default_factory=dict)  # world size, replica check
 
+    def unchanged_phases(self) -> list[str]:
+        """Phases after the first that no epoch improved (early stopping restored their start)."""
+        return [p.name for p in self.phases[1:] if p.best_epoch == 0]
+
     @property
     def primary(self) -> str:
         return self.prepared.divisions[0]
@@ -470,4 +474,12 @@ def write_outputs(result: RunResult) -> None:
     if result.config.progress:
         for table in result.tables().values():
             print_summary(table, title=f"{result.config.name} test metrics")
+        kept = result.unchanged_phases()
+        if kept:
+            print(
+                f"note: {len(kept)} phase(s) after the first improved no validation AUC and "
+                f"kept their starting weights ({', '.join(kept[:6])}"
+                f"{', ...' if len(kept) > 6 else ''}); where every one did, the method scores "
+                f"exactly like {result.reference_label or 'its starting point'}"
+            )
         print(f"run folder: {out}  ({result.seconds:.1f} s)")

@@ -51,3 +51,15 @@ def test_phase_reports_and_reference_backbone(root: Path) -> None:
     assert all(p.trainable > 0 and p.epochs_run >= 1 for p in moe.phases)
     gate = moe.phases[-1]
     assert gate.trainable == 3 * 4 + (4 * 3 + 3)  # gate embedding + projection
+
+
+def test_phases_that_improved_nothing_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An adapter phase whose steps are too small to move the validation AUC keeps its start,
+    and the run says so (otherwise MLoRA = Base with no explanation)."""
+    cfg = tiny_config(tmp_path, epochs=1, phase_lr={"adapters": 1e-30}, progress=True)
+    result = run_training(cfg)
+    assert result.phases[1].best_epoch == 0
+    assert result.unchanged_phases() == [result.phases[1].name]
+    assert "kept their starting weights" in capsys.readouterr().out
