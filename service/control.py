@@ -227,6 +227,7 @@ class ControlPlane:
             for k, v in self.desired(self.known_state).items()
             if served.get(k) != v
         }
+        self._load_errors = {k: v for k, v in self._load_errors.items() if k in self.unloaded}
 
     def _build(
         self, current: Snapshot, state: RegistryState, target: dict[DomainKey, LoadedAdapter]
