@@ -132,6 +132,8 @@ class Service:
     async def aclose(self) -> None:
         await asyncio.to_thread(self.control.stop)
         await asyncio.to_thread(self.batcher.stop)
+        if self.onnx is not None:
+            self.onnx.close()
         if self.feature_client is not None:
             await self.feature_client.aclose()
 

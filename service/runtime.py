@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import shutil
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -195,6 +196,7 @@ class OnnxRuntime:
     """
 
     def __init__(self, workdir: Path | None = None, threads: int | None = None) -> None:
+        self._owns_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="mdlora-onnx-"))
         self.threads = threads
         self._sessions: dict[str, Any] = {}
@@ -208,9 +210,15 @@ class OnnxRuntime:
             if key is not None and key in self._sessions:
                 return self._sessions[key]
             self._count += 1
-            path = self.workdir / f"scorer-{self._count}.onnx"
-        export_onnx(model, path)
-        scorer = OnnxScorer(path, threads=self.threads)
+            folder = self.workdir / f"scorer-{self._count}"
+        try:
+            folder.mkdir(parents=True)
+            path = export_onnx(model, folder / "scorer.onnx")
+            scorer = OnnxScorer(path, threads=self.threads)
+        finally:
+            # the session holds the graph (external data stays mapped while it lives), so the
+            # files go at once: a replica that re-exports on every change must not fill /tmp
+            shutil.rmtree(folder, ignore_errors=True)
         if key is not None:
             with self._lock:
                 baked = [k for k in self._sessions if k.startswith("baked:")]
@@ -218,6 +226,13 @@ class OnnxRuntime:
                     del self._sessions[old]
                 self._sessions[key] = scorer
         return scorer
+
+    def close(self) -> None:
+        """Drop the sessions and the export folder this runtime made."""
+        with self._lock:
+            self._sessions.clear()
+        if self._owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _shipped(self, snapshot: Snapshot) -> Any:
         """The artifact's own ``model.onnx`` (``mdlora export``), if it takes bank inputs and

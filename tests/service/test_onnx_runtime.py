@@ -82,3 +82,19 @@ def test_the_artifacts_own_onnx_file_is_used(make_artifact: Callable[[str], Path
         runner = o.app.state.service.control.current.runner  # type: ignore[attr-defined]
     assert r.status_code == 200
     assert runner.session.path == art / "model.onnx"
+
+
+def test_exports_leave_no_files_behind(make_artifact: Callable[[str], Path]) -> None:
+    """MultiLoRA re-exports its graph on every change: the files go as soon as the session
+    holds the graph, and the export folder goes with the app."""
+    art = make_artifact("multilora")
+    model = load_artifact(art).model
+    app = create_app(ServiceSettings(artifact_dir=art, runtime="onnx", admin_token=ADMIN_TOKEN))
+    with TestClient(app) as c:
+        workdir = app.state.service.onnx.workdir
+        pkg = upload_files(demo_adapter(model, "age_group", "new", seed=7))
+        assert c.post("/v1/adapters", files=pkg, headers=AUTH).status_code == 201
+        r = c.post("/predict", json=request("new", {"domains": {"gender": "F"}}))
+        assert r.status_code == 200 and r.json()["adapter_versions"]["age_group"] == 1
+        assert workdir.is_dir() and not any(workdir.iterdir())
+    assert not workdir.exists()
