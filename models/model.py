@@ -382,8 +382,29 @@ class MultiDomainModel(nn.Module):
         return logit
 
     def score_batch(self, batch: EncodedBatch) -> Tensor:
-        """Click probabilities ``[B]`` for an :class:`EncodedBatch`."""
+        """Click probabilities ``[B]`` for an :class:`EncodedBatch` (domain ids checked)."""
+        self.check_domain_ids(batch.domains)
         return torch.sigmoid(self(batch.sparse, batch.dense, batch.domains, batch.multi_hot))
+
+    def check_domain_ids(self, domains: Tensor) -> None:
+        """Raise ValueError unless ``domains`` is ``[B, divisions]`` of ids each division has
+        (an id past the end would index another domain's rows or padding, silently)."""
+        divs = self.config.divisions
+        if domains.dim() != 2 or domains.shape[1] != len(divs):
+            raise ValueError(
+                f"domains must be [batch, {len(divs)}] (one id per division "
+                f"{[d.name for d in divs]}), got shape {tuple(domains.shape)}"
+            )
+        if domains.numel() == 0:
+            return
+        lows, highs = domains.amin(0).tolist(), domains.amax(0).tolist()
+        for div, lo, hi in zip(divs, lows, highs, strict=True):
+            n = len(div.domains)
+            if lo < 0 or hi >= n:
+                raise ValueError(
+                    f"domain id {lo if lo < 0 else hi} is out of range for division "
+                    f"{div.name!r}, which has {n} domains (ids 0..{n - 1})"
+                )
 
     # ------------------------------------------------------------------------ growth
     @torch.no_grad()

@@ -247,3 +247,17 @@ def test_merged_layers_follow_a_change_of_the_shared_weights() -> None:
     for b in model.inference_banks():
         b.merge_limit = 0  # the per-sample path, which reads the live weights
     torch.testing.assert_close(score(model, batch), after, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["mlora", "moe3"])
+def test_out_of_range_domain_ids_are_refused(method: str) -> None:
+    model = MultiDomainModel(make_config("deepfm", method)).eval()
+    n = len(model.config.divisions[0].domains)
+    batch = make_batch(4)
+    for bad in (n, -1):
+        wrong = batch.domains.clone()
+        wrong[1, 0] = bad
+        with pytest.raises(ValueError, match=f"domain id {bad} is out of range"):
+            model.score_batch(EncodedBatch(batch.sparse, batch.dense, wrong, batch.multi_hot))
+    with pytest.raises(ValueError, match="domains must be"):
+        model.score_batch(EncodedBatch(batch.sparse, batch.dense, batch.domains[:, 0], None))
