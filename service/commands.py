@@ -37,9 +37,14 @@ def serve_artifact(artifact_dir: Path, host: str = "127.0.0.1", port: int = 8000
 
 
 def _read_data(path: Path, columns: list[str]) -> Any:
-    """A table (Parquet/CSV), or a MovieLens-1M folder (with the presets' derived columns)."""
+    """A table (Parquet/CSV), a Taobao-layout folder (clicks with the user / item vectors), or
+    a MovieLens-1M/100K folder (with the presets' derived columns)."""
     from training.data.tabular import read_table
 
+    if path.is_dir() and any((path / f"clicks{s}").is_file() for s in (".parquet", ".csv")):
+        from training.data.taobao import taobao_feature_frame
+
+        return taobao_feature_frame(path)
     if path.is_dir():
         from training.data.presets import load_movielens
 
@@ -89,7 +94,9 @@ def register(app: typer.Typer) -> None:
     @app.command("publish-features")
     def publish(
         artifact: Path = typer.Option(..., "--artifact", help="artifact directory (its encoder)"),
-        data: Path = typer.Option(..., "--data", help="Parquet/CSV table or MovieLens-1M folder"),
+        data: Path = typer.Option(
+            ..., "--data", help="Parquet/CSV table, Taobao-layout or MovieLens folder"
+        ),
         redis_url: str | None = typer.Option(
             None, "--redis-url", help="default: $MDLORA_REDIS_URL or redis://127.0.0.1:6379/0"
         ),

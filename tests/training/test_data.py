@@ -579,3 +579,18 @@ def test_empty_and_unreadable_files_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match=r"bad\.parquet cannot be read as Parquet"):
         read_table(tmp_path / "bad.parquet")
+
+
+def test_taobao_feature_frame_and_data_errors(tmp_path: Path) -> None:
+    from training.data.taobao import taobao_feature_frame
+
+    folder = write_synthetic_taobao(tmp_path / "t", n_themes=12, dim=4, seed=5)
+    frame = taobao_feature_frame(folder)
+    assert {"user_id", "item_id", "theme_id", "uvec_0", "uvec_3", "ivec_0"} <= set(frame.columns)
+    assert frame["uvec_0"].notna().all() and frame["ivec_3"].notna().all()
+    with pytest.raises(DataError, match="clicks hold only 12"):
+        taobao_setting(folder, n_domains=20)
+    clicks = pd.read_parquet(folder / "clicks.parquet").drop(columns=["theme_id"])
+    clicks.to_parquet(folder / "clicks.parquet")
+    with pytest.raises(DataError, match=r"missing column\(s\) \['theme_id'\]"):
+        load_taobao(folder)

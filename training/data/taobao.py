@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from mdlora.encoder import FeatureEncoder, canonical_value
-from training.data.prepared import PreparedData, encode_splits
+from training.data.prepared import DataError, PreparedData, encode_splits
 from training.data.splits import stratified_domain_split, subsample
 
 __all__ = [
@@ -73,7 +73,9 @@ def _find(folder: Path, stem: str, required: bool) -> Path | None:
 
 
 def _read(p: Path) -> pd.DataFrame:
-    return pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
+    from training.data.tabular import read_table  # DataError for empty / unreadable files
+
+    return read_table(p)
 
 
 def _read_vectors(p: Path | None, key: str, prefix: str) -> pd.DataFrame | None:
@@ -81,15 +83,15 @@ def _read_vectors(p: Path | None, key: str, prefix: str) -> pd.DataFrame | None:
         return None
     df = _read(p)
     if key not in df.columns:
-        raise ValueError(f"{p}: missing id column {key!r}; columns present: {list(df.columns)}")
+        raise DataError(f"{p}: missing id column {key!r}; columns present: {list(df.columns)}")
     vec_cols = [c for c in df.columns if c != key]
     if not vec_cols:
-        raise ValueError(f"{p}: no vector columns next to {key!r}")
+        raise DataError(f"{p}: no vector columns next to {key!r}")
     out = df[vec_cols].astype(np.float32)
     out.columns = [f"{prefix}{j}" for j in range(len(vec_cols))]
     out.insert(0, key, df[key].to_numpy())
     if out[key].duplicated().any():
-        raise ValueError(f"{p}: duplicate ids in {key!r}")
+        raise DataError(f"{p}: duplicate ids in {key!r}")
     return out
 
 
@@ -103,7 +105,7 @@ def load_taobao(path: str | Path) -> dict[str, pd.DataFrame | None]:
     clicks = _read(clicks_path)
     missing = [c for c in ("user_id", "item_id", "theme_id") if c not in clicks.columns]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{clicks_path}: missing column(s) {missing}; columns present: {list(clicks.columns)}"
         )
     return {
@@ -111,6 +113,22 @@ def load_taobao(path: str | Path) -> dict[str, pd.DataFrame | None]:
         "user_vectors": _read_vectors(_find(folder, "user_vectors", False), "user_id", "uvec_"),
         "item_vectors": _read_vectors(_find(folder, "item_vectors", False), "item_id", "ivec_"),
     }
+
+
+def taobao_feature_frame(path: str | Path) -> pd.DataFrame:
+    """One row per click with the user's and the item's vectors (``uvec_*``, ``ivec_*``): what
+    ``mdlora publish-features`` writes to the feature store for a Taobao-layout model."""
+    tables = load_taobao(path)
+    clicks = tables["clicks"]
+    assert clicks is not None
+    frame = clicks.copy()
+    for key in ("user_vectors", "item_vectors"):
+        vec = tables[key]
+        if vec is not None:
+            idcol = "user_id" if key == "user_vectors" else "item_id"
+            frame = frame.drop(columns=[c for c in vec.columns if c != idcol and c in frame])
+            frame = frame.merge(vec, on=idcol, how="left")
+    return frame
 
 
 def sample_negatives(
@@ -172,10 +190,13 @@ def build_taobao_frame(
         df = df.sort_values("timestamp", kind="stable")
     theme_key = pd.Series([canonical_value(v) for v in df["theme_id"]], index=df.index)
     if theme_key.isna().any():
-        raise ValueError("clicks: theme_id has missing values")
+        raise DataError("clicks: theme_id has missing values")
     first = list(pd.unique(theme_key.to_numpy(dtype=object)))
     if len(first) < n_domains:
-        raise ValueError(f"asked for {n_domains} themes but the clicks hold only {len(first)}")
+        raise DataError(
+            f"asked for {n_domains} themes but the clicks hold only {len(first)} (use a "
+            "preset with fewer themes, e.g. taobao-10, or more clicks)"
+        )
     themes = [str(t) for t in first[:n_domains]]
     pos = df.loc[theme_key.isin(themes), ["user_id", "item_id"]].copy()
     pos["theme_id"] = theme_key[theme_key.isin(themes)].to_numpy()
