@@ -146,6 +146,12 @@ def test_report_from_an_empty_cache_shows_commands_not_numbers(tmp_path: Path) -
     assert "from 0 cached cells" in text
     assert not list((tmp_path / "docs").glob("*.png"))
     assert "scripts/probe_adapter_phase.py` measures" in text  # not probed yet: the command
+    # the commands write where this run writes, not into the repository
+    where = f"--data-dir {tmp_path} --results-dir {tmp_path / 'res'} --work-dir {tmp_path / 'work'}"
+    commands = [ln for ln in text.splitlines() if ln.startswith("mdlora reproduce")]
+    docs = f"--docs-dir {tmp_path / 'docs'}"
+    assert commands and all(ln.endswith(f"{where} {docs}") for ln in commands)
+    assert f"--report-only {where}" in text
 
 
 def test_report_quotes_the_adapter_phase_probe(tmp_path: Path) -> None:
