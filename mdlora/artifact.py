@@ -270,6 +270,11 @@ def _check_config_fields(config: dict[str, Any]) -> None:
         v = config.get(key, 1)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ArtifactError(f"{where}: {key!r} must be a positive integer, got {v!r}")
+    if config.get("schema_version", 1) > SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{where}: schema_version {config['schema_version']} was written by a newer mdlora "
+            f"(this one reads up to {SCHEMA_VERSION}); upgrade the server"
+        )
     sha = config.get("sha256", "")
     if not isinstance(sha, str):
         raise ArtifactError(f"{where}: 'sha256' must be a hex string, got {sha!r}")
@@ -309,6 +314,12 @@ def check_adapter_fits(
             "adapter was trained against a different backbone or feature spec "
             f"(signature {pkg.config['model_signature']}, model {model_signature(cfg)})"
         )
+    experts = cfg.experts_per_domain if cfg.method == "moe" else 1
+    for key, want in (("ranks", cfg.lora_ranks()), ("experts", experts)):
+        if key in pkg.config and pkg.config[key] != want:
+            raise ArtifactError(
+                f"adapter config says {key} {pkg.config[key]}, this model has {want}"
+            )
     theirs = pkg.config.get("backbone_sha256")
     if theirs is not None and backbone_sha256 and theirs != backbone_sha256:
         raise ArtifactError(

@@ -398,7 +398,16 @@ class ControlPlane:
                 continue
             self.metrics.adapter_loads.labels("ok").inc()
             log.info("registered %s/%s v%d", key[0], key[1], record.version)
+            warnings = []
+            if "backbone_sha256" not in pkg.config:
+                warnings.append(
+                    "the package does not name the backbone it was trained against "
+                    "(backbone_sha256; written by an older mdlora or edited), so that could "
+                    "not be checked: make sure it was trained against this export"
+                )
+                log.warning("%s/%s v%d: %s", key[0], key[1], record.version, warnings[-1])
             return {
+                "warnings": warnings,
                 "division": key[0],
                 "domain": key[1],
                 "action": "register",

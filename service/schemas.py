@@ -125,6 +125,7 @@ class AdapterChange(BaseModel):
     origin: str | None = None
     sha256: str | None = None
     new_domain: bool | None = None
+    warnings: list[str] | None = None
 
 
 class Health(BaseModel):

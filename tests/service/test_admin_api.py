@@ -118,6 +118,7 @@ def test_register_roll_back_and_remove(make_artifact: Callable[[str], Path]) -> 
             "registry_version": 0,
             "sha256": None,
             "new_domain": None,
+            "warnings": None,
         }
         assert predict(c, "25").json()["scores"] == before
 
@@ -220,6 +221,9 @@ def _bad_packages(model: Any, tmp: Path) -> dict[str, tuple[bytes, bytes]]:
         "gate scope unknown": malformed(gate_scope="bogus"),
         "domain a number": malformed(domain=57),
         "version a string": malformed(version="2"),
+        "future schema": malformed(schema_version=99),
+        "ranks not the model's": malformed(ranks=[8]),
+        "experts not the model's": malformed(experts=1_000_000_000),
     }
 
 
@@ -265,7 +269,7 @@ def test_refusals_name_the_problem(make_artifact: Callable[[str], Path], tmp_pat
         "other backbone": "dcn",
         "oversize": "MDLORA_MAX_ADAPTER_BYTES",
         "wrong shape": "shape",
-        "rank over the cap": "cap",
+        "rank over the cap": "ranks [512, 512], this model has",
         "pickle renamed": "pickle",
         "wrong dtype": "is int32, expected float32",
         "other backbone weights": "other backbone weights",
@@ -433,3 +437,26 @@ def test_packages_saved_in_another_float_type_are_cast(
         assert c.post("/v1/adapters", files=upload_files(pkg), headers=AUTH).status_code == 201
         want = predict(c, "half").json()["scores"]
     assert got == pytest.approx(want, abs=0.02)
+
+
+def test_a_package_without_its_backbone_checksum_is_taken_with_a_warning(
+    make_artifact: Callable[[str], Path],
+) -> None:
+    art = make_artifact("mlora")
+    pkg = demo_adapter(load_artifact(art).model, "age", "old-writer", seed=2)
+    del pkg.config["backbone_sha256"]
+    with client(art) as c:
+        r = c.post("/v1/adapters", files=upload_files(pkg), headers=AUTH)
+        assert r.status_code == 201, r.text
+        assert "backbone_sha256" in " ".join(r.json()["warnings"])
+        pkg = demo_adapter(load_artifact(art).model, "age", "new-writer", seed=2)
+        r = c.post("/v1/adapters", files=upload_files(pkg), headers=AUTH)
+        assert r.json()["warnings"] == []
+
+
+def test_the_rank_cap_reads_the_tensors(make_artifact: Callable[[str], Path]) -> None:
+    art = make_artifact("mlora")
+    pkg = demo_adapter(load_artifact(art).model, "age", "wide", seed=2)  # ranks [2, 1]
+    with client(art, max_adapter_rank=1) as c:
+        r = c.post("/v1/adapters", files=upload_files(pkg), headers=AUTH)
+    assert r.status_code == 422 and "rank 2 exceeds the cap 1" in r.json()["detail"], r.text
