@@ -7,11 +7,17 @@ default that suits one replica on a small machine.
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger("mdlora.service")
 
 
 def F(description: str, **constraints: Any) -> Any:
@@ -93,9 +99,29 @@ def settings_error_text(exc: ValidationError) -> str:
     return "invalid settings: " + "; ".join(lines)
 
 
+# MDLORA_* variables read by other parts (the CLI, compose, scripts), not by the service
+OTHER_VARIABLES = frozenset(
+    {"MDLORA_DATA_DIR", "MDLORA_PORT", "MDLORA_IMAGE_TAG", "MDLORA_TEST_REDIS_PORT"}
+)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """``MDLORA_*`` names in ``environ`` that nothing reads, each with a close known name
+    (``MDLORA_REGISTY`` would otherwise leave the registry local without a word)."""
+    known = {f"MDLORA_{name.upper()}" for name in ServiceSettings.model_fields} | OTHER_VARIABLES
+    out = []
+    for name in sorted(environ):
+        if name.startswith("MDLORA_") and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            out.append(name + (f" (did you mean {close[0]}?)" if close else ""))
+    return out
+
+
 def load_settings(**values: Any) -> ServiceSettings:
     """``ServiceSettings`` from the environment (and ``values``), or ValueError saying which
-    ``MDLORA_*`` variable is wrong."""
+    ``MDLORA_*`` variable is wrong. Unknown ``MDLORA_*`` variables are logged as warnings."""
+    for name in unknown_variables(os.environ):
+        log.warning("unknown setting %s is ignored", name)
     try:
         return ServiceSettings(**values)
     except ValidationError as exc:

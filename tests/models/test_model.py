@@ -261,3 +261,10 @@ def test_out_of_range_domain_ids_are_refused(method: str) -> None:
             model.score_batch(EncodedBatch(batch.sparse, batch.dense, wrong, batch.multi_hot))
     with pytest.raises(ValueError, match="domains must be"):
         model.score_batch(EncodedBatch(batch.sparse, batch.dense, batch.domains[:, 0], None))
+
+
+def test_the_package_exports_the_entry_points() -> None:
+    import models
+
+    assert models.MultiDomainModel is MultiDomainModel and models.EncodedBatch is EncodedBatch
+    assert set(models.__all__) >= {"ModelConfig", "Division", "FeatureSpec", "SparseField"}

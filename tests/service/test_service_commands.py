@@ -105,3 +105,10 @@ def test_serve_names_an_invalid_setting_by_its_variable(demo_artifacts: dict[str
     assert result.exit_code == 2, result.output
     assert "MDLORA_RUNTIME" in result.output and "'tensorrt'" in result.output
     assert "MDLORA_MAX_ITEMS" in result.output and "Traceback" not in result.output
+
+
+def test_unknown_mdlora_variables_are_named_with_the_close_one() -> None:
+    from service.settings import unknown_variables
+
+    env = {"MDLORA_REGISTY": "redis", "MDLORA_RUNTIME": "onnx", "MDLORA_DATA_DIR": "d", "X": "1"}
+    assert unknown_variables(env) == ["MDLORA_REGISTY (did you mean MDLORA_REGISTRY?)"]
