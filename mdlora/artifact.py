@@ -20,10 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
@@ -31,6 +33,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from mdlora.fileio import atomic_write, staging_dir
+from models.features import EncodedBatch
 from models.model import ModelConfig, MultiDomainModel
 from models.state import (
     TensorMismatchError,
@@ -373,6 +376,35 @@ class Artifact:
     encoder: dict[str, Any] | None = None
     path: Path | None = None
     adapter_versions: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def score(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """Click probabilities for raw records (dicts of column -> value, the domain columns
+        included), mixed domains in one model call, encoded as in training (unknown ids and
+        missing features as the training encoder treats them; an unknown domain raises).
+
+        ``art = load_artifact("runs/x/artifact"); art.score([{"user_id": 5, "movie_id": 3,
+        "age": "25"}])``
+        """
+        from mdlora.encoder import FeatureEncoder
+
+        if self.encoder is None:
+            raise ArtifactError("the artifact has no encoder.json: encode the rows yourself")
+        arrays = FeatureEncoder.from_dict(self.encoder).encode_records(records)
+        mh = arrays["multi_hot"]
+        device = self.model.device
+        batch = EncodedBatch(
+            torch.from_numpy(arrays["sparse"]).to(device),
+            torch.from_numpy(arrays["dense"]).to(device),
+            torch.from_numpy(arrays["domains"]).to(device),
+            None if mh is None else torch.from_numpy(mh).to(device),
+        )
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                return self.model.score_batch(batch).cpu().numpy()
+        finally:
+            self.model.train(was_training)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

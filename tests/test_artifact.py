@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -161,3 +162,21 @@ def test_adapter_package_round_trip_adds_a_domain(tmp_path: Path) -> None:
     assert new_id == 6
     with torch.no_grad():
         torch.testing.assert_close(target.score_batch(batch), source.score_batch(batch))
+
+
+def test_an_artifact_scores_raw_records_like_the_core(tmp_path: Path) -> None:
+    from service.demo import build_demo_artifact
+    from tests.service.helpers import core_scores
+
+    art_dir = build_demo_artifact(tmp_path / "a", method="mlora", division="age")
+    records = [
+        {"user_id": 5, "movie_id": 3, "age": 25, "gender": "F"},
+        {"user_id": 7, "movie_id": 9, "age": 56},
+        {"user_id": 999999, "movie_id": 12, "age": 18},
+    ]
+    art = load_artifact(art_dir)
+    got = art.score(records)
+    assert got.shape == (3,) and ((got > 0) & (got < 1)).all()
+    assert np.allclose(got, core_scores(art_dir, records), atol=1e-6)
+    with pytest.raises(ValueError, match="domain"):
+        art.score([{"user_id": 5, "movie_id": 3, "age": 99}])
