@@ -306,11 +306,13 @@ class Swapper:
 
     async def _call(self, conn: Connection, what: str, payload: bytes, ok: int) -> None:
         t0 = time.perf_counter()
-        status, _ = await conn.send(payload)
+        status, body = await conn.send(payload)
         t1 = time.perf_counter()
         self.windows.append((t0, t1 + self.SETTLE))
         self.log.append(f"{what} {status} {1000 * (t1 - t0):.0f} ms")
-        self.errors += status != ok
+        if status != ok:
+            self.errors += 1
+            self.log.append(f"  unexpected answer: {body[:200]!r}")
 
     async def run(self, stop: asyncio.Event) -> None:
         conn = await Connection.open(self.port)
@@ -532,9 +534,11 @@ def main() -> None:
         encoder = FeatureEncoder.from_dict(art.encoder)
         requests = make_requests(encoder, args.pool, args.candidates)
         payloads = [http_request("/predict", orjson.dumps(r)) for r in requests]
+        # three packages: rollback makes the previous registration active again, so with two
+        # every third registration would be the active package ("unchanged", no swap)
         packages = [
             adapter_package_bytes(demo_adapter(art.model, "occupation", "4", seed=s))
-            for s in (11, 12)
+            for s in (11, 12, 13)
         ]
         print(
             f"artifact: mlora/deepfm, {len(encoder.vocabs['user_id'])} users, "
