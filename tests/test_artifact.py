@@ -169,7 +169,7 @@ def test_an_artifact_scores_raw_records_like_the_core(tmp_path: Path) -> None:
     from tests.service.helpers import core_scores
 
     art_dir = build_demo_artifact(tmp_path / "a", method="mlora", division="age")
-    records = [
+    records: list[dict[str, object]] = [
         {"user_id": 5, "movie_id": 3, "age": 25, "gender": "F"},
         {"user_id": 7, "movie_id": 9, "age": 56},
         {"user_id": 999999, "movie_id": 12, "age": 18},
