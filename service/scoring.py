@@ -257,9 +257,15 @@ class Predictor:
             )
         missing = sorted(enc.columns - given)
         if missing:
+            where = (
+                "or publish them to the feature store (mdlora publish-features)"
+                if self.store is not None
+                else "or publish them (mdlora publish-features) and serve with "
+                "MDLORA_FEATURE_STORE=redis"
+            )
             out.append(
                 f"no value for feature(s) {missing[:10]}: scored as missing (send them in "
-                "user.features / items[].features, or publish them to the feature store)"
+                f"user.features / items[].features, {where})"
             )
         uf, itf = self.user_field, self.item_field
         if (

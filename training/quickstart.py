@@ -66,6 +66,11 @@ def quickstart(
     print(f"3/4 exporting the artifact to {out}")
     for path in export_run(run_dir, out, onnx=onnx):
         print(f"    artifact written: {path}")
+    from training.data.synthetic import write_synthetic
+
+    table = write_synthetic(run_dir / "data.parquet", **QUICKSTART_DATA)  # the same rows
+    print(f"    the generated table: {table} (online features into Redis: "
+          f"mdlora publish-features --artifact {out} --data {table})")  # fmt: skip
     if not serve:
         print(f"4/4 skipped serving (--no-serve); start it with: mdlora serve --artifact {out}")
         return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import training.quickstart as qs
@@ -30,3 +31,7 @@ def test_quickstart_without_serving_trains_compares_and_exports(
     assert result.reference is not None
     art = load_artifact(tmp_path / "art")
     assert art.model.config.method == "mlora" and art.encoder is not None
+    # the generated table is written beside the run, the same rows training used
+    table = pd.read_parquet(tmp_path / "art-run" / "data.parquet")
+    assert len(table) == 8000 and {"user_id", "item_id", "domain"} <= set(table.columns)
+    assert "mdlora publish-features --artifact" in out
