@@ -379,6 +379,11 @@ def create_app(
         ]
         where = ".".join(errors[0]["loc"]) if errors else "request"
         msg = errors[0]["msg"] if errors else "invalid"
+        if "Expected UploadFile" in msg:  # a form text field where a file part belongs
+            field = errors[0]["loc"][-1]
+            msg = f"send {field} as a file part (curl -F {field}=@{field}.json style), not as text"
+            if field == "adapter_model":
+                msg = msg.replace(".json", ".safetensors")
         return _error(422, {"detail": f"invalid request at {where}: {msg}", "errors": errors})
 
     app.openapi = _openapi(app)  # type: ignore[method-assign]

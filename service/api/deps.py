@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
@@ -39,11 +40,39 @@ def parse_body(model: type[M], body: bytes) -> M:
         loc = errors[0]["loc"] if errors else ()
         msg = errors[0]["msg"] if errors else "invalid"
         where = ".".join(str(p) for p in loc) or "body"
-        raise ServiceError(
-            422,
-            f"invalid request body at {where}: {msg}{_hint(errors[0] if errors else None)}",
-            errors=_jsonable(errors),
-        ) from None
+        union = _union_error(exc.errors(include_url=False, include_context=False))
+        detail = (
+            f"invalid request body at {union}"
+            if union
+            else f"invalid request body at {where}: {msg}{_hint(errors[0] if errors else None)}"
+        )
+        raise ServiceError(422, detail, errors=_jsonable(errors)) from None
+
+
+_KINDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true/false"}
+
+
+def _kind(tag: Any) -> str | None:
+    """What a union member's tag in an error location stands for (None: not a tag)."""
+    if not isinstance(tag, str):
+        return None
+    return _KINDS.get(tag) or ("a list" if tag.startswith("list[") else None)
+
+
+def _union_error(errors: list[Any]) -> str | None:
+    """One line for a value that matched no member of a union (pydantic reports one error
+    per member, the first of which, "should be a valid string", misleads for 196.5)."""
+    if not errors or len(errors[0]["loc"]) < 2 or _kind(errors[0]["loc"][-1]) is None:
+        return None
+    base = tuple(errors[0]["loc"][:-1])
+    kinds = [
+        k
+        for e in errors
+        if tuple(e["loc"][:-1]) == base and (k := _kind(e["loc"][-1])) is not None
+    ]
+    shown = json.dumps(errors[0].get("input"), default=str)[:80]  # as the client wrote it
+    where = ".".join(str(p) for p in base)
+    return f"{where}: expected {' or '.join(dict.fromkeys(kinds))}, got {shown}"
 
 
 def _hint(error: Any) -> str:

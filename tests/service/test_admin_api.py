@@ -295,8 +295,15 @@ def test_missing_upload_fields_are_422(make_artifact: Callable[[str], Path]) -> 
     with client(make_artifact("mlora")) as c:
         r = c.post("/v1/adapters", files={"adapter_config": ("c", b"{}")}, headers=AUTH)
         j = c.post("/v1/adapters", json={"x": 1}, headers=AUTH)
+        text = c.post(
+            "/v1/adapters",
+            data={"adapter_config": "{}"},
+            files={"adapter_model": ("m", b"x")},
+            headers=AUTH,
+        )
     assert r.status_code == 422 and "adapter_model" in r.json()["detail"]
     assert j.status_code == 422
+    assert text.status_code == 422 and "send adapter_config as a file part" in text.json()["detail"]
 
 
 def test_models_describes_the_serving_snapshot(make_artifact: Callable[[str], Path]) -> None:

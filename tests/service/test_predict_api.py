@@ -331,3 +331,14 @@ def test_every_scoring_mode_gives_the_cores_scores(
             {"user_id": req["user"]["id"], "movie_id": i, "age": req["domain"]} for i in ITEMS
         ]
         np.testing.assert_allclose(got["scores"], core_scores(art, records), atol=1e-6)
+
+
+def test_a_value_of_no_accepted_type_is_named_once(make_artifact: Callable[[str], Path]) -> None:
+    with TestClient(create_app(ServiceSettings(artifact_dir=make_artifact("mlora")))) as c:
+        r = c.post("/predict", json={"domain": "25", "user": {"id": 196.5}, "item_ids": [3]})
+        assert r.status_code == 422
+        assert r.json()["detail"] == (
+            "invalid request body at user.id: expected a string or an integer, got 196.5"
+        )
+        r = c.post("/predict", json={"domain": "25", "item_ids": [3, True]})
+        assert r.json()["detail"].endswith("item_ids.1: expected a string or an integer, got true")
