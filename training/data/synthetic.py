@@ -30,6 +30,7 @@ __all__ = [
     "make_synthetic",
     "synthetic_schema",
     "synthetic_setting",
+    "write_movielens_1m_like",
     "write_synthetic",
 ]
 
@@ -188,3 +189,62 @@ def synthetic_setting(
         },
     )
     return prepared
+
+
+_ML_GENRES = ("Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+              "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance",
+              "Sci-Fi", "Thriller", "War", "Western")  # fmt: skip
+
+
+def write_movielens_1m_like(
+    folder: str | Path,
+    n_users: int = 600,
+    n_movies: int = 400,
+    n_ratings: int = 40_000,
+    seed: int = 0,
+) -> Path:
+    """Write a small data set in MovieLens-1M's exact file layout (``users.dat``,
+    ``movies.dat``, ``ratings.dat``, ``::``-separated, latin-1), with random users of every
+    gender, age code and occupation, and ratings that depend on user, movie and the user's
+    gender x the movie's first genre (so per-domain effects exist).
+
+    For trying the ML-1M presets and ``mdlora reproduce`` where the real files are not at
+    hand (they cannot be redistributed); it is NOT MovieLens: its numbers mean nothing.
+    """
+    from training.data.movielens import ML1M_AGE_CODES
+
+    rng = np.random.default_rng(seed)
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    users = pd.DataFrame({
+        "user_id": np.arange(1, n_users + 1),
+        "gender": rng.choice(["F", "M"], n_users, p=[0.3, 0.7]),
+        "age": np.resize(ML1M_AGE_CODES, n_users)[rng.permutation(n_users)],
+        "occupation": np.resize(np.arange(21), n_users)[rng.permutation(n_users)],
+        "zip": [f"{z:05d}" for z in rng.integers(0, 99_999, n_users)],
+    })  # fmt: skip
+    genres = [
+        "|".join(rng.choice(_ML_GENRES, rng.integers(1, 4), replace=False))
+        for _ in range(n_movies)
+    ]
+    movies = pd.DataFrame({
+        "movie_id": np.arange(1, n_movies + 1),
+        "title": [f"Movie {i} (19{70 + i % 30})" for i in range(1, n_movies + 1)],
+        "genres": genres,
+    })  # fmt: skip
+    u = rng.integers(0, n_users, n_ratings)
+    m = rng.integers(0, n_movies, n_ratings)
+    first = np.array([_ML_GENRES.index(g.split("|")[0]) for g in genres])
+    taste = rng.normal(0, 1.0, (2, len(_ML_GENRES)))  # gender x genre
+    female = (users["gender"].to_numpy() == "F").astype(int)
+    score = (rng.normal(0, 0.7, n_users)[u] + rng.normal(0, 0.7, n_movies)[m]
+             + taste[female[u], first[m]] + rng.normal(0, 0.8, n_ratings))  # fmt: skip
+    rating = np.clip(np.round(3.6 + score), 1, 5).astype(int)
+    ratings = pd.DataFrame({
+        "user_id": u + 1, "movie_id": m + 1, "rating": rating,
+        "timestamp": 978_300_000 + rng.integers(0, 10_000_000, n_ratings),
+    })  # fmt: skip
+    for name, frame in (("users.dat", users), ("movies.dat", movies), ("ratings.dat", ratings)):
+        lines = ["::".join(str(v) for v in row) for row in frame.itertuples(index=False)]
+        (out / name).write_text("\n".join(lines) + "\n", encoding="latin-1")
+    return out
