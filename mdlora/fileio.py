@@ -14,15 +14,26 @@ import tempfile
 from pathlib import Path
 
 
+def _umask_now() -> int:
+    """Set-and-restore (``os.umask`` has no getter); only at import, before threads exist."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_IMPORT_UMASK = _umask_now()
+
+
 def _umask() -> int:
-    """The process umask, read without changing it (``os.umask`` sets it, racing threads)."""
+    """The process umask: from /proc where there is one (no race with other threads), else
+    as it was when this module was imported."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):
         pass
-    return 0o022
+    return _IMPORT_UMASK
 
 
 def file_mode() -> int:

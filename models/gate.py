@@ -58,12 +58,12 @@ class DomainGate(nn.Module):
             gate[d, sel] = torch.softmax(logits[d, sel], dim=0)
         return gate, usable
 
-    @torch.no_grad()
     def scope(self, domain: int) -> str:
         """``"own"`` if ``domain``'s gate row sees only its own experts, else ``"all"``."""
         others = self.owner != domain
         return "own" if bool(torch.isinf(self.mask[domain, others]).all()) else "all"
 
+    @torch.no_grad()
     def grow(self, new_experts: int, scope: str = "all") -> int:
         """Add one domain and ``new_experts`` experts it owns; returns the new domain's id.
 

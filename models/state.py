@@ -9,10 +9,14 @@ against the model (names, shapes, dtypes, finite values) before it changes anyth
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
 from models.model import MultiDomainModel
+
+log = logging.getLogger("mdlora.models")
 
 ADAPTER_PREFIXES = ("tower.banks.", "tower.lora_sets.", "tower.domain_norms.div:")
 
@@ -135,6 +139,27 @@ def check_tensors(
             raise TensorMismatchError(f"{what}: tensor {name!r} has NaN or infinite values")
 
 
+def gate_scope_conflict(
+    model: MultiDomainModel, division: str, domain: str, gate_scope: str | None
+) -> str | None:
+    """Why an adapter asking for ``gate_scope`` does not fit ``domain``'s gate row, or None.
+
+    The scope is fixed when a domain is added; an adapter trained against the other row
+    would be served with a gate it was not trained with.
+    """
+    names = model.domain_names(division)
+    if domain not in names or gate_scope is None or model.gate is None:
+        return None
+    held = model.gate.scope(names.index(domain))
+    if held == gate_scope:
+        return None
+    return (
+        f"{division}/{domain} is served with gate scope {held!r} and this adapter asks for "
+        f"{gate_scope!r}; the scope is fixed when a domain is added, so remove the domain "
+        "first (DELETE its adapter) to register it with another scope"
+    )
+
+
 @torch.no_grad()
 def install_adapter(
     model: MultiDomainModel,
@@ -146,8 +171,8 @@ def install_adapter(
     """Write one domain's adapter into ``model``, adding the domain if it is new.
 
     ``gate_scope`` (MoE): which experts a new domain's gate row sees (``"all"`` when None).
-    The scope is fixed when a domain is added, so for an existing domain a different scope is
-    refused rather than ignored (the adapter was trained against the other gate row).
+    The scope is fixed when a domain is added: for an existing domain a different scope is
+    logged and the served row kept (registration refuses it: :func:`gate_scope_conflict`).
     Everything is validated before the model changes; on error the model is untouched.
     Returns the domain id.
     """
@@ -156,14 +181,9 @@ def install_adapter(
     if gate_scope not in (None, "all", "own"):
         raise ValueError(f"gate_scope must be 'all' or 'own', got {gate_scope!r}")
     names = model.domain_names(division)
-    if domain in names and gate_scope is not None and model.gate is not None:
-        held = model.gate.scope(names.index(domain))
-        if held != gate_scope:
-            raise ValueError(
-                f"{division}/{domain} is served with gate scope {held!r} and this adapter asks "
-                f"for {gate_scope!r}; the scope is fixed when a domain is added, so remove the "
-                "domain first (DELETE its adapter) to register it with another scope"
-            )
+    conflict = gate_scope_conflict(model, division, domain, gate_scope)
+    if conflict:  # (registration refuses this first; a stored older package still loads)
+        log.warning("%s; keeping the served gate row", conflict)
     device = model.device
     tensors = {k: v.to(device) for k, v in tensors.items()}
     d = (

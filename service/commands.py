@@ -134,15 +134,14 @@ def register(app: typer.Typer) -> None:
                         f"{data} has no {col!r} column (the id column the model reads); "
                         f"its columns: {list(frame.columns)[:20]} (see --user-field/--item-field)"
                     )
+        except (ArtifactError, ValueError, KeyError, OSError) as exc:  # DataError: ValueError
+            _exit(error_text(exc))
+        try:
             client = redis.Redis.from_url(url, decode_responses=True)
             client.ping()
             result = publish_features(frame, encoder, user_col, item_col, client, key_prefix)
-        except (redis.RedisError, OSError) as exc:
-            if isinstance(exc, FileNotFoundError):
-                _exit(error_text(exc))
+        except (redis.RedisError, ConnectionError, TimeoutError) as exc:
             _exit(f"cannot reach or write Redis at {url}: {exc}")
-        except (ArtifactError, ValueError, KeyError) as exc:  # DataError is a ValueError
-            _exit(error_text(exc))
         console.print(
             f"published {result['users']} users ({', '.join(result['user_columns']) or '-'}) "
             f"and {result['items']} items ({', '.join(result['item_columns']) or '-'}) "

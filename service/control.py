@@ -35,7 +35,7 @@ from mdlora.artifact import (
     package_digest,
     parse_adapter_package,
 )
-from models.state import TensorMismatchError
+from models.state import TensorMismatchError, gate_scope_conflict
 from service.errors import ServiceError
 from service.metrics import ServiceMetrics
 from service.registry import (
@@ -346,9 +346,12 @@ class ControlPlane:
         try:
             pkg = parse_adapter_package(config, weights, self.max_adapter_bytes)
             key = (check_name("division", pkg.division), check_name("domain", pkg.domain))
-            check_adapter_fits(
-                self.holder.current.model, pkg, self.base.max_rank, self.base.backbone_sha256
-            )
+            model = self.holder.current.model
+            check_adapter_fits(model, pkg, self.base.max_rank, self.base.backbone_sha256)
+            scope = pkg.config.get("gate_scope")
+            conflict = gate_scope_conflict(model, key[0], key[1], scope)
+            if conflict:
+                raise ArtifactError(conflict)
         except ArtifactError as exc:
             raise self._refuse(422, f"adapter refused: {exc}") from None
         digest = package_digest(config, weights)

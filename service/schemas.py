@@ -4,11 +4,30 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 
 FeatureValue = str | int | float | bool | None | list[str | int | float]
-# strict: a JSON true/false or 196.5 is refused, not taken as the id 1 / 0 / 196
-Id = StrictStr | StrictInt
+def _id(value: Any) -> Any:
+    """An id is a string or an integer: 196.0 (a float64 id column serialised) is 196; true,
+    false and 196.5 are refused (they used to pass as the ids 1 and 0)."""
+    if isinstance(value, bool):
+        raise ValueError("an id is a string or an integer, not true/false")
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise ValueError(f"an id is a string or an integer, got {value}")
+    return value
+
+
+Id = Annotated[StrictStr | StrictInt, BeforeValidator(_id)]
 # A domain is named by a string; an integer is taken as its decimal string ("occupation": 4).
 DomainName = Annotated[str, Field(max_length=128)] | int
 

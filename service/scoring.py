@@ -42,6 +42,7 @@ class Gathered:
     n: int
     warnings: list[str] = field(default_factory=list)
     id_columns: tuple[str, ...] = ()  # item columns filled from validated ids only
+    stored: set[str] = field(default_factory=set)  # columns filled from the feature store
 
 
 @dataclass
@@ -158,6 +159,8 @@ class Predictor:
             g.warnings.append(FEATURE_STORE_DOWN)
             return
         g.user.update(user)
+        g.stored.update(user)
+        g.stored.update(items)
         for col, stored in items.items():
             have = g.items.get(col)
             g.items[col] = (
@@ -285,10 +288,12 @@ class Predictor:
                     f"{len(oov)} of {g.n} item ids are not in the model's vocabulary (scored as "
                     f"new items), e.g. {oov[:5]}"
                 )
+        # only what the request itself sent (published features were numbers when written)
         bad = [
             c
             for c in enc.dense
-            if _not_a_number(user.get(c)) or any(_not_a_number(v) for v in g.items.get(c, ()))
+            if c not in g.stored
+            and (_not_a_number(user.get(c)) or any(map(_not_a_number, g.items.get(c, ()))))
         ]
         if bad:
             out.append(
@@ -347,8 +352,11 @@ class Predictor:
 
 def _not_a_number(v: Any) -> bool:
     """A given value that a dense feature cannot use as is (text, NaN, infinity)."""
-    if v is None or isinstance(v, bool):
+    cls = v.__class__
+    if cls is int or cls is bool or v is None:  # the common cases first, without float()
         return False
+    if cls is float:
+        return not math.isfinite(v)
     try:
         return not math.isfinite(float(v))
     except (TypeError, ValueError):

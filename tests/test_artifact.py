@@ -165,6 +165,10 @@ def test_adapter_package_round_trip_adds_a_domain(tmp_path: Path) -> None:
 
 
 def test_an_artifact_scores_raw_records_like_the_core(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from mdlora.encoder import FeatureEncoder
+    from models.features import EncodedBatch
     from service.demo import build_demo_artifact
     from tests.service.helpers import core_scores
 
@@ -178,5 +182,11 @@ def test_an_artifact_scores_raw_records_like_the_core(tmp_path: Path) -> None:
     got = art.score(records)
     assert got.shape == (3,) and ((got > 0) & (got < 1)).all()
     assert np.allclose(got, core_scores(art_dir, records), atol=1e-6)
+    # ... and like the training encoder's own transform of the same rows
+    enc = FeatureEncoder.from_dict(art.encoder or {})
+    arrays = enc.transform(pd.DataFrame(records))
+    batch = EncodedBatch(*(torch.from_numpy(arrays[k]) for k in ("sparse", "dense", "domains")))
+    with torch.inference_mode():
+        assert np.allclose(got, art.model.score_batch(batch).numpy(), atol=1e-6)
     with pytest.raises(ValueError, match="domain"):
         art.score([{"user_id": 5, "movie_id": 3, "age": 99}])

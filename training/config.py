@@ -136,6 +136,12 @@ class TrainConfig:
         from models.backbones import BACKBONES
         from models.tower import ACTIVATIONS
 
+        if isinstance(self.backbone, str):
+            self.backbone = self.backbone.lower()  # "DeepFM" is deepfm
+        for name in ("tower", "ranks"):  # a tuple from the Python API is a list
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
+
         if self.activation not in ACTIVATIONS:
             raise ConfigError(
                 f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
@@ -170,8 +176,8 @@ class TrainConfig:
         if self.l2 is not None and self.l2 < 0:
             raise ConfigError(f"l2 must be >= 0, got {self.l2}")
         for k, v in self.phase_lr.items():
-            if not v > 0:
-                raise ConfigError(f"phase_lr.{k} must be > 0, got {v}")
+            if not v >= 0:
+                raise ConfigError(f"phase_lr.{k} must be >= 0, got {v}")
 
     @property
     def model_method(self) -> str:

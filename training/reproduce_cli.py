@@ -83,7 +83,7 @@ def register_reproduce(app: typer.Typer) -> None:
             None, "--epochs", help="Maximum epochs per phase (default 10 with early stopping)."
         ),
         device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda."),
-        threads: int | None = typer.Option(None, "--threads", help="torch CPU threads."),
+        threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
         report_only: bool = typer.Option(
             False, "--report-only",
             help="Only rebuild docs/results.md and the plots from the cache.",

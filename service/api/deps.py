@@ -68,8 +68,12 @@ def _union_error(errors: list[Any]) -> str | None:
     kinds = [
         k
         for e in errors
-        if tuple(e["loc"][:-1]) == base and (k := _kind(e["loc"][-1])) is not None
+        if tuple(e["loc"][:-1]) == base
+        and e.get("type") != "extra_forbidden"
+        and (k := _kind(e["loc"][-1])) is not None
     ]
+    if len(kinds) < 2:  # not a union (e.g. an unknown key named "str")
+        return None
     shown = json.dumps(errors[0].get("input"), default=str)[:80]  # as the client wrote it
     where = ".".join(str(p) for p in base)
     return f"{where}: expected {' or '.join(dict.fromkeys(kinds))}, got {shown}"

@@ -207,7 +207,7 @@ def _bad_packages(model: Any, tmp: Path) -> dict[str, tuple[bytes, bytes]]:
         "other tower": adapter_package_bytes(demo_adapter(other_tower, "age", "88")),
         "other backbone weights": adapter_package_bytes(demo_adapter(retrained, "age", "88")),
         "path in domain name": adapter_package_bytes(bad_name),
-        "rank over the cap": (json.dumps(big_rank).encode(), weights),
+        "ranks not the model's (over the cap)": (json.dumps(big_rank).encode(), weights),
         "unknown division": adapter_package_bytes(
             AdapterPackage(dict(good.config, division="gender"), good.tensors)
         ),
@@ -269,7 +269,7 @@ def test_refusals_name_the_problem(make_artifact: Callable[[str], Path], tmp_pat
         "other backbone": "dcn",
         "oversize": "MDLORA_MAX_ADAPTER_BYTES",
         "wrong shape": "shape",
-        "rank over the cap": "ranks [512, 512], this model has",
+        "ranks not the model's (over the cap)": "ranks [512, 512], this model has",
         "pickle renamed": "pickle",
         "wrong dtype": "is int32, expected float32",
         "other backbone weights": "other backbone weights",
@@ -464,6 +464,30 @@ def test_a_package_without_its_backbone_checksum_is_taken_with_a_warning(
 def test_the_rank_cap_reads_the_tensors(make_artifact: Callable[[str], Path]) -> None:
     art = make_artifact("mlora")
     pkg = demo_adapter(load_artifact(art).model, "age", "wide", seed=2)  # ranks [2, 1]
+    del pkg.config["ranks"]  # only the tensors can tell
     with client(art, max_adapter_rank=1) as c:
         r = c.post("/v1/adapters", files=upload_files(pkg), headers=AUTH)
     assert r.status_code == 422 and "rank 2 exceeds the cap 1" in r.json()["detail"], r.text
+
+
+def test_a_stored_package_with_another_gate_scope_still_loads(
+    make_artifact: Callable[[str], Path],
+) -> None:
+    """Registries written before the scope check could hold a package for an artifact domain
+    that says gate_scope "own" (the demo helper wrote that): it loads as before, with its
+    tensors, and only a new registration of such a package is refused."""
+    from service.registry import LocalRegistry, RegistryState, new_record, set_active
+
+    art = make_artifact("moe")
+    pkg = demo_adapter(load_artifact(art).model, "gender", "F", seed=5)
+    pkg.config["gate_scope"] = "own"
+    config, weights = adapter_package_bytes(pkg)
+    record = new_record(2, config, weights)
+    state = RegistryState().with_entry(("gender", "F"), set_active(None, 2, record))
+    LocalRegistry(art).commit(0, state, (("gender", "F"), record, config, weights))
+    with client(art) as c:
+        assert c.get("/readyz").json()["status"] == "ready"
+        r = c.post("/predict", json={**PREDICT, "domain": "F"})
+        assert r.json()["adapter_versions"] == {"gender": 2}
+        again = c.post("/v1/adapters", files=upload_files(_renamed(pkg, version=3)), headers=AUTH)
+        assert again.status_code == 422 and "scope" in again.json()["detail"]

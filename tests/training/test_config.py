@@ -75,3 +75,11 @@ def test_fingerprint_ignores_outputs_but_not_training_knobs(tmp_path: Path) -> N
 def test_model_settings_out_of_range_are_refused(override: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         load_config(CONFIGS / "synthetic-quickstart.yaml", [override])
+
+
+def test_the_python_api_spellings_still_load() -> None:
+    from training.config import config_from_dict
+
+    cfg = config_from_dict({"backbone": "DeepFM", "tower": (64, 32), "ranks": (4, 2),
+                            "phase_lr": {"adapters": 0}})  # fmt: skip
+    assert (cfg.backbone, cfg.tower, cfg.ranks) == ("deepfm", [64, 32], [4, 2])

@@ -566,6 +566,8 @@ def test_dense_columns_with_text_or_infinities_are_refused() -> None:
     schema = TableSchema(label="label", divisions=["d"], sparse=["u"], dense=["age"])
     frame = pd.DataFrame({"label": [0, 1, 0], "d": ["a", "a", "b"], "u": [1, 2, 3]})
     validate_table(frame.assign(age=[1.0, np.nan, 3.0]), schema)  # missing values are fine
+    validate_table(frame.assign(age=["1", "", " NaN "]), schema)  # and so is text for missing
+    validate_table(frame.assign(age=pd.array([1, None, 3], dtype="Int64")), schema)
     with pytest.raises(DataError, match=r"'age' has 1 value\(s\) that are not numbers.*'old'"):
         validate_table(frame.assign(age=["1", "old", "3"]), schema)
     with pytest.raises(DataError, match="'age' has 2 infinite"):

@@ -209,13 +209,21 @@ def validate_table(df: pd.DataFrame, schema: TableSchema, source: str = "table")
     return labels
 
 
+# text that means "no value" (pandas' CSV reader treats these as missing too)
+_MISSING_TEXT = ("", "nan", "na", "n/a", "null", "none", "<na>", "-nan", "#n/a")
+
+
 def check_dense_column(values: pd.Series, what: str) -> None:
     """Refuse a dense column with text that is not a number, or infinite values (missing
     values are fine: they are scaled to 0)."""
     if pd.api.types.is_bool_dtype(values.dtype):
         return
     nums = pd.to_numeric(values, errors="coerce")
-    bad = values[nums.isna() & values.notna()]
+    given = values.notna()
+    if values.dtype == object or pd.api.types.is_string_dtype(values.dtype):
+        text = values.astype("string").str.strip().str.lower()
+        given &= ~text.isin(_MISSING_TEXT).fillna(True)  # "", "NaN", "null" ... are missing
+    bad = values[nums.isna() & given]
     if len(bad):
         examples = sorted({str(v) for v in bad.iloc[:1000]})[:5]
         raise DataError(
