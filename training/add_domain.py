@@ -120,8 +120,9 @@ class AddDomainResult:
         lines = [
             f"domain {self.domain!r} added to division {self.division!r} as id {self.domain_id}"
             f" ({self.rows_train} training rows, {self.rows_val} validation rows)",
-            f"validation AUC: backbone alone {pct(self.val_auc_backbone)}, "
-            f"with the new adapter {pct(self.val_auc)}",
+            f"validation AUC over all the domain's validation rows: backbone alone "
+            f"{pct(self.val_auc_backbone)}, with the new adapter {pct(self.val_auc)} (the "
+            "phases' per-epoch 'val mean AUC' averages per-domain AUCs, so it can differ)",
         ]
         lines += [f"warning: {w}" for w in self.warnings()]
         if self.package_dir is not None:
