@@ -381,9 +381,14 @@ class MultiDomainModel(nn.Module):
                 logit = logit + self.dense_linear(dense).squeeze(-1)
         return logit
 
-    def score_batch(self, batch: EncodedBatch) -> Tensor:
-        """Click probabilities ``[B]`` for an :class:`EncodedBatch` (domain ids checked)."""
-        self.check_domain_ids(batch.domains)
+    def score_batch(self, batch: EncodedBatch, check: bool = True) -> Tensor:
+        """Click probabilities ``[B]`` for an :class:`EncodedBatch`.
+
+        ``check``: refuse domain ids the divisions do not have (costs a device sync on CUDA;
+        a caller whose ids come from this model's own domain table may skip it).
+        """
+        if check:
+            self.check_domain_ids(batch.domains)
         return torch.sigmoid(self(batch.sparse, batch.dense, batch.domains, batch.multi_hot))
 
     def check_domain_ids(self, domains: Tensor) -> None:

@@ -174,8 +174,8 @@ class TorchRunner:
             domains=torch.from_numpy(rows.domains).to(dev, non_blocking=True),
             multi_hot=None if rows.multi_hot is None else torch.from_numpy(rows.multi_hot).to(dev),
         )
-        with torch.inference_mode():
-            return model.score_batch(batch).float().cpu().numpy()
+        with torch.inference_mode():  # ids come from the snapshot's own domain table
+            return model.score_batch(batch, check=dev.type == "cpu").float().cpu().numpy()
 
     def score(self, rows: Rows) -> np.ndarray:
         if rows.backbone is None or not rows.backbone.any() or self.backbone_model is None:
