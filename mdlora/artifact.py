@@ -99,6 +99,11 @@ def _expected(listing: dict[str, dict[str, Any]]) -> dict[str, tuple[tuple[int, 
     return {k: (tuple(v["shape"]), _dtype(v["dtype"])) for k, v in listing.items()}
 
 
+def _is_pickle(data: bytes) -> bool:
+    """A torch.save zip archive or a raw pickle (protocol 2, 4 or 5)."""
+    return data[:4] == b"PK\x03\x04" or data[:2] in (b"\x80\x02", b"\x80\x04", b"\x80\x05")
+
+
 def load_safetensors_bytes(data: bytes, what: str) -> dict[str, Tensor]:
     """Parse safetensors bytes (never pickle), turning any parse failure into ArtifactError."""
     if len(data) < 8:
@@ -107,7 +112,7 @@ def load_safetensors_bytes(data: bytes, what: str) -> dict[str, Tensor]:
         return st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         # (checked only after the parse failed: a safetensors header length may start so too)
-        if data[:4] == b"PK\x03\x04" or data[:2] in (b"\x80\x02", b"\x80\x04", b"\x80\x05"):
+        if _is_pickle(data):
             raise ArtifactError(
                 f"{what} is a torch.save / pickle file; pickles are never loaded (they can run "
                 "code): save the tensors with safetensors.torch.save_file"
@@ -225,7 +230,14 @@ def parse_adapter_package(
         raise ArtifactError(f"{ADAPTER_CONFIG} is not an mdlora adapter config (format field)")
     _check_config_fields(config)
     if "sha256" in config and config["sha256"] != sha256_bytes(weights):
-        raise ArtifactError(f"{ADAPTER_WEIGHTS} does not match the checksum in {ADAPTER_CONFIG}")
+        hint = (
+            " (and it is a torch.save / pickle file, which is never loaded)"
+            if _is_pickle(weights)
+            else ""
+        )
+        raise ArtifactError(
+            f"{ADAPTER_WEIGHTS} does not match the checksum in {ADAPTER_CONFIG}{hint}"
+        )
     tensors = load_safetensors_bytes(weights, ADAPTER_WEIGHTS)
     try:
         check_tensors(_expected(config["tensors"]), tensors, ADAPTER_WEIGHTS)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Create .venv in the project root and install mdlora into it.
 # The CPU build of torch goes in first: a plain `torch` requirement on a machine with nothing
-# installed would pull a multi-GB CUDA build. Set TORCH_INDEX_URL to choose another build
-# (e.g. https://download.pytorch.org/whl/cu124 on a GPU machine).
+# installed would pull a multi-GB CUDA build from PyPI. In order: TORCH_INDEX_URL if set
+# (e.g. https://download.pytorch.org/whl/cu128 on a GPU machine); else the 2.13.0+cpu wheel
+# from pip's configured indexes / find-links; else PyTorch's CPU index.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -15,8 +16,10 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   echo "[setup] installing torch==2.13.0 (CPU build)"
   if [ -n "${TORCH_INDEX_URL:-}" ]; then
     .venv/bin/pip install --quiet "torch==2.13.0" --index-url "$TORCH_INDEX_URL"
-  else
-    .venv/bin/pip install --quiet "torch==2.13.0"
+  elif ! .venv/bin/pip install --quiet "torch==2.13.0+cpu" 2>/dev/null; then
+    echo "[setup] no torch 2.13.0+cpu wheel in pip's indexes: trying PyTorch's CPU index"
+    .venv/bin/pip install --quiet "torch==2.13.0" \
+      --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
   fi
 fi
 stamp=".venv/.mdlora-installed${EXTRAS:+-$EXTRAS}"

@@ -51,6 +51,7 @@ def runtime_requirements(
     excluded = {canonical(name) for name in exclude or []}
     replacements = {canonical(old): new for old, new in (replace or {}).items()}
     out: list[str] = []
+    emitted: set[str] = set()
     for req in deps:
         name = requirement_name(req)
         if name in excluded:
@@ -58,8 +59,11 @@ def runtime_requirements(
         if name in replacements:
             # Version bounds of the original are dropped on purpose: the two
             # builds are versioned independently.
-            out.append(replacements[name])
+            req = replacements[name]
+            name = requirement_name(req)
+        if name in emitted:  # e.g. the replacement is also listed for another platform
             continue
+        emitted.add(name)
         out.append(req)
     return out
 
