@@ -191,11 +191,6 @@ def synthetic_setting(
     return prepared
 
 
-_ML_GENRES = ("Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-              "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance",
-              "Sci-Fi", "Thriller", "War", "Western")  # fmt: skip
-
-
 def write_movielens_1m_like(
     folder: str | Path,
     n_users: int = 600,
@@ -211,7 +206,9 @@ def write_movielens_1m_like(
     For trying the ML-1M presets and ``mdlora reproduce`` where the real files are not at
     hand (they cannot be redistributed); it is NOT MovieLens: its numbers mean nothing.
     """
-    from training.data.movielens import ML1M_AGE_CODES
+    from training.data.movielens import ML1M_AGE_CODES, ML100K_GENRES
+
+    genre_names = ML100K_GENRES[1:]  # ML-1M's 18 genres (ML-100K adds "unknown")
 
     rng = np.random.default_rng(seed)
     out = Path(folder)
@@ -224,7 +221,7 @@ def write_movielens_1m_like(
         "zip": [f"{z:05d}" for z in rng.integers(0, 99_999, n_users)],
     })  # fmt: skip
     genres = [
-        "|".join(rng.choice(_ML_GENRES, rng.integers(1, 4), replace=False))
+        "|".join(rng.choice(genre_names, rng.integers(1, 4), replace=False))
         for _ in range(n_movies)
     ]
     movies = pd.DataFrame({
@@ -234,8 +231,8 @@ def write_movielens_1m_like(
     })  # fmt: skip
     u = rng.integers(0, n_users, n_ratings)
     m = rng.integers(0, n_movies, n_ratings)
-    first = np.array([_ML_GENRES.index(g.split("|")[0]) for g in genres])
-    taste = rng.normal(0, 1.0, (2, len(_ML_GENRES)))  # gender x genre
+    first = np.array([genre_names.index(g.split("|")[0]) for g in genres])
+    taste = rng.normal(0, 1.0, (2, len(genre_names)))  # gender x genre
     female = (users["gender"].to_numpy() == "F").astype(int)
     score = (rng.normal(0, 0.7, n_users)[u] + rng.normal(0, 0.7, n_movies)[m]
              + taste[female[u], first[m]] + rng.normal(0, 0.8, n_ratings))  # fmt: skip
