@@ -4,8 +4,11 @@ A *phase* names which stage the model runs in (``model.set_stage``), which param
 train (``models.freeze.set_trainable``), and which rows it trains and validates on. Every
 phase of every method runs through :func:`train_phase`: a fresh Adam (no weight decay, so
 row-frozen tensors stay bit-identical), an explicit L2 loss term on the embeddings and the
-linear / cross parts, early stopping on the mean per-domain validation AUC, and the best
-epoch's weights restored at the end.
+linear / cross parts, early stopping on the mean per-domain validation AUC (once per epoch,
+or every ``eval_every`` steps; patience counts evaluations), and the best evaluation's weights
+restored at the end. Each phase also looks at validation once after about a tenth of its
+first epoch (recorded, not used for stopping), so a report can tell a phase that loses AUC from
+its first steps from one that overfits later.
 
 Data is tensorised once (a whole split as one :class:`EncodedBatch` on the device); an epoch
 is one permutation gather followed by slices, so a step costs the model and nothing else.
@@ -65,6 +68,7 @@ class LoopSettings:
     amp: bool = False
     eval_batch_size: int = 16384
     progress: bool = True
+    eval_every: int | None = None  # validate every N optimiser steps (None: once per epoch)
 
 
 @dataclass
@@ -78,6 +82,19 @@ class PhaseResult:
     seconds: float = 0.0  # the whole phase, validation included
     train_seconds: float = 0.0  # optimisation steps only
     samples_per_second: float = 0.0  # training samples (all ranks) per train_seconds
+    # ---- the validation trajectory (``history`` holds the scheduled evaluations' values)
+    steps_per_epoch: int = 0
+    eval_every: int | None = None  # None: once per epoch
+    start_metric: float | None = None  # before the first step
+    tenth_step: int = 0  # the step of the tenth-of-an-epoch look (0: none)
+    tenth_metric: float | None = None  # validation after about a tenth of the first epoch
+    best_step: int = 0  # the step of ``best_metric`` (0: the start)
+    best_other_metric: float | None = None  # best validation after the start (start excluded)
+    best_other_step: int = 0
+    trajectory: list[dict[str, Any]] = field(default_factory=list)  # step, epoch, auc, kind
+    # ---- the rows the phase trained on (set by the run: "all", "backbone slice", "fresh")
+    rows: str = "all"
+    train_rows: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -220,8 +237,9 @@ def train_phase(
     """Train one phase with early stopping; the model ends with the best epoch's weights.
 
     ``train``/``val`` are whole splits on the model's device; the phase's ``domains`` select
-    its rows. The starting point counts as epoch 0: a phase that never improves the
-    validation metric leaves the model exactly as it was.
+    its rows. The starting point counts as epoch 0 (step 0): a phase that never improves the
+    validation metric leaves the model exactly as it was. ``settings.eval_every`` validates
+    every N steps (and at the phase's last step) instead of at each epoch's end.
     """
     device = model.device
     model.set_stage(phase.stage, expert=phase.expert, division=phase.division)
@@ -249,16 +267,55 @@ def train_phase(
 
     best = metric()
     best_state = _snapshot(model)
-    best_epoch, bad, history = 0, 0, [best]
+    best_epoch, best_step, bad, history = 0, 0, 0, [best]
     n_local = math.ceil(len(train_rows) / ctx.world_size)
     per_rank_batch = max(1, settings.batch_size // ctx.world_size)
     steps = math.ceil(n_local / per_rank_batch)
+    every = settings.eval_every
+    last_step = steps * phase.epochs
+    # the tenth-of-an-epoch look: recorded in the trajectory, never used for stopping/restore
+    # unless it coincides with a scheduled evaluation
+    tenth = max(1, round(steps / 10)) if steps else 0
+    trajectory: list[dict[str, Any]] = [{"step": 0, "epoch": 0.0, "auc": best, "kind": "start"}]
+    tenth_metric: float | None = None
+    show = settings.progress and ctx.is_main
     t0, seen, epochs_run, train_seconds = time.perf_counter(), 0, 0, 0.0
+    step, stop = 0, False
+
+    def scheduled(at: int, epoch_end: bool) -> bool:
+        if every is None:
+            return epoch_end
+        return at % every == 0 or at == last_step
+
+    def evaluate(at: int, epoch: int, kind: str) -> float | None:
+        """One validation at step ``at``; the training mode (and frozen norms) come back."""
+        value = metric()
+        model.train()
+        freeze_frozen_norm_statistics(model)
+        trajectory.append({"step": at, "epoch": round(at / max(steps, 1), 4), "auc": value,
+                           "kind": kind})  # fmt: skip
+        if show and kind != "epoch":
+            shown = "n/a" if value is None else f"{value:.4f}"
+            tqdm.write(f"  {phase.name} step {at} (epoch {at / max(steps, 1):.2f}, {kind}): "
+                       f"val mean AUC {shown}")  # fmt: skip
+        return value
+
+    def consider(value: float | None, epoch: int, at: int) -> bool:
+        """Early stopping bookkeeping of one scheduled evaluation; True: stop the phase."""
+        nonlocal best, best_state, best_epoch, best_step, bad
+        history.append(value)
+        if value is not None and (best is None or value > best):
+            best, best_epoch, best_step, bad = value, epoch, at, 0
+            best_state = _snapshot(model)
+            return False
+        bad += 1
+        return bad >= settings.patience
+
     for epoch in range(1, phase.epochs + 1):
         epochs_run = epoch
         model.train()
         freeze_frozen_norm_statistics(model)
-        t_epoch = time.perf_counter()
+        t_epoch, eval_seconds = time.perf_counter(), 0.0
         order = shard_indices(
             len(train_rows), shuffle=True, seed=settings.seed + 1009 * phase_index,
             epoch=epoch, rank=ctx.rank, world_size=ctx.world_size,
@@ -267,10 +324,10 @@ def train_phase(
         bar = tqdm(
             slices(data, per_rank_batch), total=steps, leave=False, mininterval=0.5,
             desc=f"{phase.name} epoch {epoch}/{phase.epochs}",
-            disable=not (settings.progress and ctx.is_main),
+            disable=not show,
         )  # fmt: skip
         loss_sum = torch.zeros((), device=device)
-        for b in bar:
+        for i, b in enumerate(bar, start=1):
             with _autocast(device, use_amp):
                 logits = net(b.sparse, b.dense, b.domains, b.multi_hot)
             assert b.labels is not None
@@ -286,29 +343,47 @@ def train_phase(
             else:
                 loss.backward()
                 opt.step()
+            step += 1
+            is_scheduled = every is not None and scheduled(step, i == steps)
+            # per epoch, a tenth that is the epoch's end is the end-of-epoch evaluation
+            probe = step == tenth and not (every is None and i == steps)
+            if probe or is_scheduled:
+                t_eval = time.perf_counter()
+                value = evaluate(step, epoch, "eval" if is_scheduled else "tenth")
+                if step == tenth:
+                    tenth_metric = value
+                stop = is_scheduled and consider(value, epoch, step)
+                eval_seconds += time.perf_counter() - t_eval
+                if stop:
+                    break
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        train_seconds += time.perf_counter() - t_epoch
-        seen += len(data)
-        value = metric()
-        history.append(value)
-        if settings.progress and ctx.is_main:
-            shown = "n/a" if value is None else f"{value:.4f}"
-            tqdm.write(
-                f"  {phase.name} epoch {epoch}: train loss {loss_sum.item() / max(steps, 1):.4f}"
-                f", val mean AUC {shown}"
-            )
-        if value is not None and (best is None or value > best):
-            best, best_epoch, bad = value, epoch, 0
-            best_state = _snapshot(model)
-        else:
-            bad += 1
-            if bad >= settings.patience:
-                break
+        train_seconds += time.perf_counter() - t_epoch - eval_seconds
+        seen += len(data) if not stop else min(len(data), i * per_rank_batch)
+        if every is None and not stop:
+            value = evaluate(step, epoch, "epoch")
+            if show:
+                shown = "n/a" if value is None else f"{value:.4f}"
+                tqdm.write(
+                    f"  {phase.name} epoch {epoch}: train loss "
+                    f"{loss_sum.item() / max(steps, 1):.4f}, val mean AUC {shown}"
+                )
+            if step == tenth:
+                tenth_metric = value
+            stop = consider(value, epoch, step)
+        if stop:
+            break
     _restore(model, best_state)
     seconds = time.perf_counter() - t0
+    others = [t for t in trajectory if t["kind"] != "start" and t["auc"] is not None]
+    top = max(others, key=lambda t: t["auc"], default=None)
     return PhaseResult(
         name=phase.name, epochs_run=epochs_run, best_epoch=best_epoch, best_metric=best,
         history=history, trainable=trainable, seconds=seconds, train_seconds=train_seconds,
         samples_per_second=seen * ctx.world_size / train_seconds if train_seconds > 0 else 0.0,
+        steps_per_epoch=steps, eval_every=every, start_metric=trajectory[0]["auc"],
+        tenth_step=tenth, tenth_metric=tenth_metric, best_step=best_step,
+        best_other_metric=None if top is None else top["auc"],
+        best_other_step=0 if top is None else int(top["step"]),
+        trajectory=trajectory, train_rows=len(train_rows),
     )  # fmt: skip

@@ -127,7 +127,8 @@ def test_early_stopping_restores_the_best_epoch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, _, model, train, val = _setup(tmp_path, "base")
-    scripted = iter([0.50, 0.60, 0.80, 0.70, 0.75, 0.79, 0.99])  # epoch 0 (start), 1, 2, ...
+    # start, the tenth-of-an-epoch look (recorded only), epochs 1, 2, ...
+    scripted = iter([0.50, 0.95, 0.60, 0.80, 0.70, 0.75, 0.79, 0.99])
     states: list[dict[str, torch.Tensor]] = []
 
     def fake_metric(m: MultiDomainModel, *args: object) -> float:
@@ -140,16 +141,20 @@ def test_early_stopping_restores_the_best_epoch(
                                                           progress=False))  # fmt: skip
     assert res.best_epoch == 2 and res.epochs_run == 5  # epochs 3, 4, 5 did not beat 0.80
     assert res.history == [0.50, 0.60, 0.80, 0.70, 0.75, 0.79]
+    # the tenth look is reported but neither restored nor counted against patience
+    assert res.tenth_metric == 0.95 and res.tenth_step == round(res.steps_per_epoch / 10)
+    assert res.best_other_metric == 0.95 and res.best_other_step == res.tenth_step
+    assert res.start_metric == 0.50 and res.best_step == 2 * res.steps_per_epoch
     final = model.state_dict()
-    assert all(torch.equal(final[k], v) for k, v in states[2].items())
-    assert not all(torch.equal(final[k], v) for k, v in states[5].items())
+    assert all(torch.equal(final[k], v) for k, v in states[3].items())
+    assert not all(torch.equal(final[k], v) for k, v in states[6].items())
 
 
 def test_a_phase_that_never_improves_leaves_the_model_unchanged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, _, model, train, val = _setup(tmp_path, "mlora")
-    values = iter([0.7, 0.6, 0.6, 0.6])
+    values = iter([0.7, 0.65, 0.6, 0.6, 0.6])  # start, tenth, epochs 1-3
     monkeypatch.setattr(loop, "validation_metric", lambda *a, **k: next(values))
     before = _state(model)
     ph = Phase("adapters", "adapters", ["experts"], epochs=5)
@@ -174,3 +179,68 @@ def test_amp_on_cpu_trains_with_bfloat16_autocast(tmp_path: Path) -> None:
     res = train_phase(model, ph, train, val, LoopSettings(batch_size=256, amp=True,
                                                           progress=False))  # fmt: skip
     assert res.epochs_run == 1 and res.best_metric is not None
+
+
+def test_eval_every_validates_stops_and_restores_at_step_granularity(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, _, model, train, val = _setup(tmp_path, "base")
+    # start, tenth (step 3), steps 5, 10 (best), 15, 20: patience 2 stops mid epoch 1
+    scripted = iter([0.50, 0.60, 0.70, 0.90, 0.80, 0.85, 0.99])
+    states: list[dict[str, torch.Tensor]] = []
+
+    def fake_metric(m: MultiDomainModel, *args: object) -> float:
+        states.append(_state(m))
+        return next(scripted)
+
+    monkeypatch.setattr(loop, "validation_metric", fake_metric)
+    ph = Phase("backbone", "backbone", ["backbone"], epochs=3)
+    settings = LoopSettings(batch_size=256, patience=2, seed=0, progress=False, eval_every=5)
+    res = train_phase(model, ph, train, val, settings)
+    assert res.steps_per_epoch > 20 and res.tenth_step == 3  # not a multiple of 5: one look
+    assert [t["step"] for t in res.trajectory] == [0, 3, 5, 10, 15, 20]
+    assert [t["kind"] for t in res.trajectory] == ["start", "tenth", *["eval"] * 4]
+    assert res.tenth_metric == 0.60 and res.history == [0.50, 0.70, 0.90, 0.80, 0.85]
+    assert res.best_metric == 0.90 and res.best_step == 10 and res.epochs_run == 1
+    # restore: the weights of the best evaluation (step 10), not the last one (step 20)
+    final = model.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in states[3].items())
+    assert not all(torch.equal(final[k], v) for k, v in states[5].items())
+
+
+def test_eval_every_restores_a_mid_epoch_best_and_stops_on_patience(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, _, model, train, val = _setup(tmp_path, "base")
+    values = iter([0.50, 0.80, 0.70, 0.60, 0.60, 0.60])  # start, 4 (best = tenth), 8, 12, ...
+    states: list[dict[str, torch.Tensor]] = []
+
+    def fake_metric(m: MultiDomainModel, *args: object) -> float:
+        states.append(_state(m))
+        return next(values)
+
+    monkeypatch.setattr(loop, "validation_metric", fake_metric)
+    ph = Phase("backbone", "backbone", ["backbone"], epochs=5)
+    settings = LoopSettings(batch_size=128, patience=3, seed=0, progress=False, eval_every=4)
+    train_small = train.select(torch.arange(128 * 40))  # 40 steps an epoch: the tenth is 4
+    res = train_phase(model, ph, train_small, val, settings)
+    assert res.tenth_step == 4 and [t["kind"] for t in res.trajectory][1] == "eval"
+    assert res.history == [0.50, 0.80, 0.70, 0.60, 0.60] and len(res.trajectory) == 5
+    assert res.best_step == 4 and res.best_epoch == 1 and res.tenth_metric == 0.80
+    final = model.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in states[1].items())
+    assert not all(torch.equal(final[k], v) for k, v in states[4].items())
+
+
+def test_the_default_records_a_real_tenth_of_an_epoch_trajectory(tmp_path: Path) -> None:
+    _, _, model, train, val = _setup(tmp_path, "base")
+    ph = Phase("backbone", "backbone", ["backbone"], epochs=2)
+    res = train_phase(model, ph, train, val, LoopSettings(batch_size=256, patience=3,
+                                                          progress=False))  # fmt: skip
+    steps = res.steps_per_epoch
+    assert [(t["step"], t["kind"]) for t in res.trajectory] == [
+        (0, "start"), (round(steps / 10), "tenth"), (steps, "epoch"), (2 * steps, "epoch")
+    ]  # fmt: skip
+    aucs = [t["auc"] for t in res.trajectory]
+    assert all(0.4 < a < 1.0 for a in aucs) and len(set(aucs)) == 4
+    assert res.best_other_metric == max(aucs[1:]) and res.train_rows == len(train)
