@@ -17,6 +17,7 @@ on every rank (``tests/training/test_distributed.py`` checks the rows stay bit-i
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 0  # processes on this node (torchrun's LOCAL_WORLD_SIZE); 0: all
 
     @property
     def enabled(self) -> bool:
@@ -46,23 +48,65 @@ SINGLE = DistContext()
 
 
 def pick_device(name: str = "auto", ctx: DistContext = SINGLE) -> torch.device:
-    """``auto``: this rank's CUDA device when CUDA is present, else the CPU."""
+    """This rank's device.
+
+    ``auto``: this rank's own GPU when CUDA is present and the node has a GPU for every
+    process, else the CPU (with a warning when GPUs are there but too few: NCCL refuses two
+    ranks on one GPU, so such a job trains on the CPU with gloo). ``cuda``: this rank's GPU
+    (``cuda:<local rank>`` in a job); a job with more processes than GPUs stops with a
+    one-line error saying what to change. ``cuda:N`` names one GPU, so only for one process.
+    """
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    local = ctx.local_world_size or ctx.world_size
+    too_many = ctx.enabled and local > gpus
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", ctx.local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
+        if gpus == 0:
+            return torch.device("cpu")
+        if too_many:
+            if ctx.is_main:
+                warnings.warn(
+                    f"{local} processes on this node but {gpus} GPU(s): NCCL needs one GPU per "
+                    "process, so this job trains on the CPU with gloo (start at most "
+                    f"{gpus} process(es) per node, torchrun --nproc_per_node {gpus}, to use "
+                    "the GPUs)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return torch.device("cpu")
+        return torch.device("cuda", ctx.local_rank % gpus)
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and gpus == 0:
         raise RuntimeError(f"device {name!r} was asked for but CUDA is not available here")
+    if device.type == "cuda" and ctx.enabled:
+        if too_many:
+            raise RuntimeError(
+                f"device {name!r} with {local} processes on a node with {gpus} GPU(s): NCCL "
+                f"needs one GPU per process; start at most {gpus} (torchrun --nproc_per_node "
+                f"{gpus}), or use device=auto or device=cpu to train on the CPU with gloo"
+            )
+        if device.index is not None:
+            raise RuntimeError(
+                f"device {name!r} names one GPU for all {ctx.world_size} processes; use "
+                "device=cuda (each process takes the GPU of its local rank) or device=auto"
+            )
+        return torch.device("cuda", ctx.local_rank)
+    if device.type == "cuda" and device.index is not None and device.index >= gpus:
+        raise RuntimeError(f"device {name!r} was asked for but this machine has {gpus} GPU(s)")
     return device
 
 
 def init_from_env(device_name: str = "auto") -> tuple[DistContext, torch.device]:
-    """Join the ``torchrun`` job described by the environment, if any."""
+    """Join the ``torchrun`` job described by the environment, if any.
+
+    One process (``torchrun --nproc_per_node 1`` or no torchrun) is no job: no process group.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return SINGLE, pick_device(device_name)
-    ctx = DistContext(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    ctx = DistContext(
+        int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")),
+        int(os.environ.get("LOCAL_WORLD_SIZE", "0")),
+    )  # fmt: skip
     device = pick_device(device_name, ctx)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
