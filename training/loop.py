@@ -135,10 +135,15 @@ def slices(batch: EncodedBatch, size: int) -> Iterator[EncodedBatch]:
 
 @torch.inference_mode()
 def predict(model: MultiDomainModel, batch: EncodedBatch, batch_size: int = 16384) -> np.ndarray:
-    """Click probabilities for every row of ``batch`` (eval mode; the model's stage)."""
+    """Click probabilities for every row of ``batch`` (eval mode; the model's stage).
+
+    Each slice goes to the model's device first (a no-op when it is already there), so a
+    CPU batch scores on a CUDA model and the other way round.
+    """
     was_training = model.training
     model.eval()
-    out = [model.score_batch(b).float() for b in slices(batch, batch_size)]
+    device = model.device
+    out = [model.score_batch(b.to(device)).float() for b in slices(batch, batch_size)]
     model.train(was_training)
     if not out:
         return np.zeros(0, dtype=np.float32)
