@@ -725,9 +725,11 @@ class FeatureEncoder:
 
 
 def _to_float(v: Any) -> float:
+    """A raw dense value as a float; NaN (missing) for text, None and integers too large
+    for a float (``float(10**400)`` raises OverflowError)."""
     if v is None:
         return math.nan
     try:
         return float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return math.nan

@@ -297,8 +297,9 @@ class Predictor:
         ]
         if bad:
             out.append(
-                f"dense feature(s) {bad} have values that are not finite numbers: text and NaN "
-                "are scored as missing, infinities as the ends of the training range"
+                f"dense feature(s) {bad} have values that are not finite numbers: text, NaN and "
+                "integers too large for a float are scored as missing, infinities as the ends "
+                "of the training range"
             )
         return out
 
@@ -353,11 +354,11 @@ class Predictor:
 def _not_a_number(v: Any) -> bool:
     """A given value that a dense feature cannot use as is (text, NaN, infinity)."""
     cls = v.__class__
-    if cls is int or cls is bool or v is None:  # the common cases first, without float()
+    if cls is bool or v is None or (cls is int and v.bit_length() < 1000):  # without float()
         return False
     if cls is float:
         return not math.isfinite(v)
     try:
         return not math.isfinite(float(v))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # text, an integer too large for a float
         return True
