@@ -36,16 +36,25 @@ def build(method: str, backbone: str = "deepfm") -> MultiDomainModel:
 
 
 @pytest.mark.parametrize("method", ["base", "mlora", "moe3", "multilora"])
-def test_save_load_scores_identically(tmp_path: Path, method: str) -> None:
+def test_save_load_scores_identically(tmp_path: Path, method: str, device: torch.device) -> None:
     model = build(method, "dcn")
-    batch = make_batch()
+    cpu_batch = make_batch()
+    with torch.no_grad():
+        expected_cpu = model.score_batch(cpu_batch)
+    model.to(device)
+    batch = cpu_batch.to(device)
     with torch.no_grad():
         expected = model.score_batch(batch)
     encoder = {"kind": "test-encoder", "vocab": {"user": ["a", "b"]}}
+    # saved from a model on ``device``, loaded onto the device asked for
     save_artifact(model, tmp_path / "art", encoder=encoder, metrics={"wauc": 0.7})
-    art = load_artifact(tmp_path / "art")
+    art = load_artifact(tmp_path / "art", map_location=device)
+    assert art.model.device.type == device.type
     with torch.no_grad():
         assert torch.equal(art.model.score_batch(batch), expected)
+        on_cpu = load_artifact(tmp_path / "art").model  # the default: the CPU
+        assert on_cpu.device.type == "cpu"
+        assert torch.equal(on_cpu.score_batch(cpu_batch), expected_cpu)
     assert art.encoder == encoder
     assert art.manifest["metrics"] == {"wauc": 0.7}
     assert not list(tmp_path.glob(".art*")), "no temporary directories left behind"
@@ -164,7 +173,7 @@ def test_adapter_package_round_trip_adds_a_domain(tmp_path: Path) -> None:
         torch.testing.assert_close(target.score_batch(batch), source.score_batch(batch))
 
 
-def test_an_artifact_scores_raw_records_like_the_core(tmp_path: Path) -> None:
+def test_an_artifact_scores_raw_records_like_the_core(tmp_path: Path, device: torch.device) -> None:
     import pandas as pd
 
     from mdlora.encoder import FeatureEncoder
@@ -178,15 +187,15 @@ def test_an_artifact_scores_raw_records_like_the_core(tmp_path: Path) -> None:
         {"user_id": 7, "movie_id": 9, "age": 56},
         {"user_id": 999999, "movie_id": 12, "age": 18},
     ]
-    art = load_artifact(art_dir)
+    art = load_artifact(art_dir, map_location=device)
     got = art.score(records)
     assert got.shape == (3,) and ((got > 0) & (got < 1)).all()
-    assert np.allclose(got, core_scores(art_dir, records), atol=1e-6)
+    assert np.allclose(got, core_scores(art_dir, records), atol=1e-5)
     # ... and like the training encoder's own transform of the same rows
     enc = FeatureEncoder.from_dict(art.encoder or {})
     arrays = enc.transform(pd.DataFrame(records))
     batch = EncodedBatch(*(torch.from_numpy(arrays[k]) for k in ("sparse", "dense", "domains")))
     with torch.inference_mode():
-        assert np.allclose(got, art.model.score_batch(batch).numpy(), atol=1e-6)
+        assert np.allclose(got, art.model.score_batch(batch.to(device)).cpu().numpy(), atol=1e-6)
     with pytest.raises(ValueError, match="domain"):
         art.score([{"user_id": 5, "movie_id": 3, "age": 99}])

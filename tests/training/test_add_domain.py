@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -35,14 +36,15 @@ def _encode(encoder: FeatureEncoder, df: pd.DataFrame) -> LabeledArrays:
 
 
 @functools.cache
-def _trained(root: Path, method: str) -> Path:
-    """An artifact trained on domains d0-d2 (d3 is held back as the new domain)."""
+def _trained(root: Path, method: str, device: str = "cpu") -> Path:
+    """An artifact trained on ``device`` on domains d0-d2 (d3 is held back as the new domain)."""
     old = _frame()[_frame()["domain"] != "d3"]
     prepared = prepare_table(old, synthetic_schema(), seed=0, name="old")
     extra = {"experts_per_domain": 2} if method == "moe" else {}
-    cfg = tiny_config(root / method, method=method, epochs=6, ranks=[8, 4], export=True, **extra)
+    cfg = tiny_config(root / device / method, method=method, epochs=6, ranks=[8, 4],
+                      export=True, device=device, **extra)  # fmt: skip
     run_training(cfg, prepared=prepared)
-    return root / method / "run" / "artifact"
+    return root / device / method / "run" / "artifact"
 
 
 @pytest.fixture(scope="module")
@@ -60,17 +62,21 @@ def _new_rows(root: Path) -> tuple[Path, pd.DataFrame]:
 
 
 @pytest.mark.parametrize("method", ["mlora", "moe"])
-def test_add_domain_keeps_old_scores_and_beats_the_backbone(root: Path, method: str) -> None:
-    artifact = _trained(root, method)
+def test_add_domain_keeps_old_scores_and_beats_the_backbone(
+    root: Path, method: str, device: torch.device
+) -> None:
+    artifact = _trained(root, method, device.type)
     path, held_out = _new_rows(root)
-    before = load_artifact(artifact)
+    before = load_artifact(artifact, map_location=device)
+    root = root / device.type  # this device's package and grown artifact
     encoder = FeatureEncoder.from_dict(before.encoder or {})
     old_rows = _frame()[_frame()["domain"] != "d3"].sample(3000, random_state=0)
-    old_batch = to_batch(_encode(encoder, old_rows), torch.device("cpu"))
+    old_batch = to_batch(_encode(encoder, old_rows), device)
     old_scores = predict(before.model, old_batch)
 
     out = root / f"{method}-pkg"
-    res = add_domain(artifact, path, "d3", out=out, settings=SETTINGS,
+    settings = dataclasses.replace(SETTINGS, device=device.type)
+    res = add_domain(artifact, path, "d3", out=out, settings=settings,
                      artifact_out=root / f"{method}-grown")  # fmt: skip
     assert res.domain_id == 3 and res.encoder.domain_names("domain")[-1] == "d3"
     assert res.val_auc is not None and res.val_auc_backbone is not None
@@ -81,12 +87,12 @@ def test_add_domain_keeps_old_scores_and_beats_the_backbone(root: Path, method: 
     assert (pkg.division, pkg.domain) == ("domain", "d3")
     assert apply_adapter(before.model, pkg) == 3
     assert np.array_equal(predict(before.model, old_batch), old_scores)
-    grown = load_artifact(root / f"{method}-grown")
+    grown = load_artifact(root / f"{method}-grown", map_location=device)
     assert np.array_equal(predict(grown.model, old_batch), old_scores)
 
     # held-out rows of the new domain: its adapter beats the backbone alone
     grown_encoder = FeatureEncoder.from_json((out / "encoder.json").read_text())
-    new_batch = to_batch(_encode(grown_encoder, held_out), torch.device("cpu"))
+    new_batch = to_batch(_encode(grown_encoder, held_out), device)
     labels = held_out["label"].to_numpy()
     with_adapter = predict(before.model, new_batch)
     before.model.set_stage("backbone")

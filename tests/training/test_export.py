@@ -22,18 +22,23 @@ from training.methods import run_training
     [("mlora", {}), ("moe", {"experts_per_domain": 2}), ("multilora", {})],
 )
 def test_exported_artifact_scores_exactly_as_the_trained_model(
-    tmp_path: Path, method: str, extra: dict
+    tmp_path: Path, method: str, extra: dict, device: torch.device
 ) -> None:
     prepared = tiny_prepared(two_divisions=method == "multilora")
-    cfg = tiny_config(tmp_path, method=method, epochs=1, export=True, **extra)
+    cfg = tiny_config(tmp_path, method=method, epochs=1, export=True, device=str(device), **extra)
     result = run_training(cfg, prepared=prepared)
     model = result.trained.model
     assert model is not None and not model.training
-    test = to_batch(prepared.test, torch.device("cpu"))
+    assert model.device.type == device.type
+    test = to_batch(prepared.test, device)
     expected = predict(model, test)
 
-    art = load_artifact(result.out_dir / "artifact")
+    art = load_artifact(result.out_dir / "artifact", map_location=device)
+    assert art.model.device.type == device.type
     assert np.array_equal(predict(art.model, test), expected)
+    # a CPU batch scores on a model on any device (predict moves it), with the same scores
+    assert np.array_equal(predict(art.model, to_batch(prepared.test, torch.device("cpu"))),
+                          expected)  # fmt: skip
     assert art.manifest["stage"]["name"] == {"mlora": "adapters", "moe": "gate",
                                              "multilora": "fusion"}[method]  # fmt: skip
     assert art.manifest["metrics"]["wauc"] == pytest.approx(result.test["domain"].wauc)
@@ -43,25 +48,26 @@ def test_exported_artifact_scores_exactly_as_the_trained_model(
     assert encoder.domain_names("domain") == prepared.encoder.domain_names("domain")
 
     again = export_run(result.out_dir, tmp_path / "again", onnx=False)
-    assert np.array_equal(predict(load_artifact(again[0]).model, test), expected)
+    assert np.array_equal(predict(load_artifact(again[0], device).model, test), expected)
 
 
-def test_single_exports_one_artifact_per_domain(tmp_path: Path) -> None:
+def test_single_exports_one_artifact_per_domain(tmp_path: Path, device: torch.device) -> None:
     prepared = tiny_prepared()
-    cfg = tiny_config(tmp_path, method="single", epochs=1, export=True)
+    cfg = tiny_config(tmp_path, method="single", epochs=1, export=True, device=str(device))
     result = run_training(cfg, prepared=prepared)
     listing = json.loads((result.out_dir / "artifact" / "domains.json").read_text())
     assert [v["domain"] for v in listing.values()] == ["d0", "d1", "d2"]
-    test = to_batch(prepared.test, torch.device("cpu"))
+    test = to_batch(prepared.test, device)
     for d, model in result.trained.per_domain.items():
         rows = (test.domains[:, 0] == d).nonzero().squeeze(1)
-        art = load_artifact(result.out_dir / "artifact" / f"domain-{d}")
+        art = load_artifact(result.out_dir / "artifact" / f"domain-{d}", map_location=device)
         assert np.array_equal(predict(art.model, test.select(rows)),
                               predict(model, test.select(rows)))  # fmt: skip
 
 
 def test_onnx_failure_is_reported_not_raised(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    device: torch.device,
 ) -> None:
     pytest.importorskip("mdlora.onnx_export")
     import mdlora.onnx_export as onnx_export
@@ -71,9 +77,11 @@ def test_onnx_failure_is_reported_not_raised(
 
     monkeypatch.setattr(onnx_export, "export_onnx", broken)
     prepared = tiny_prepared()
-    result = run_training(tiny_config(tmp_path, method="base", epochs=1), prepared=prepared)
+    cfg = tiny_config(tmp_path, method="base", epochs=1, device=str(device))
+    result = run_training(cfg, prepared=prepared)
     assert result.trained.model is not None
     assert export_onnx_file(result.trained.model, tmp_path / "m.onnx") is None
+    assert result.trained.model.device.type == device.type  # given back where it was
     assert "ONNX export failed (RuntimeError: no lowering" in capsys.readouterr().out
     assert not (tmp_path / "m.onnx").exists()
 

@@ -84,22 +84,27 @@ def _finish(cfg_out: Path, method: str, fingerprint: str) -> None:
     )
 
 
-def test_shared_backbone_gives_the_weights_of_an_unshared_run(tmp_path: Path) -> None:
+def test_shared_backbone_gives_the_weights_of_an_unshared_run(
+    tmp_path: Path, device: torch.device
+) -> None:
     """MoE-MLoRA seeded with Base's phase 1 ends bit-identical to MoE-MLoRA trained alone."""
     prepared = tiny_prepared()
     group = tmp_path / "group"
-    base = tiny_config(tmp_path, method="base", out=str(group / "base"), epochs=1)
+    dev = str(device)
+    base = tiny_config(tmp_path, method="base", out=str(group / "base"), epochs=1, device=dev)
     donor = run_training(base, prepared=prepared)
     _finish(group / "base", "base", base.fingerprint())
 
-    shared = tiny_config(tmp_path, method="moe", out=str(group / "moe"), epochs=1, resume=True)
+    shared = tiny_config(
+        tmp_path, method="moe", out=str(group / "moe"), epochs=1, resume=True, device=dev
+    )
     seeded = seed_shared_phases(shared, prepared, "moe", group / "moe", group)
     assert seeded == ["backbone"]
     got = run_training(shared, prepared=prepared)
     # phase 1 was loaded, not trained again: its record is the donor's, timing included
     assert got.phases[0].to_dict() == donor.phases[0].to_dict()
     alone = run_training(
-        tiny_config(tmp_path, method="moe", out=str(tmp_path / "alone"), epochs=1),
+        tiny_config(tmp_path, method="moe", out=str(tmp_path / "alone"), epochs=1, device=dev),
         prepared=prepared,
     )
     assert got.test["domain"].wauc == alone.test["domain"].wauc
@@ -108,18 +113,21 @@ def test_shared_backbone_gives_the_weights_of_an_unshared_run(tmp_path: Path) ->
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_multilora_ablation_reuses_the_lora_phases(tmp_path: Path) -> None:
+def test_multilora_ablation_reuses_the_lora_phases(tmp_path: Path, device: torch.device) -> None:
     prepared = tiny_prepared(two_divisions=True)
     group = tmp_path / "group"
-    full = tiny_config(tmp_path, method="multilora", out=str(group / "multilora"), epochs=1)
+    dev = str(device)
+    full = tiny_config(
+        tmp_path, method="multilora", out=str(group / "multilora"), epochs=1, device=dev
+    )
     run_training(full, prepared=prepared)
     _finish(group / "multilora", "multilora", full.fingerprint())
     add = tiny_config(tmp_path, method="multilora", fusion="add", epochs=1, resume=True,
-                      out=str(group / "multilora-add"))  # fmt: skip
+                      out=str(group / "multilora-add"), device=dev)  # fmt: skip
     seeded = seed_shared_phases(add, prepared, "multilora-add", group / "multilora-add", group)
     assert seeded == ["backbone", "lora:domain", "lora:user_segment"]
     alone = tiny_config(tmp_path, method="multilora", fusion="add", epochs=1,
-                        out=str(tmp_path / "alone"))  # fmt: skip
+                        out=str(tmp_path / "alone"), device=dev)  # fmt: skip
     assert (
         run_training(add, prepared=prepared).test["domain"].wauc
         == run_training(alone, prepared=prepared).test["domain"].wauc
@@ -183,13 +191,13 @@ def ml1m_parent(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_tiny_reproduce_run_caches_cells_and_writes_the_report(
-    tmp_path: Path, ml1m_parent: Path
+    tmp_path: Path, ml1m_parent: Path, device: torch.device
 ) -> None:
     app = typer.Typer()
     register_reproduce(app)
     args = [
         "--table", "table1", "--split", "gender", "--backbone", "deepfm", "--seed", "1",
-        "--max-rows", "12000", "--epochs", "1", "--threads", "1", "--device", "cpu",
+        "--max-rows", "12000", "--epochs", "1", "--threads", "1", "--device", device.type,
         "--data-dir", str(ml1m_parent), "--results-dir", str(tmp_path / "res"),
         "--work-dir", str(tmp_path / "work"), "--docs-dir", str(tmp_path / "docs"),
     ]  # fmt: skip

@@ -15,10 +15,10 @@ from training.methods import run_training
 
 
 def test_resumed_run_matches_the_uninterrupted_one(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], device: torch.device
 ) -> None:
     prepared = tiny_prepared()
-    cfg = tiny_config(tmp_path, method="mlora", epochs=2, dropout=0.2)
+    cfg = tiny_config(tmp_path, method="mlora", epochs=2, dropout=0.2, device=str(device))
     full = run_training(cfg, prepared=prepared)
     ckpt = full.out_dir / "checkpoints"
     assert sorted(p.name for p in ckpt.glob("*.safetensors")) == [
@@ -27,13 +27,16 @@ def test_resumed_run_matches_the_uninterrupted_one(
     # "interrupt" after phase 1: its checkpoint stays, phase 2's is gone
     for p in ckpt.glob("model-01-*"):
         p.unlink()
-    resumed_cfg = tiny_config(tmp_path, method="mlora", epochs=2, dropout=0.2, resume=True)
+    resumed_cfg = tiny_config(
+        tmp_path, method="mlora", epochs=2, dropout=0.2, resume=True, device=str(device)
+    )
     capsys.readouterr()
     resumed = run_training(resumed_cfg, prepared=prepared)
     assert "resumed phase backbone" in capsys.readouterr().out
     assert resumed.phases[0] == full.phases[0]  # phase 1's report comes from its checkpoint
-    test = to_batch(prepared.test, torch.device("cpu"))
+    test = to_batch(prepared.test, device)
     assert full.trained.model is not None and resumed.trained.model is not None
+    assert resumed.trained.model.device.type == device.type
     assert np.array_equal(predict(resumed.trained.model, test), predict(full.trained.model, test))
 
 
