@@ -33,6 +33,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from mdlora.fileio import atomic_write, staging_dir
+from mdlora.safetensors_header import header_problem
 from models.features import EncodedBatch
 from models.model import ModelConfig, MultiDomainModel
 from models.state import (
@@ -117,7 +118,8 @@ def load_safetensors_bytes(data: bytes, what: str) -> dict[str, Tensor]:
                 f"{what} is a torch.save / pickle file; pickles are never loaded (they can run "
                 "code): save the tensors with safetensors.torch.save_file"
             ) from None
-        raise ArtifactError(f"{what}: not a valid safetensors file ({exc})") from None
+        why = header_problem(data) or str(exc)  # the parser's message names no tensor
+        raise ArtifactError(f"{what}: not a valid safetensors file ({why})") from None
 
 
 def model_signature(config: ModelConfig) -> str:
@@ -226,6 +228,8 @@ def parse_adapter_package(
         config = json.loads(config_bytes)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{ADAPTER_CONFIG} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ArtifactError(f"{ADAPTER_CONFIG} is nested too deeply to be a config") from None
     if not isinstance(config, dict) or config.get("format") != "mdlora-adapter":
         raise ArtifactError(f"{ADAPTER_CONFIG} is not an mdlora adapter config (format field)")
     _check_config_fields(config)
@@ -240,7 +244,10 @@ def parse_adapter_package(
         )
     tensors = load_safetensors_bytes(weights, ADAPTER_WEIGHTS)
     try:
-        check_tensors(_expected(config["tensors"]), tensors, ADAPTER_WEIGHTS)
+        expected = _expected(config["tensors"])
+        # float16 / bfloat16 / float64 weights are cast to the float type the config names
+        tensors = _conform_dtypes(tensors, expected)
+        check_tensors(expected, tensors, ADAPTER_WEIGHTS)
     except TensorMismatchError as exc:
         raise ArtifactError(str(exc)) from None
     return AdapterPackage(config, tensors)

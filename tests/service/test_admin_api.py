@@ -155,6 +155,16 @@ def _forge(pkg: AdapterPackage, tensors: dict[str, torch.Tensor]) -> tuple[bytes
     return json.dumps(config).encode(), weights
 
 
+def _bad_header(weights: bytes, name: str, **spec: Any) -> bytes:
+    """``weights`` with its safetensors header entry ``name`` changed (data unchanged)."""
+    n = int.from_bytes(weights[:8], "little")
+    header = json.loads(weights[8 : 8 + n])
+    header[name].update(spec)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + weights[8 + n :]
+
+
 def _bad_packages(model: Any, tmp: Path) -> dict[str, tuple[bytes, bytes]]:
     good = demo_adapter(model, "age", "88")
     cfg, weights = adapter_package_bytes(good)
@@ -202,6 +212,11 @@ def _bad_packages(model: Any, tmp: Path) -> dict[str, tuple[bytes, bytes]]:
         "pickle renamed": (unchecked, buf.getvalue()),
         "empty file": (unchecked, b""),
         "config not json": (b"{nope", weights),
+        "config nested 100,000 deep": (b"[" * 100_000, weights),
+        "header shape not its bytes": (
+            unchecked,
+            _bad_header(weights, "tower.0.lora_A", shape=[*t["tower.0.lora_A"].shape, 2]),
+        ),
         "config not an adapter": (json.dumps({"format": "something"}).encode(), weights),
         "other backbone": adapter_package_bytes(demo_adapter(other, "age", "88")),
         "other tower": adapter_package_bytes(demo_adapter(other_tower, "age", "88")),
@@ -273,6 +288,8 @@ def test_refusals_name_the_problem(make_artifact: Callable[[str], Path], tmp_pat
         "pickle renamed": "pickle",
         "wrong dtype": "is int32, expected float32",
         "other backbone weights": "other backbone weights",
+        "config nested 100,000 deep": "nested too deeply",
+        "header shape not its bytes": "tensor 'tower.0.lora_A': shape [",
     }
     with client(art, max_adapter_bytes=65_536, max_adapter_rank=64) as c:
         for what, needle in expect.items():
@@ -426,15 +443,20 @@ def test_readiness_is_degraded_while_a_registered_adapter_cannot_load(
         assert predict(c, "late").status_code == 200
 
 
+@pytest.mark.parametrize("config_says", ["its dtype", "float32"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_packages_saved_in_another_float_type_are_cast(
-    make_artifact: Callable[[str], Path], dtype: torch.dtype
+    make_artifact: Callable[[str], Path], dtype: torch.dtype, config_says: str
 ) -> None:
+    """Cast whichever float type the config declares (a float16 file whose config still says
+    float32, as a converted package may, was refused)."""
     art = make_artifact("mlora")
     model = load_artifact(art).model
     pkg = demo_adapter(model, "age", "half", seed=3)
     low = AdapterPackage(pkg.config, {k: v.to(dtype) for k, v in pkg.tensors.items()})
     cfg, weights = _forge(low, low.tensors)
+    if config_says == "float32":
+        cfg = json.dumps(dict(json.loads(cfg), tensors=_describe(pkg.tensors))).encode()
     with client(art) as c:
         files = {"adapter_config": ("c", cfg), "adapter_model": ("m", weights)}
         r = c.post("/v1/adapters", files=files, headers=AUTH)
