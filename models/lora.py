@@ -27,6 +27,12 @@ For an expert ``e`` the change to the layer's pre-activation is ``s_e * (x A_e B
   GEMM shapes change when experts are added, so growth is exact to rounding, not to the bit;
 * ``gather`` materialises each sample's ``A[e]``, ``B[e]`` and uses batched matmuls: slow on
   CPU, but made of plain Gather/MatMul operators, so it is what the ONNX export uses;
+* ``segment`` (inference, the CUDA default: ``merged`` on a CUDA model runs this way) takes
+  the same merged per-domain layers but lays the batch out in blocks of one domain each
+  (:class:`SegmentPlan`, sized without a host sync) and runs every layer as ONE batched GEMM
+  (``baddbmm`` over the blocks' gathered weights), keeping that layout through the whole
+  tower: a fixed number of kernel launches per layer whatever the domains present, where a
+  GPU is launch-bound (PERFORMANCE.md); padding rows are zeros and are dropped at the end;
 * ``merged`` (inference) keeps, per domain, the shared layer with its adapter merged in,
   ``W + A'_d B'_d`` and ``b + c_d``, and scores a batch as one GEMM per domain present
   (sorted segments); with more domains present than ``merge_limit`` it falls back to
@@ -51,7 +57,9 @@ from models.kernels import lowrank_add_
 
 # Hard routing with gradients uses the one-hot mixture up to this many stacked columns (E*r).
 DENSE_TRAINING_WIDTH = 256
-ROUTING_STRATEGIES = ("bag", "fused_down", "gather", "kernel", "mixture", "merged")
+ROUTING_STRATEGIES = ("bag", "fused_down", "gather", "kernel", "mixture", "merged", "segment")
+#: strategies whose layers run as the merged per-domain GEMMs of a :class:`SegmentPlan` on CUDA
+SEGMENTED_ON_CUDA = ("merged", "segment")
 #: ``merged`` keeps one merged weight per domain only while a layer's copies fit in this
 MERGED_MAX_BYTES = 128 << 20
 
@@ -205,6 +213,61 @@ class Segments:
         return self._order
 
 
+def segment_block(n: int, num_domains: int) -> int:
+    """Rows per block of a :class:`SegmentPlan`: a power of two in [8, 128], small enough that
+    the padding (at most one part-filled block per domain) stays near half the batch."""
+    per = max(n // max(2 * num_domains, 1), 1)
+    return max(8, min(128, 1 << (per.bit_length() - 1)))
+
+
+class SegmentPlan:
+    """A batch laid out in blocks of ``block`` rows, each block holding one domain's samples.
+
+    ``slot[i]``: the padded row of sample ``i``; ``block_domain[k]``: the domain of block ``k``.
+    The number of blocks is the static bound ``ceil(n / block) + D`` (a domain with ``c``
+    samples takes ``ceil(c / block)`` blocks), so building the plan needs no host sync, and a
+    layer is one ``baddbmm`` whatever the domains present (CUDA-graph capturable). Blocks
+    past the last domain's are all padding (domain ``D - 1``, zero rows).
+    """
+
+    def __init__(self, index: Tensor, num_domains: int, block: int | None = None) -> None:
+        n = index.numel()
+        self.n = n
+        self.block = bm = block or segment_block(n, num_domains)
+        self.num_blocks = -(-n // bm) + num_domains
+        # ids come from the model's own tables (score_batch checks them); clamping keeps a
+        # bad id from writing outside the padded buffer
+        index = index.clamp(0, num_domains - 1)
+        counts = torch.bincount(index, minlength=num_domains)
+        blocks = (counts + bm - 1) // bm
+        ends = blocks.cumsum(0)
+        first_slot = (ends - blocks) * bm - (counts.cumsum(0) - counts)  # per domain
+        sorted_d, order = torch.sort(index, stable=True)
+        rank = torch.arange(n, device=index.device)
+        self.slot = torch.empty_like(order).index_copy_(0, order, first_slot[sorted_d] + rank)
+        ids = torch.arange(self.num_blocks, device=index.device)
+        self.block_domain = torch.searchsorted(ends, ids, right=True).clamp_(max=num_domains - 1)
+
+    def scatter(self, x: Tensor) -> Tensor:
+        """``x`` ``[n, f]`` in the padded layout ``[blocks * block, f]`` (padding rows zero)."""
+        out = x.new_zeros(self.num_blocks * self.block, x.shape[1])
+        return out.index_copy_(0, self.slot, x)
+
+    def gather(self, xp: Tensor) -> Tensor:
+        """The rows of the samples, in the batch's order, from the padded layout."""
+        return xp.index_select(0, self.slot)
+
+    def linear(self, xp: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """Per-domain layers ``xp W[d] + b[d]`` on the padded layout: one batched GEMM.
+
+        ``weight``: ``[D, in, out]``, ``bias``: ``[D, out]``.
+        """
+        w = weight.index_select(0, self.block_domain)
+        b = bias.index_select(0, self.block_domain).unsqueeze(1)
+        out = torch.baddbmm(b, xp.view(self.num_blocks, self.block, -1), w)
+        return out.view(self.num_blocks * self.block, -1)
+
+
 @dataclass
 class InferenceBank:
     """Per-domain effective adapters of one layer, laid out for hard routing at inference.
@@ -236,12 +299,26 @@ class InferenceBank:
             self.a_cat = self.a.permute(1, 0, 2).reshape(i, d * r).contiguous()
         if self.strategy == "mixture" and self.gate is None:
             raise ValueError("the mixture strategy needs the per-domain gate table")
-        if self.strategy in ("kernel", "merged") and self.a_t is None:
+        if self.strategy in ("kernel", "merged", "segment") and self.a_t is None:
             self.a_t = self.a.transpose(1, 2).contiguous()
 
     @property
     def rank(self) -> int:
         return int(self.a.shape[2])
+
+    def segmented(self, x: Tensor) -> bool:
+        """Whether this layer runs as the merged per-domain GEMMs of a :class:`SegmentPlan`
+        (``segment`` anywhere, ``merged`` on CUDA; only with merged weights under the cap)."""
+        if self.merged_w is None or self.merged_b is None:
+            return False
+        return self.strategy == "segment" or (
+            self.strategy in SEGMENTED_ON_CUDA and x.device.type == "cuda"
+        )
+
+    def segment_forward(self, x: Tensor, plan: SegmentPlan) -> Tensor:
+        """The adapted layer's pre-activation through ``plan`` (scatter, one GEMM, gather)."""
+        assert self.merged_w is not None and self.merged_b is not None
+        return plan.gather(plan.linear(plan.scatter(x), self.merged_w, self.merged_b))
 
     def merge(self, weight: Tensor, bias: Tensor, limit: int) -> None:
         """Build the merged per-domain layers from the shared ``nn.Linear`` weight and bias.
@@ -279,7 +356,7 @@ class InferenceBank:
 
     def apply(self, z: Tensor, x: Tensor, index: Tensor) -> Tensor:
         """``z`` plus the routed change; the ``kernel`` strategy adds in place when it can."""
-        if self.strategy in ("kernel", "merged") and not z.requires_grad:
+        if self.strategy in ("kernel", "merged", "segment") and not z.requires_grad:
             assert self.a_t is not None
             if lowrank_add_(z, x, self.a_t, self.b, self.c, index):
                 return z
@@ -289,7 +366,10 @@ class InferenceBank:
         if self.strategy == "mixture":
             assert self.gate is not None
             return lowrank_soft(x, self.a, self.b, self.c, self.gate[index])
-        if self.strategy in ("bag", "kernel", "merged"):
+        if self.strategy in ("kernel", "merged", "segment") and x.device.type == "cuda":
+            # no numba kernel there, and one launch per gathered matmul beats embedding_bag
+            return lowrank_gather(x, self.a, self.b, self.c, index)
+        if self.strategy in ("bag", "kernel", "merged", "segment"):
             return lowrank_bag(x, self.a, self.b, self.c, index)
         if self.strategy == "gather":
             return lowrank_gather(x, self.a, self.b, self.c, index)

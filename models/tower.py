@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from models.fusion import FusionAttention
 from models.layers import Dropout
-from models.lora import AdapterBank, InferenceBank, Segments
+from models.lora import AdapterBank, InferenceBank, SegmentPlan, Segments
 from models.norm import DomainBatchNorm
 
 ACTIVATIONS = {"relu": nn.ReLU, "prelu": nn.PReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
@@ -95,10 +95,18 @@ class AdaptedTower(nn.Module):
         return cast(nn.ModuleList, slots[name])
 
     def forward(self, x: Tensor, route: Route | None = None) -> Tensor:
+        banks = route.banks if route is not None else None
+        if banks is not None and not self.training and all(b.segmented(x) for b in banks):
+            return self._segmented(x, cast(Route, route), banks)
         segments: Segments | None = None
+        plan: SegmentPlan | None = None
         for i, lin in enumerate(self.linears):
             merged = None
-            if route is not None and route.banks is not None and route.banks[i].merge_limit:
+            if banks is not None and not self.training and banks[i].segmented(x):
+                assert route is not None and route.index is not None
+                plan = plan or SegmentPlan(route.index, banks[i].a.shape[0])
+                merged = banks[i].segment_forward(x, plan)
+            elif route is not None and route.banks is not None and route.banks[i].merge_limit:
                 assert route.index is not None and not route.lora and route.norm is None
                 segments = segments or Segments(route.index)
                 merged = route.banks[i].merged_forward(x, segments)
@@ -112,6 +120,21 @@ class AdaptedTower(nn.Module):
                 z = self.norms[i](z)
             x = self.acts[i](z)
         return x
+
+    def _segmented(self, x: Tensor, route: Route, banks: list[InferenceBank]) -> Tensor:
+        """Every layer as its merged per-domain GEMM over one :class:`SegmentPlan` layout:
+        scattered once in, gathered once out (eval mode: dropout is the identity, and the
+        shared norm and the activation act row by row, so padding rows affect nothing)."""
+        assert route.index is not None and not route.lora and route.norm is None
+        plan = SegmentPlan(route.index, banks[0].a.shape[0])
+        h = plan.scatter(x)
+        for i, bank in enumerate(banks):
+            assert bank.merged_w is not None and bank.merged_b is not None
+            z = plan.linear(h, bank.merged_w, bank.merged_b)
+            if self.norms is not None:
+                z = self.norms[i](z)
+            h = self.acts[i](z)
+        return plan.gather(h)
 
     def _adapt(self, i: int, x: Tensor, z: Tensor, route: Route) -> Tensor:
         if route.banks is not None:

@@ -20,7 +20,7 @@ def score(model: MultiDomainModel, batch: EncodedBatch) -> torch.Tensor:
 
 def per_domain_scores(model: MultiDomainModel, batch: EncodedBatch) -> torch.Tensor:
     """Score each (primary, auxiliary) domain cell's samples with a separate model call."""
-    out = torch.full((len(batch),), float("nan"))
+    out = torch.full((len(batch),), float("nan"), device=batch.domains.device)
     cells = batch.domains[:, 0] * 10 + batch.domains[:, 1]
     for cell in cells.unique():
         idx = (cells == cell).nonzero().squeeze(1)
@@ -30,9 +30,11 @@ def per_domain_scores(model: MultiDomainModel, batch: EncodedBatch) -> torch.Ten
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
-def test_mixed_batch_equals_per_domain_calls(backbone: str, method: str) -> None:
-    model = perturb(MultiDomainModel(make_config(backbone, method))).eval()
-    batch = make_batch()
+def test_mixed_batch_equals_per_domain_calls(
+    backbone: str, method: str, device: torch.device
+) -> None:
+    model = perturb(MultiDomainModel(make_config(backbone, method))).eval().to(device)
+    batch = make_batch().to(device)
     mixed = score(model, batch)
     separate = per_domain_scores(model, batch)
     assert not torch.isnan(separate).any()
@@ -41,36 +43,47 @@ def test_mixed_batch_equals_per_domain_calls(backbone: str, method: str) -> None
 
 @pytest.mark.parametrize("method", ["mlora", "moe1", "moe3"])
 @pytest.mark.parametrize("backbone", ["deepfm", "dcn", "autoint"])
-def test_zero_initialised_adapters_leave_backbone_unchanged(backbone: str, method: str) -> None:
-    model = MultiDomainModel(make_config(backbone, method)).eval()
+def test_zero_initialised_adapters_leave_backbone_unchanged(
+    backbone: str, method: str, device: torch.device
+) -> None:
+    model = MultiDomainModel(make_config(backbone, method)).eval().to(device)
     with torch.no_grad():  # a trained backbone, fresh adapters
         for name, p in model.named_parameters():
             if not name.startswith(("tower.banks", "gate")):
                 p.add_(torch.randn_like(p) * 0.1)
-    batch = make_batch()
+    batch = make_batch().to(device)
     adapted = score(model, batch)
     model.set_stage("backbone")
     torch.testing.assert_close(adapted, score(model, batch), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("backbone", ["deepfm", "mlp"])
-def test_moe_training_mixture_equals_folded_inference(backbone: str) -> None:
+def test_moe_training_mixture_equals_folded_inference(backbone: str, device: torch.device) -> None:
     """The soft gate used in training and the per-domain folded adapters agree."""
-    model = perturb(MultiDomainModel(make_config(backbone, "moe3"))).train()
-    batch = make_batch()
+    model = perturb(MultiDomainModel(make_config(backbone, "moe3"))).train().to(device)
+    batch = make_batch().to(device)
     soft = score(model, batch)
     model.eval()
     torch.testing.assert_close(soft, score(model, batch), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["mlora", "moe1", "moe3"])
-def test_routing_strategies_agree(method: str) -> None:
-    model = perturb(MultiDomainModel(make_config("deepfm", method))).eval()
-    batch = make_batch()
+def test_routing_strategies_agree(method: str, device: torch.device) -> None:
+    model = perturb(MultiDomainModel(make_config("deepfm", method))).eval().to(device)
+    batch = make_batch().to(device)
+    model.set_routing("gather")  # the reference: each sample's own A[d], B[d], c[d]
     ref = score(model, batch)
     for strategy in ROUTING_STRATEGIES:
         model.set_routing(strategy)
         torch.testing.assert_close(score(model, batch), ref, atol=1e-5, rtol=0)
+        # an empty batch, one sample, and one domain only: the edge cases of every layout
+        for part in (batch.select(torch.arange(0, device=device)),
+                     batch.select(torch.arange(1, device=device)),
+                     _single_domain(batch, 3)):  # fmt: skip
+            model.set_routing("gather")
+            expected = score(model, part)
+            model.set_routing(strategy)
+            torch.testing.assert_close(score(model, part), expected, atol=1e-5, rtol=0)
     chosen = model.tune_routing(batch, repeats=2)
     assert set(chosen) <= set(ROUTING_STRATEGIES)
     assert len(chosen) == 2
@@ -90,12 +103,12 @@ def test_routing_strategies_agree(method: str) -> None:
     ],
 )
 def test_adding_a_domain_leaves_existing_domains_bit_identical(
-    method: str, division: str, scope: str
+    method: str, division: str, scope: str, device: torch.device
 ) -> None:
-    model = perturb(MultiDomainModel(make_config("deepfm", method))).eval()
+    model = perturb(MultiDomainModel(make_config("deepfm", method))).eval().to(device)
     default_routing = model.routing
     model.set_routing("kernel")  # per-sample routing: a sample reads only its own rows
-    batch = make_batch()
+    batch = make_batch().to(device)
     before = score(model, batch)
     model.set_routing(default_routing)
     before_default = score(model, batch)
@@ -108,7 +121,7 @@ def test_adding_a_domain_leaves_existing_domains_bit_identical(
     assert torch.equal(score(model, batch), before)
     # the new domain scores, and its weights can train
     col = 0 if division == "occupation" else 1
-    fresh = make_batch(50)
+    fresh = make_batch(50).to(device)
     fresh.domains[:, col] = new_id
     assert torch.isfinite(score(model, fresh)).all()
     grown = {k for k, v in model.state_dict().items() if k in shapes and v.shape != shapes[k]}
@@ -268,3 +281,45 @@ def test_the_package_exports_the_entry_points() -> None:
 
     assert models.MultiDomainModel is MultiDomainModel and models.EncodedBatch is EncodedBatch
     assert set(models.__all__) >= {"ModelConfig", "Division", "FeatureSpec", "SparseField"}
+
+
+@pytest.mark.parametrize("method", ["mlora", "moe1", "moe3"])
+def test_segment_layout_runs_every_layer_as_one_batched_gemm(
+    method: str, device: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``segment`` (and ``merged`` on CUDA) lays the batch out in one-domain blocks once and
+    runs each layer as one baddbmm, whatever the domains present; scores match the
+    per-sample reference for many domains, skewed counts and blocks of any fill."""
+    from models.lora import SegmentPlan
+
+    model = perturb(MultiDomainModel(make_config("deepfm", method))).eval().to(device)
+    for n in range(2, 9):  # grow to 6 + 7 = 13 domains
+        model.add_domain("occupation", f"extra{n}")
+    batch = make_batch(700, n_primary=13, seed=3).to(device)
+    skew = batch.domains[:, 0].clone()
+    skew[: 500] = 4  # one big domain next to small ones
+    batch.domains = torch.stack([skew, batch.domains[:, 1]], 1)
+    model.set_routing("gather")
+    ref = score(model, batch)
+    built: list[SegmentPlan] = []
+    original = SegmentPlan.__init__
+
+    def spy(self: SegmentPlan, *args: object, **kw: object) -> None:
+        original(self, *args, **kw)  # type: ignore[arg-type]
+        built.append(self)
+
+    monkeypatch.setattr(SegmentPlan, "__init__", spy)
+    strategies = ["segment"] + (["merged"] if device.type == "cuda" else [])
+    for strategy in strategies:
+        built.clear()
+        model.set_routing(strategy)
+        got = score(model, batch)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+        assert len(built) == 1, "one layout for the whole tower"
+        plan = built[0]
+        assert plan.num_blocks * plan.block >= len(batch)
+        domain_of_slot = plan.block_domain[plan.slot // plan.block]
+        assert torch.equal(domain_of_slot, batch.domains[:, 0])
+        for block in (8, 64):  # any block size gives the same rows
+            explicit = SegmentPlan(batch.domains[:, 0], 13, block=block)
+            assert torch.equal(explicit.block_domain[explicit.slot // block], batch.domains[:, 0])
