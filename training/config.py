@@ -20,16 +20,24 @@ from typing import Any
 
 import yaml
 
-#: training methods: baselines, the three methods, and MultiLoRA's SingleLoRA ablation
-METHODS = ("base", "single", "finetune", "mlora", "moe", "multilora", "singlelora")
+#: training methods: baselines, the three methods, MultiLoRA's SingleLoRA ablation, the public
+#: MLoRA code's one-phase recipe (mlora_joint) and the backbone fine-tuned on the fresh rows
+#: that the adapters of ``adapt_rows: fresh`` train on (finetune_fresh)
+METHODS = ("base", "single", "finetune", "mlora", "moe", "multilora", "singlelora",
+           "mlora_joint", "finetune_fresh")  # fmt: skip
 #: ModelConfig.method each training method builds
 MODEL_METHOD = {
     "base": "base", "single": "base", "finetune": "base", "mlora": "mlora", "moe": "moe",
-    "multilora": "multilora", "singlelora": "multilora",
+    "multilora": "multilora", "singlelora": "multilora", "mlora_joint": "mlora",
+    "finetune_fresh": "base",
 }  # fmt: skip
+#: methods whose later phases can train on the fresh slice (``adapt_rows: fresh``)
+FRESH_METHODS = ("mlora", "moe", "multilora", "singlelora", "finetune_fresh")
+ADAPT_ROWS = ("all", "fresh")
 DATA_SOURCES = ("preset", "synthetic", "table")
 #: phase kinds that ``phase_epochs`` / ``phase_lr`` may name
-PHASE_KINDS = ("backbone", "adapters", "expert", "gate", "lora", "fusion", "finetune", "single")
+PHASE_KINDS = ("backbone", "adapters", "expert", "gate", "lora", "fusion", "finetune", "single",
+               "joint")  # fmt: skip
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,8 +105,15 @@ class TrainConfig:
     phase_lr: dict[str, float] = field(default_factory=dict)
     batch_size: int | None = None
     l2: float | None = None  # explicit L2 on embeddings and linear / cross parts
-    patience: int = 3  # early stopping on the mean per-domain validation AUC
+    patience: int = 3  # early stopping on the mean per-domain validation AUC (evaluations)
+    eval_every: int | None = None  # validate every N optimiser steps (None: once per epoch)
     seed: int = 2024
+    # ---- which training rows the phases after the first use (training.fresh)
+    adapt_rows: str = "all"  # all: every phase on all rows; fresh: see adapt_fraction
+    adapt_fraction: float = 0.2  # fresh: this share of each domain's training rows is kept
+    # out of phase 1 (the backbone) and is all the later phases train on
+    adapt_order: str | None = None  # fresh: a table column (seq_pos, a timestamp) ordering the
+    # rows; the fresh slice is then each domain's most recent rows, else a stratified sample
     # ---- execution
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:1 ...
     amp: bool = False  # mixed precision (float16 on CUDA, bfloat16 on CPU)
@@ -130,7 +145,43 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.eval_every is not None and (
+            not isinstance(self.eval_every, int) or isinstance(self.eval_every, bool)
+            or self.eval_every < 1
+        ):  # fmt: skip
+            raise ConfigError(
+                f"eval_every must be an integer >= 1 (steps) or null (once per epoch), "
+                f"got {self.eval_every!r}"
+            )
+        self._check_adapt_rows()
         self._check_model()
+
+    def _check_adapt_rows(self) -> None:
+        self.adapt_fraction = float(_number("adapt_fraction", self.adapt_fraction))
+        if self.adapt_rows not in ADAPT_ROWS:
+            raise ConfigError(f"adapt_rows must be one of {ADAPT_ROWS}, got {self.adapt_rows!r}")
+        if self.method == "finetune_fresh":
+            self.adapt_rows = "fresh"  # what the method is: phase 2 on the fresh slice
+        if self.adapt_rows == "fresh" and self.method not in FRESH_METHODS:
+            raise ConfigError(
+                f"adapt_rows: fresh needs a method with phases after the backbone "
+                f"{FRESH_METHODS}, got method {self.method!r}"
+            )
+        if not 0 < self.adapt_fraction < 1:
+            raise ConfigError(f"adapt_fraction must be in (0, 1), got {self.adapt_fraction}")
+        if self.adapt_order is not None:
+            if not isinstance(self.adapt_order, str) or not self.adapt_order:
+                raise ConfigError(f"adapt_order must be a column name, got {self.adapt_order!r}")
+            if self.adapt_rows != "fresh":
+                raise ConfigError(
+                    "adapt_order orders the fresh rows: it needs adapt_rows: fresh "
+                    "(or method finetune_fresh)"
+                )
+            if self.data.source != "table":
+                raise ConfigError(
+                    f"adapt_order names a column of your table: it needs data.source: table, "
+                    f"got {self.data.source!r}"
+                )
 
     def _check_model(self) -> None:
         from models.backbones import BACKBONES
@@ -190,11 +241,24 @@ class TrainConfig:
         return asdict(self)
 
     def fingerprint(self) -> str:
-        """Hash of what determines the trained weights (not outputs, progress or resume)."""
+        """Hash of what determines the trained weights (not outputs, progress or resume).
+
+        Keys added later are left out while they hold their defaults, so runs (and their
+        resumable checkpoints) made before they existed keep their fingerprint.
+        """
         d = self.to_dict()
         for key in ("out", "export", "onnx", "resume", "progress", "name", "eval_batch_size"):
             d.pop(key, None)
+        for key, default in LATER_DEFAULTS.items():
+            if d.get(key) == default:
+                d.pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+#: fields added after runs were cached: their defaults do not enter the fingerprint
+LATER_DEFAULTS: dict[str, Any] = {
+    "eval_every": None, "adapt_rows": "all", "adapt_fraction": 0.2, "adapt_order": None,
+}  # fmt: skip
 
 
 def _number(name: str, value: Any) -> Any:

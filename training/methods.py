@@ -7,14 +7,22 @@ base (Mix)              backbone: backbone, all domains
 single                  per domain d, a fresh model -- backbone: backbone, rows of d
 finetune                backbone on all domains (Mix), then per domain d a copy fully
                         fine-tuned on the rows of d
-mlora                   backbone; adapters: experts (every domain's adapter at once, mixed batch)
+mlora                   the papers' two-phase recipe: backbone on every row; then adapters:
+                        experts (every domain's adapter at once, mixed batch), backbone frozen
+mlora_joint             the public MLoRA code's one phase -- joint: backbone + experts from
+                        scratch, every row (``training.recipes``); exported as an mlora model
 moe (MoE-MLoRA)         backbone; per expert e, stage expert=e: expert:<e>, rows of e's domain
                         (only that expert active); gate: gate, all domains
 multilora               backbone; lora (natural division): lora:<nat> + norms:div:<nat>;
                         lora (auxiliary): lora:<aux> + norms:div:<aux>; fusion: fusion +
                         norms:cell. ``fusion=add|avg`` gives MultiLoRA-add / -avg
 singlelora              backbone; lora (natural division) -- final stage "lora"
+finetune_fresh          backbone on the backbone slice; finetune: backbone on the fresh slice
 ======================  =========================================================================
+
+``adapt_rows: fresh`` (mlora, moe, multilora, singlelora; always for finetune_fresh) trains
+phase 1 on the backbone slice and every later phase on the fresh slice only
+(``training.recipes``); each phase's ``rows`` / ``train_rows`` in ``metrics.json`` say which.
 
 Groups come from ``models.freeze.phase_groups`` (the core's single source of truth); this
 module only orders them, attaches rows and epochs, and runs :func:`training.loop.train_phase`.
@@ -43,10 +51,12 @@ from training.data.prepared import PreparedData
 from training.distributed import SINGLE, DistContext, barrier, pick_device, replicas_identical
 from training.evaluate import SplitMetrics, compute_metrics, markdown_table, print_summary
 from training.loop import LoopSettings, Phase, PhaseResult, predict, to_batch, train_phase
+from training.recipes import PhaseRows, finetune_fresh_phase, joint_phase, trajectory_table
 
 METHOD_LABELS = {
     "base": "Base", "single": "Single", "finetune": "Fine-tune", "mlora": "MLoRA",
     "moe": "MoE-MLoRA", "multilora": "MultiLoRA", "singlelora": "SingleLoRA",
+    "mlora_joint": "MLoRA (joint)", "finetune_fresh": "Fine-tune (fresh rows)",
 }  # fmt: skip
 
 
@@ -54,6 +64,8 @@ def method_label(cfg: TrainConfig) -> str:
     label = METHOD_LABELS[cfg.method]
     if cfg.method == "multilora" and cfg.fusion != "attention":
         label += f"-{cfg.fusion}"
+    if cfg.adapt_rows == "fresh" and cfg.method != "finetune_fresh":
+        label += " (fresh rows)"
     return label
 
 
@@ -82,6 +94,8 @@ def load_data(cfg: TrainConfig) -> PreparedData:
     from training.data.tabular import TableSchema, prepare_table
 
     assert d.schema is not None
+    if cfg.adapt_order is not None:
+        opts["order_column"] = cfg.adapt_order
     return prepare_table(path, TableSchema.from_dict(d.schema), **opts)
 
 
@@ -307,6 +321,7 @@ class RunResult:
     seconds: float
     artifacts: list[Path] = field(default_factory=list)
     distributed: dict[str, Any] = field(default_factory=dict)  # world size, replica check
+    adapt_rows: dict[str, Any] = field(default_factory=dict)  # the slices, when fresh
 
     def unchanged_phases(self) -> list[str]:
         """Phases after the first that no epoch improved (early stopping restored their start)."""
@@ -331,6 +346,8 @@ class RunResult:
                 "label": self.reference_label,
                 "test": {k: v.to_dict() for k, v in self.reference.items()},
             },
+            "adapt_rows": self.adapt_rows,
+            "eval_every": self.config.eval_every,
             "phases": [p.to_dict() for p in self.phases],
             "seconds": self.seconds,
             "distributed": self.distributed,
@@ -378,9 +395,11 @@ def run_training(
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     train, val, test = (to_batch(prepared.split(s), device) for s in ("train", "val", "test"))
+    rows = PhaseRows(cfg, prepared.train, train, prepared.train_order)
     settings = LoopSettings(
         batch_size=hp.batch_size, l2=hp.l2, patience=cfg.patience, seed=cfg.seed,
         amp=cfg.amp, eval_batch_size=cfg.eval_batch_size, progress=cfg.progress,
+        eval_every=cfg.eval_every,
     )  # fmt: skip
     ckpt = Checkpoints(out / "checkpoints", cfg.fingerprint(), cfg.resume, ctx.is_main)
     results: list[PhaseResult] = []
@@ -389,13 +408,17 @@ def run_training(
     names = prepared.domain_names[prepared.divisions[0]]
 
     def run_phase(model: MultiDomainModel, tag: str, index: int, ph: Phase) -> None:
+        which, rows_batch = rows.for_phase(ph)
         if cfg.progress and ctx.is_main:
-            print(f"phase {ph.name}: groups {ph.groups}, up to {ph.epochs} epochs")
-        res = ckpt.run(
-            model, tag, index, ph,
-            lambda: train_phase(model, ph, train, val, settings, ctx, index),
-        )  # fmt: skip
-        results.append(res)
+            print(f"phase {ph.name}: groups {ph.groups}, up to {ph.epochs} epochs, "
+                  f"{which} ({len(rows_batch)} rows)")  # fmt: skip
+
+        def train_it() -> PhaseResult:
+            res = train_phase(model, ph, rows_batch, val, settings, ctx, index)
+            res.rows = which
+            return res
+
+        results.append(ckpt.run(model, tag, index, ph, train_it))
 
     def fresh_model() -> MultiDomainModel:
         torch.manual_seed(cfg.seed)
@@ -424,6 +447,20 @@ def run_training(
                        lr=cfg.phase_lr.get("finetune", hp.lr))  # fmt: skip
             run_phase(model, f"domain{d}", 1, ph)
             trained.per_domain[d] = model
+    elif cfg.method == "mlora_joint":
+        model = fresh_model()
+        run_phase(model, "model", 0, joint_phase(cfg, hp.lr))
+        final_stage(model, cfg)
+        trained = TrainedModels(model)
+    elif cfg.method == "finetune_fresh":
+        model = fresh_model()
+        (ph,) = plan_phases(model, cfg, hp)
+        run_phase(model, "model", 0, ph)
+        reference_label = "Base (phase 1)"
+        reference = evaluate_divisions(TrainedModels(model), test, prepared, cfg.eval_batch_size)
+        run_phase(model, "model", 1, finetune_fresh_phase(cfg, hp.lr))
+        model.set_stage("backbone")
+        trained = TrainedModels(model)
     else:
         model = fresh_model()
         for i, ph in enumerate(plan_phases(model, cfg, hp)):
@@ -449,7 +486,7 @@ def run_training(
         test=evaluate_divisions(trained, test, prepared, cfg.eval_batch_size),
         val=evaluate_divisions(trained, val, prepared, cfg.eval_batch_size),
         reference=reference, reference_label=reference_label, out_dir=out,
-        seconds=time.perf_counter() - t_start, distributed=distributed,
+        seconds=time.perf_counter() - t_start, distributed=distributed, adapt_rows=rows.info,
     )  # fmt: skip
     if ctx.is_main:
         write_outputs(result)
@@ -467,6 +504,8 @@ def write_outputs(result: RunResult) -> None:
           f"on {result.prepared.name}", ""]  # fmt: skip
     for table in result.tables().values():
         md.append(markdown_table(table))
+    phases = trajectory_table(result.phases)
+    md += ["## Phases (validation mean AUC x100; step and epoch of each value)", "", phases]
     (out / "results.md").write_text("\n".join(md))
     save_final(result)
     if result.config.export:
@@ -474,6 +513,8 @@ def write_outputs(result: RunResult) -> None:
     if result.config.progress:
         for table in result.tables().values():
             print_summary(table, title=f"{result.config.name} test metrics")
+        print("phases (validation mean AUC x100):")
+        print(phases, end="")
         kept = result.unchanged_phases()
         if kept:
             print(

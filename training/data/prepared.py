@@ -39,6 +39,8 @@ class PreparedData:
     domain_names: dict[str, list[str]]
     hparams: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    #: the training rows' values of the table's order column (``prepare_table(order_column=)``)
+    train_order: np.ndarray | None = None
 
     @property
     def spec(self) -> FeatureSpec:

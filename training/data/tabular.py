@@ -158,27 +158,30 @@ def _present_columns(path: Path) -> list[str]:
         raise DataError(f"{path} cannot be read as {kind}: {exc}") from None
 
 
-def _check_file_columns(path: Path, schema: TableSchema) -> None:
+def _check_file_columns(path: Path, schema: TableSchema, extra: Sequence[str] = ()) -> None:
     present = _present_columns(path)
-    missing = [c for c in schema.columns if c not in present]
+    missing = [c for c in dict.fromkeys([*schema.columns, *extra]) if c not in present]
     if missing:
         raise DataError(
             f"{path}: declared column(s) {missing} not found; columns present: {present}"
         )
 
 
-def read_table(path: str | Path, schema: TableSchema | None = None) -> pd.DataFrame:
+def read_table(
+    path: str | Path, schema: TableSchema | None = None, extra: Sequence[str] = ()
+) -> pd.DataFrame:
     """Read a Parquet (``.parquet``/``.pq``) or CSV file (any other suffix, e.g. ``.csv.gz``).
 
-    With a schema, only its columns are read, after checking they all exist.
+    With a schema, only its columns (and the ``extra`` ones, e.g. a split or order column)
+    are read, after checking they all exist.
     """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"table not found: {p}")
     columns = None
     if schema is not None:
-        _check_file_columns(p, schema)
-        columns = schema.columns
+        _check_file_columns(p, schema, extra)
+        columns = list(dict.fromkeys([*schema.columns, *extra]))
     try:
         if _is_parquet(p):
             return pd.read_parquet(p, columns=columns)
@@ -247,12 +250,65 @@ def _natural_domain_order(df: pd.DataFrame, schema: TableSchema) -> dict[str, li
     return out
 
 
+#: split-column values (compared stripped and case-insensitively) and the part each means
+SPLIT_VALUES = {"train": 0, "val": 1, "valid": 1, "validation": 1, "test": 2}
+
+
+def split_from_column(values: pd.Series, column: str) -> tuple[np.ndarray, ...]:
+    """``(train, val, test)`` row indices from a column of train / val / test labels.
+
+    Accepted (any case): ``train``, ``val`` / ``valid`` / ``validation``, ``test``; anything
+    else, missing values included, is refused naming the values found.
+    """
+    text = values.astype("string").str.strip().str.lower()
+    part = text.map(SPLIT_VALUES)
+    bad = part.isna().to_numpy()
+    if bad.any():
+        found = sorted({str(v) for v in values[bad].iloc[:10_000]})[:8]
+        raise DataError(
+            f"split column {column!r}: {int(bad.sum())} row(s) with value(s) {found} that are "
+            f"not one of {sorted(SPLIT_VALUES)} (any case)"
+        )
+    codes = part.to_numpy(dtype=np.int64)
+    out = tuple(np.flatnonzero(codes == k).astype(np.int64) for k in range(3))
+    if out[0].size == 0:
+        raise DataError(f"split column {column!r} marks no row as train")
+    return out
+
+
+def order_values(values: pd.Series, column: str) -> np.ndarray:
+    """An order column (numbers, or datetimes / date text) as float64 ranks-to-be."""
+    if pd.api.types.is_datetime64_any_dtype(values.dtype):
+        out = values.astype("int64").to_numpy(np.float64)
+        missing = values.isna().to_numpy()
+    elif pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(
+        values.dtype
+    ):
+        out = values.to_numpy(np.float64, na_value=np.nan)
+        missing = np.isnan(out)
+    else:
+        parsed = pd.to_datetime(values, errors="coerce", utc=True)
+        unparsed = parsed.isna() & values.notna()
+        if unparsed.any():
+            shown = sorted({str(v) for v in values[unparsed].iloc[:1000]})[:5]
+            raise DataError(
+                f"order column {column!r} must hold numbers or dates; found e.g. {shown}"
+            )
+        out = parsed.astype("int64").to_numpy(np.float64)
+        missing = parsed.isna().to_numpy()
+    if missing.any():
+        raise DataError(f"order column {column!r} has {int(missing.sum())} missing value(s)")
+    return out
+
+
 def prepare_table(
     data: str | Path | pd.DataFrame,
     schema: TableSchema,
     *,
     split: Sequence[float] = (0.6, 0.2, 0.2),
     stratified: bool = True,
+    split_column: str | None = None,
+    order_column: str | None = None,
     seed: int = 2024,
     max_rows: int | None = None,
     sample_frac: float | None = None,
@@ -262,15 +318,27 @@ def prepare_table(
     """Split a table (per primary-division domain, stratified on the label, by default),
     fit the encoder on the train part only and encode all three parts.
 
+    ``split_column`` names a column whose values say each row's part (train / val / test,
+    see :data:`SPLIT_VALUES`): the table is then not re-split (``split`` and ``stratified``
+    are ignored). ``order_column`` (numbers or dates, e.g. ``seq_pos``, a timestamp) is kept
+    for the training rows in ``PreparedData.train_order`` (what ``adapt_order`` reads).
+
     Domain names cover every value in the whole table (so a domain rare enough to miss the
     train part still has an id); everything else is learnt from train only.
     """
     source = str(data) if not isinstance(data, pd.DataFrame) else "table"
-    df = data if isinstance(data, pd.DataFrame) else read_table(data, schema)
+    extra = [c for c in (split_column, order_column) if c]
+    df = data if isinstance(data, pd.DataFrame) else read_table(data, schema, extra)
+    missing = [c for c in extra if c not in df.columns]
+    if missing:
+        raise DataError(f"{source}: column(s) {missing} not found; present: {list(df.columns)}")
     df = subsample(df, max_rows, sample_frac, seed).reset_index(drop=True)
     labels = validate_table(df, schema, source)
     encoder = schema.make_encoder(_natural_domain_order(df, schema))
-    if stratified:
+    ranks = None if order_column is None else order_values(df[order_column], order_column)
+    if split_column is not None:
+        splits = split_from_column(df[split_column], split_column)
+    elif stratified:
         primary = schema.divisions[0]
         order = encoder.domain_order[primary]
         dom = pd.Index(order, dtype=object).get_indexer(
@@ -285,6 +353,11 @@ def prepare_table(
     else:
         splits = random_split(len(df), split, seed)
     train, val, test = encode_splits(df, encoder, labels, splits)
+    info: dict[str, Any] = {"schema": schema.to_dict(), "seed": seed}
+    if split_column is not None:
+        info["split_column"] = split_column
+    if order_column is not None:
+        info["order_column"] = order_column
     return PreparedData(
         name=name or (Path(source).stem if source != "table" else "table"),
         encoder=encoder,
@@ -294,7 +367,8 @@ def prepare_table(
         divisions=list(schema.divisions),
         domain_names={d: encoder.domain_names(d) for d in schema.divisions},
         hparams=dict(hparams or {}),
-        info={"schema": schema.to_dict(), "seed": seed},
+        info=info,
+        train_order=None if ranks is None else ranks[splits[0]],
     )
 
 
