@@ -20,9 +20,12 @@ from typing import Any
 import anyio
 import orjson
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 
 from mdlora import __version__
 from service.api import admin, health, predict
@@ -241,6 +244,23 @@ def _error(status: int, body: dict[str, Any], headers: dict[str, str] | None = N
     return Response(orjson.dumps(body), status, headers=headers, media_type="application/json")
 
 
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route answers on ``scope``'s path (Starlette's 405 names only the
+    first route's: ``OPTIONS /v1/adapters`` said ``POST``, not ``GET, POST``)."""
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(
+            isinstance(route, BaseRoute)
+            and route.matches({**scope, "method": method})[0] == Match.FULL
+            for route in app.router.routes
+        )
+    ]
+
+
 def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
     """The generated schema plus the raw-body predict models (routes parse bodies themselves)."""
 
@@ -366,6 +386,17 @@ def create_app(
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:
         return _error(exc.status, exc.body(), exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code != 405:
+            return await http_exception_handler(request, exc)
+        allowed = ", ".join(allowed_methods(app, request.scope))
+        return _error(
+            405,
+            {"detail": f"{request.method} is not allowed on {request.url.path}; use {allowed}"},
+            {"Allow": allowed},
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:

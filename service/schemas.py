@@ -51,13 +51,18 @@ class ItemIn(BaseModel):
 
 
 class PredictRequest(BaseModel):
-    """One user, a list of candidate items, and the domain to score them in."""
+    """One user, a list of candidate items, and the domain to score them in. Exactly one of
+    ``items`` and ``item_ids`` is a list (the other absent or null)."""
 
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
             "examples": [{"domain": "25", "user": {"id": 42}, "item_ids": [1193, 661, 914]}],
-            "oneOf": [{"required": ["items"]}, {"required": ["item_ids"]}],
+            # a list, not merely present: {"item_ids": null} matches neither branch
+            "oneOf": [
+                {"required": [name], "properties": {name: {"type": "array"}}}
+                for name in ("items", "item_ids")
+            ],
         },
     )
     domain: DomainName | None = Field(

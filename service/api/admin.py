@@ -66,6 +66,11 @@ async def _read_upload(upload: UploadFile, limit: int, what: str) -> bytes:
     status_code=201,
     response_model=AdapterChange,
     responses={
+        400: {
+            "model": ErrorBody,
+            "description": "the multipart body cannot be parsed (Invalid multipart data, "
+            "Missing boundary in multipart)",
+        },
         409: {"model": ErrorBody},
         413: {"model": ErrorBody},
         422: {"model": ErrorBody, "description": "package refused; reason in detail"},
