@@ -9,6 +9,7 @@ files are streamed with pandas ``chunksize``).
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -287,7 +288,9 @@ def order_values(values: pd.Series, column: str) -> np.ndarray:
         out = values.to_numpy(np.float64, na_value=np.nan)
         missing = np.isnan(out)
     else:
-        parsed = pd.to_datetime(values, errors="coerce", utc=True)
+        with warnings.catch_warnings():  # "could not infer format": parsed one by one
+            warnings.simplefilter("ignore", UserWarning)
+            parsed = pd.to_datetime(values, errors="coerce", utc=True)
         unparsed = parsed.isna() & values.notna()
         if unparsed.any():
             shown = sorted({str(v) for v in values[unparsed].iloc[:1000]})[:5]
