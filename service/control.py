@@ -51,6 +51,7 @@ from service.registry import (
     next_version,
     set_active,
 )
+from service.runtime import probe_problem
 from service.snapshot import ArtifactBase, LoadedAdapter, Snapshot, SnapshotHolder
 
 log = logging.getLogger("mdlora.service")
@@ -331,6 +332,10 @@ class ControlPlane:
         self._swap(snapshot)
         self._note_unloaded()
 
+    def _probe(self, snapshot: Snapshot, key: DomainKey) -> str | None:
+        """What is wrong with ``snapshot``'s scores in ``key`` (None: finite probabilities)."""
+        return probe_problem(snapshot, *key)
+
     def _refuse(self, status: int, message: str) -> ServiceError:
         self.metrics.adapter_loads.labels("refused").inc()
         return ServiceError(status, message)
@@ -388,6 +393,9 @@ class ControlPlane:
             except (ArtifactError, TensorMismatchError, ValueError, KeyError) as exc:
                 raise self._refuse(422, f"adapter refused: {error_text(exc)}") from None
             self.prepare(snapshot)
+            problem = self._probe(snapshot, key)
+            if problem:
+                raise self._refuse(422, f"adapter refused: {problem}")
             new = state.with_entry(key, set_active(state.domains.get(key), record.version, record))
             try:
                 self._commit(

@@ -88,6 +88,13 @@ class ServiceMetrics:
             buckets=(1, 10, 50, 100, 200, 400, 800, 1600, 3200, 6400),
             registry=r,
         )
+        self.nonfinite_scores = Counter(
+            "mdlora_nonfinite_scores",
+            "scores the model produced that were not finite numbers (answered with an error, "
+            "never sent), by domain",
+            ["domain"],
+            registry=r,
+        )
         for result in ("ok", "refused", "error"):
             self.adapter_loads.labels(result)
         self.registry_up.set(1)

@@ -311,6 +311,28 @@ def warm_up(snapshot: Snapshot) -> None:
     snapshot.runner.score(rows)
 
 
+PROBE_ROWS = 64
+
+
+def probe_problem(snapshot: Snapshot, division: str, domain: str) -> str | None:
+    """Score a probe batch in ``division/domain`` with ``snapshot`` (random ids, the
+    out-of-vocabulary ones and the ends of the dense range); what is wrong with the scores,
+    or None when every one is a finite probability."""
+    rows = synthetic_rows(snapshot.serving_model, PROBE_ROWS, seed=1)
+    rows.sparse[:4] = 0  # out-of-vocabulary rows
+    rows.dense[4:8] = 0.0
+    rows.dense[8:12] = 1.0
+    rows.domains[:, snapshot.divisions.index(division)] = snapshot.domain_ids[division][domain]
+    probs = np.asarray(snapshot.runner.score(rows), dtype=np.float64)
+    bad = int((~np.isfinite(probs)).sum())
+    if bad:
+        return (
+            f"its scores are not finite numbers for {bad} of {len(probs)} probe rows (weights "
+            "too large for float32 arithmetic?)"
+        )
+    return None
+
+
 @dataclass
 class _Job:
     snapshot: Snapshot

@@ -307,6 +307,21 @@ class Predictor:
     def answer(
         self, req: PredictRequest, snap: Snapshot, p: Prepared, probs: np.ndarray
     ) -> dict[str, Any]:
+        bad = np.flatnonzero(~np.isfinite(probs))
+        if bad.size:  # never sent as null / NaN: an error naming the items
+            self.metrics.nonfinite_scores.labels(p.label).inc(int(bad.size))
+            log.error(
+                "non-finite scores for %d of %d items in %s (adapters %s)",
+                bad.size, len(probs), p.domains, p.adapter_versions,
+            )  # fmt: skip
+            raise ServiceError(
+                500,
+                f"the model produced no valid score (NaN or infinite) for item(s) "
+                f"{bad[:20].tolist()} of {len(probs)} in domain(s) {p.domains} with adapter "
+                f"version(s) {p.adapter_versions}: a fault of the served adapter, not of the "
+                "request; no score is sent for any item (the operator can roll the adapter back)",
+                items=bad.tolist(),
+            )
         self.metrics.items_scored.labels(p.label).inc(len(probs))
         return {
             "scores": probs.tolist(),
@@ -343,9 +358,14 @@ class Predictor:
                 ) from None
         probs = await self.batcher.score(snap, Rows.concat([p.rows for p in prepared]))
         out, start = [], 0
-        for r, p in zip(reqs, prepared, strict=True):
+        for i, (r, p) in enumerate(zip(reqs, prepared, strict=True)):
             n = len(p.rows)
-            out.append(self.answer(r, snap, p, probs[start : start + n]))
+            try:
+                out.append(self.answer(r, snap, p, probs[start : start + n]))
+            except ServiceError as exc:
+                raise ServiceError(
+                    exc.status, f"requests[{i}]: {exc.message}", index=i, **exc.extra
+                ) from None
             start += n
         labels = {p.label for p in prepared}
         return out, labels.pop() if len(labels) == 1 else "(mixed)"

@@ -7,10 +7,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+import torch
 from fastapi.testclient import TestClient
 
+from mdlora.artifact import AdapterPackage, load_artifact
 from service.app import create_app
+from service.demo import demo_adapter
 from service.settings import ServiceSettings
+from tests.service.helpers import ADMIN_TOKEN, AUTH, upload_files
 
 BIG = "1" + "0" * 400  # an integer no float can hold: float(10**400) raises OverflowError
 
@@ -100,3 +105,57 @@ def test_unparsable_multipart_is_a_documented_400(make_artifact: Callable[[str],
         assert r.status_code == 400 and "multipart" in r.json()["detail"]
         responses = c.get("/openapi.json").json()["paths"]["/v1/adapters"]["post"]["responses"]
         assert "400" in responses and "Invalid multipart data" in responses["400"]["description"]
+
+
+def _huge_adapter(art: Path, domain: str) -> AdapterPackage:
+    """Finite weights of +-3e38 (each a valid float32): their products overflow."""
+    pkg = demo_adapter(load_artifact(art).model, "age", domain)
+    gen = torch.Generator().manual_seed(0)
+    return AdapterPackage(
+        pkg.config,
+        {
+            k: (torch.randint(0, 2, v.shape, generator=gen) * 2 - 1).to(v.dtype) * 3e38
+            for k, v in pkg.tensors.items()
+        },
+    )
+
+
+PREDICT = {"user": {"id": 8}, "item_ids": [3, 6, 9]}
+
+
+def test_an_adapter_whose_scores_are_not_finite_is_refused(
+    make_artifact: Callable[[str], Path],
+) -> None:
+    art = make_artifact("mlora")
+    with TestClient(create_app(ServiceSettings(artifact_dir=art, admin_token=ADMIN_TOKEN))) as c:
+        listing = c.get("/v1/adapters", headers=AUTH).json()
+        before = c.post("/predict", json={**PREDICT, "domain": "25"}).json()["scores"]
+        r = c.post("/v1/adapters", files=upload_files(_huge_adapter(art, "huge")), headers=AUTH)
+        assert r.status_code == 422, r.text
+        assert "not finite" in r.json()["detail"]
+        assert c.get("/v1/adapters", headers=AUTH).json() == listing
+        assert c.post("/predict", json={**PREDICT, "domain": "huge"}).status_code == 404
+        assert c.post("/predict", json={**PREDICT, "domain": "25"}).json()["scores"] == before
+        assert not (art / "adapters" / "age" / "huge").exists()
+
+
+def test_a_non_finite_score_is_never_sent(
+    make_artifact: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should such an adapter get past the probe, its scores are an error, counted, never a
+    null in a 200 answer."""
+    art = make_artifact("mlora")
+    with TestClient(create_app(ServiceSettings(artifact_dir=art, admin_token=ADMIN_TOKEN))) as c:
+        control = c.app.state.service.control  # type: ignore[attr-defined]
+        monkeypatch.setattr(control, "_probe", lambda snapshot, key: None, raising=False)
+        files = upload_files(_huge_adapter(art, "huge"))
+        assert c.post("/v1/adapters", files=files, headers=AUTH).status_code == 201
+        r = c.post("/predict", json={**PREDICT, "domain": "huge"})
+        assert r.status_code == 500, r.text
+        assert r.json()["items"] == [0, 1, 2] and "not of the request" in r.json()["detail"]
+        ok = {**PREDICT, "domain": "25"}
+        r = c.post("/predict/batch", json={"requests": [ok, {**PREDICT, "domain": "huge"}]})
+        assert r.status_code == 500 and r.json()["detail"].startswith("requests[1]: ")
+        assert c.post("/predict", json=ok).status_code == 200
+        metrics = c.get("/metrics").text
+    assert 'mdlora_nonfinite_scores_total{domain="huge"} 6.0' in metrics
