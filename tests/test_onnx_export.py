@@ -237,3 +237,18 @@ def test_providers_use_cuda_only_when_torch_sees_a_gpu(monkeypatch: pytest.Monke
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "X"])
     assert default_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize(("method", "backbone"), [("mlora", "deepfm"), ("moe", "dcn")])
+def test_a_model_on_any_device_exports_and_is_left_there(
+    tmp_path: Path, method: str, backbone: str, device: torch.device
+) -> None:
+    """Exporting a model on the GPU writes the graph the CPU copy would, scored on the CPU."""
+    model = make_model(method, backbone).to(device)
+    path = export_onnx(model, tmp_path / "m.onnx")
+    assert model.device.type == device.type and not model.training
+    batch = make_batch(64, (3, 2))
+    with torch.no_grad():
+        expected = model.score_batch(batch.to(device)).cpu().numpy()
+    got = onnx_probs(OnnxScorer(path, providers=["CPUExecutionProvider"]), model, batch)
+    np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)

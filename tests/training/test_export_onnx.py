@@ -17,9 +17,13 @@ from training.methods import run_training
 onnx_export = pytest.importorskip("mdlora.onnx_export")
 
 
-def test_train_export_writes_an_onnx_scorer_that_matches_the_artifact(tmp_path: Path) -> None:
+def test_train_export_writes_an_onnx_scorer_that_matches_the_artifact(
+    tmp_path: Path, device: torch.device
+) -> None:
     prepared = tiny_prepared()
-    cfg = tiny_config(tmp_path, method="mlora", epochs=1, export=True, onnx=True)
+    cfg = tiny_config(
+        tmp_path, method="mlora", epochs=1, export=True, onnx=True, device=str(device)
+    )
     result = run_training(cfg, prepared=prepared)
     artifact = result.out_dir / "artifact"
     assert (artifact / ONNX_FILE).is_file()

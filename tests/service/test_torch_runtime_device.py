@@ -1,0 +1,73 @@
+"""The service's torch runtime on the device fixture: CPU in CI, CUDA where present.
+
+The snapshot, adapter registration and ``/predict`` all run on the device asked for, and
+score like the core does on the CPU (to float rounding across devices, bit for bit on one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.demo import demo_adapter
+from service.settings import ServiceSettings
+from service.snapshot import ArtifactBase, LoadedAdapter
+from tests.service.helpers import core_scores
+from tests.service.test_snapshot import rows_for, score
+
+DIVISION = {"mlora": "age", "moe": "gender"}
+
+
+@pytest.mark.parametrize("method", ["mlora", "moe"])
+def test_snapshots_score_and_register_on_the_device(
+    demo_artifacts: dict[str, Path], method: str, device: torch.device
+) -> None:
+    on_cpu = ArtifactBase.load(demo_artifacts[method])
+    base = ArtifactBase.load(demo_artifacts[method], device)
+    snap = base.snapshot()
+    assert snap.serving_model.device.type == device.type
+    division = DIVISION[method]
+    n = len(base.model.domain_names(division))
+    rows = rows_for(snap, list(range(n)), n=300)
+    before = score(snap, rows)
+    np.testing.assert_allclose(before, score(on_cpu.snapshot(), rows), atol=1e-5, rtol=0)
+
+    # registering a new domain's adapter on the device: the other domains keep their scores
+    pkg = demo_adapter(on_cpu.model, division, "newcomer", seed=5)
+    new = snap.with_adapters([(pkg, LoadedAdapter(1, "x", "registry"))], 1)
+    assert new.serving_model.device.type == device.type
+    after = score(new, rows)
+    if device.type == "cpu":
+        np.testing.assert_array_equal(after, before)
+    else:  # the segmented GEMMs' block count changes with the domain count: rounding only
+        np.testing.assert_allclose(after, before, atol=1e-6, rtol=0)
+    scores = score(new, rows_for(new, [new.domain_ids[division]["newcomer"]]))
+    assert np.isfinite(scores).all() and scores.std() > 0
+
+
+@pytest.mark.parametrize("method", ["mlora", "moe"])
+def test_predict_on_the_device_gives_the_cores_scores(
+    make_artifact: Callable[[str], Path], method: str, device: torch.device
+) -> None:
+    art = make_artifact(method)
+    division = DIVISION[method]
+    domain = {"age": "25", "gender": "F"}[division]
+    items = [3, 6, 30, 123, 900, 424242]
+    settings = ServiceSettings(artifact_dir=art, device=device.type)
+    with TestClient(create_app(settings)) as c:
+        r = c.post("/predict", json={"domain": domain, "user": {"id": 7}, "item_ids": items})
+        assert r.status_code == 200, r.text
+        batch = c.post("/predict/batch", json={"requests": [
+            {"domain": domain, "user": {"id": u}, "item_ids": items} for u in (1, 7, 150)
+        ]})  # fmt: skip
+        assert batch.status_code == 200, batch.text
+    records = [{"user_id": 7, "movie_id": i, division: domain} for i in items]
+    np.testing.assert_allclose(r.json()["scores"], core_scores(art, records), atol=1e-5)
+    single = batch.json()["results"][1]["scores"]
+    np.testing.assert_allclose(single, r.json()["scores"], atol=1e-6)
