@@ -33,14 +33,17 @@ def _state(model: MultiDomainModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _setup(tmp_path: Path, method: str, **kw: object) -> tuple:
+def _setup(
+    tmp_path: Path, method: str, device: torch.device = torch.device("cpu"), **kw: object
+) -> tuple:
+    """Config, hparams, a fresh model and the train / val splits, all on ``device``."""
     prepared = tiny_prepared(two_divisions=method in ("multilora", "singlelora"))
     cfg = tiny_config(tmp_path, method=method, **kw)
     hp = resolve_hparams(cfg, prepared)
     torch.manual_seed(0)
-    model = build_model(cfg, prepared, hp)
-    train = to_batch(prepared.train, torch.device("cpu"))
-    val = to_batch(prepared.val, torch.device("cpu"))
+    model = build_model(cfg, prepared, hp).to(device)
+    train = to_batch(prepared.train, device)
+    val = to_batch(prepared.val, device)
     return cfg, hp, model, train, val
 
 
@@ -66,9 +69,9 @@ def _expected_changes(model: MultiDomainModel, phase: Phase) -> dict[str, list[i
      ("multilora", {"tower_norm": "batch"})],
 )  # fmt: skip
 def test_each_phase_changes_only_its_groups(
-    tmp_path: Path, method: str, extra: dict, always_improving: None
+    tmp_path: Path, method: str, extra: dict, always_improving: None, device: torch.device
 ) -> None:
-    cfg, hp, model, train, val = _setup(tmp_path, method, **extra)
+    cfg, hp, model, train, val = _setup(tmp_path, method, device, **extra)
     phases = plan_phases(model, cfg, hp)
     assert phases[0].name == "backbone"
     settings = LoopSettings(batch_size=1024, l2=1e-3, patience=2, seed=0, progress=False)
@@ -95,7 +98,7 @@ def test_each_phase_changes_only_its_groups(
             else:
                 rows = changes[name]
                 assert rows is not None
-                others = torch.ones(new.shape[0], dtype=torch.bool)
+                others = torch.ones(new.shape[0], dtype=torch.bool, device=new.device)
                 others[rows] = False
                 assert torch.equal(new[others], old[others]), f"{ph.name}: other rows of {name}"
                 assert not torch.equal(new[rows], old[rows]), f"{ph.name}: rows of {name} fixed"
@@ -124,9 +127,9 @@ def test_multilora_and_singlelora_phase_plans(tmp_path: Path) -> None:
 
 
 def test_early_stopping_restores_the_best_epoch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: torch.device
 ) -> None:
-    _, _, model, train, val = _setup(tmp_path, "base")
+    _, _, model, train, val = _setup(tmp_path, "base", device)
     # start, the tenth-of-an-epoch look (recorded only), epochs 1, 2, ...
     scripted = iter([0.50, 0.95, 0.60, 0.80, 0.70, 0.75, 0.79, 0.99])
     states: list[dict[str, torch.Tensor]] = []
