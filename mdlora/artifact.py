@@ -36,14 +36,17 @@ from mdlora.fileio import atomic_write, staging_dir
 from mdlora.safetensors_header import header_problem
 from models.features import EncodedBatch
 from models.model import ModelConfig, MultiDomainModel
+from models.rows import EMBEDDING_ROWS, rows_signature
 from models.state import (
     TensorMismatchError,
     adapter_signature,
     adapter_tensors,
+    check_rows,
     check_tensors,
     install_adapter,
     load_shared,
     shared_tensors,
+    split_rows,
 )
 
 SCHEMA_VERSION = 1
@@ -51,6 +54,8 @@ MANIFEST = "manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 GATE_PREFIXES = ("gate.", "tower.fusions.", "tower.domain_norms.cell.")
+#: adapter config field: the values a new domain brought, per column, one grown row each
+GROWN_VOCAB = "grown_vocab"
 
 
 class ArtifactError(ValueError):
@@ -300,6 +305,31 @@ def _check_config_fields(config: dict[str, Any]) -> None:
     sha = config.get("sha256", "")
     if not isinstance(sha, str):
         raise ArtifactError(f"{where}: 'sha256' must be a hex string, got {sha!r}")
+    _check_grown_fields(config)
+
+
+def _check_grown_fields(config: dict[str, Any]) -> None:
+    """``grown_vocab`` (the ids a new domain brought) and its rows must come together."""
+    where = ADAPTER_CONFIG
+    vocab = config.get(GROWN_VOCAB)
+    rows = config["tensors"].get(EMBEDDING_ROWS)
+    if vocab is None and rows is None:
+        return
+    if not isinstance(vocab, dict) or not all(
+        isinstance(k, str) and isinstance(v, list) and all(isinstance(x, str) for x in v)
+        for k, v in vocab.items()
+    ):
+        raise ArtifactError(
+            f"{where}: {GROWN_VOCAB!r} must map column names to lists of string values"
+            + (f" (the package has {EMBEDDING_ROWS!r} rows for them)" if rows else "")
+        )
+    n = sum(len(v) for v in vocab.values())
+    n_rows = rows["shape"][0] if rows is not None and rows["shape"] else 0
+    if n != n_rows:
+        raise ArtifactError(
+            f"{where}: {GROWN_VOCAB!r} lists {n} value(s) but {EMBEDDING_ROWS!r} has {n_rows} "
+            "row(s); every grown value needs exactly one row"
+        )
 
 
 def read_adapter_package(directory: Path, max_bytes: int | None = None) -> AdapterPackage:
@@ -359,10 +389,16 @@ def check_adapter_fits(
             )
     try:
         expected = adapter_signature(model, pkg.division)
-        pkg.tensors = _conform_dtypes(pkg.tensors, expected)
-        check_tensors(expected, pkg.tensors, "adapter")
+        tensors, rows = split_rows(pkg.tensors)
+        n_rows = int(rows[EMBEDDING_ROWS].shape[0]) if EMBEDDING_ROWS in rows else 0
+        expected_rows = rows_signature(model, n_rows) if rows else {}
+        pkg.tensors = _conform_dtypes(pkg.tensors, {**expected, **expected_rows})
+        tensors, rows = split_rows(pkg.tensors)
+        check_tensors(expected, tensors, "adapter")
+        check_rows(model, rows, "adapter")
     except (TensorMismatchError, KeyError, ValueError) as exc:
         raise ArtifactError(error_text(exc)) from None
+    _check_grown_fields(dict(pkg.config, tensors=_describe(pkg.tensors)))
 
 
 def _conform_dtypes(
@@ -405,10 +441,13 @@ class Artifact:
         "age": "25"}])``
         """
         from mdlora.encoder import FeatureEncoder
+        from mdlora.grown import place
 
         if self.encoder is None:
             raise ArtifactError("the artifact has no encoder.json: encode the rows yourself")
-        arrays = FeatureEncoder.from_dict(self.encoder).encode_records(records)
+        encoder = FeatureEncoder.from_dict(self.encoder)
+        place(encoder, self.model)
+        arrays = encoder.encode_records(records)
         mh = arrays["multi_hot"]
         device = self.model.device
         batch = EncodedBatch(
@@ -470,9 +509,12 @@ def save_artifact(
         adapters = []
         cfg = model.config
         adapted = {"mlora": 1, "moe": 1, "multilora": 2}.get(cfg.method, 0)
+        grown = (encoder or {}).get("grown") or {}
         for div in cfg.divisions[:adapted]:
             for dom in div.domains:
-                pkg = make_adapter_package(model, div.name, dom, 1, digest)
+                values = grown.get(div.name, {}).get(dom)
+                more = {GROWN_VOCAB: values} if values else {}
+                pkg = make_adapter_package(model, div.name, dom, 1, digest, **more)
                 path = write_adapter_package(pkg, adapter_dir(tmp, div.name, dom, 1))
                 adapters.append({
                     "division": div.name, "domain": dom, "version": 1,

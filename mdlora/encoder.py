@@ -325,6 +325,10 @@ class FeatureEncoder:
         self.dense_min: dict[str, float] = {}
         self.dense_max: dict[str, float] = {}
         self.domains: dict[str, list[str]] = {}
+        #: ids added domains brought: division -> domain -> column -> values (``mdlora.grown``)
+        self.grown: dict[str, dict[str, dict[str, list[str]]]] = {}
+        self.grown_starts: dict[tuple[str, str], int] = {}  # where their rows are (runtime)
+        self._grown_lookups: list[Any] | None = None
         self._fitted = False
         self._index_cache: dict[str, pd.Index] = {}
         self._dict_cache: dict[str, dict[str, int]] = {}
@@ -366,6 +370,39 @@ class FeatureEncoder:
     def _invalidate(self) -> None:
         self._index_cache.clear()
         self._dict_cache.clear()
+        self._grown_lookups = None
+
+    # ---------------------------------------------------------------- grown ids
+
+    def set_grown(self, division: str, domain: str, values: Mapping[str, list[str]]) -> None:
+        """Give ``division/domain`` these grown values (``mdlora.grown``; empty removes them).
+
+        Its rows must then be placed (``mdlora.grown.place``) before rows of it are encoded.
+        """
+        from mdlora import grown
+
+        checked = grown.check_values(self, values, f"{division}/{domain}")
+        doms = dict(self.grown.get(division, {}))
+        doms.pop(domain, None)
+        if checked:
+            doms[domain] = checked
+        self.grown = {k: v for k, v in self.grown.items() if k != division}
+        if doms:
+            self.grown[division] = doms
+        self.grown_starts = {k: v for k, v in self.grown_starts.items() if k != (division, domain)}
+        self._grown_lookups = None
+
+    def set_grown_starts(self, starts: Mapping[tuple[str, str], int]) -> None:
+        self.grown_starts = dict(starts)
+        self._grown_lookups = None
+
+    def grown_lookups(self) -> list[Any]:
+        """Cached ``mdlora.grown.lookups`` of this encoder."""
+        if self._grown_lookups is None:
+            from mdlora import grown
+
+            self._grown_lookups = grown.lookups(self)
+        return self._grown_lookups
 
     def _index(self, key: str, values: list[str]) -> pd.Index:
         idx = self._index_cache.get(key)
@@ -580,7 +617,12 @@ class FeatureEncoder:
             if (upos < 0).any():
                 raise ValueError(self._unknown_domain_msg(div, list(keys[upos < 0])))
             domains[:, j] = upos[codes]
-        return EncodedArrays(sparse=sparse, multi_hot=multi_hot, dense=dense, domains=domains)
+        out = EncodedArrays(sparse=sparse, multi_hot=multi_hot, dense=dense, domains=domains)
+        if self.grown:
+            from mdlora import grown
+
+            grown.apply_frame(self, df, out)
+        return out
 
     def _scale(self, col: str, vals: np.ndarray) -> np.ndarray:
         lo, hi = self.dense_min[col], self.dense_max[col]
@@ -650,7 +692,12 @@ class FeatureEncoder:
                 if d is None:
                     raise ValueError(self._unknown_domain_msg(div, [r.get(div)]))
                 domains[i, j] = d
-        return EncodedArrays(sparse=sparse, multi_hot=multi_hot, dense=dense, domains=domains)
+        out = EncodedArrays(sparse=sparse, multi_hot=multi_hot, dense=dense, domains=domains)
+        if self.grown:
+            from mdlora import grown
+
+            grown.apply_records(self, records, out)
+        return out
 
     # ---------------------------------------------------------------- serialisation
 
@@ -675,6 +722,7 @@ class FeatureEncoder:
             "dense_min": dict(self.dense_min),
             "dense_max": dict(self.dense_max),
             "domains": {k: list(v) for k, v in self.domains.items()},
+            **({"grown": self.grown} if self.grown else {}),
         }
 
     @classmethod
@@ -699,6 +747,9 @@ class FeatureEncoder:
             enc.dense_max = {k: float(v) for k, v in d["dense_max"].items()}
             enc.domains = {k: [str(x) for x in v] for k, v in d["domains"].items()}
             enc._fitted = True
+            for div, doms in (d.get("grown") or {}).items():
+                for dom, values in doms.items():
+                    enc.set_grown(div, dom, values)
         return enc
 
     def to_json(self) -> str:

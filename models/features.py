@@ -7,6 +7,7 @@ aliases a real one. Multi-hot fields are padded with -1, which the pooling masks
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -148,6 +149,35 @@ class FieldEmbedding(nn.Module):
             "multi_hot_offsets", offsets[len(spec.sparse) :].clone(), persistent=False
         )
         self.weight = nn.Parameter(torch.randn(sum(sizes), dim) * init_std)
+        #: rows of the fields' own vocabularies; rows past it are grown for added domains
+        self.base_rows = int(sum(sizes))
+
+    def field_offsets(self) -> list[int]:
+        """First row of every embedded field (sparse fields, then multi-hot), in spec order."""
+        return [*self.sparse_offsets.tolist(), *self.multi_hot_offsets.tolist()]
+
+    def oov_rows(self) -> list[int]:
+        """The out-of-vocabulary row of every embedded field (``OOV_ID`` at its offset)."""
+        return [off + OOV_ID for off in self.field_offsets()]
+
+    def with_rows(self, weight: Tensor) -> FieldEmbedding:
+        """A copy of this layer (same spec and offsets) whose table is ``weight``.
+
+        ``weight`` must keep the first ``base_rows`` rows' layout; rows past them are grown
+        rows that ids past a field's vocabulary reach (``id + offset``). A new object, so
+        snapshots that share the old one are untouched.
+        """
+        if weight.dim() != 2 or weight.shape[1] != self.dim or weight.shape[0] < self.base_rows:
+            raise ValueError(
+                f"an embedding table of shape {tuple(weight.shape)} does not fit: expected "
+                f"[>= {self.base_rows}, {self.dim}]"
+            )
+        clone = copy.copy(self)
+        clone._parameters = dict(self._parameters)
+        clone._buffers = dict(self._buffers)
+        clone._modules = dict(self._modules)
+        clone.weight = nn.Parameter(weight.detach(), requires_grad=self.weight.requires_grad)
+        return clone
 
     def forward(self, sparse: Tensor, multi_hot: Tensor | None = None) -> Tensor:
         parts = []

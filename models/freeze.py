@@ -8,7 +8,8 @@ Groups (a phase names several):
 * ``gate``, ``gate_row:<d>`` (the gate's domain-embedding row ``d`` only);
 * ``lora:<division>``, ``lora:<division>:<d>`` (MultiLoRA sets, or one domain's row);
 * ``norms`` (all domain norms), ``norms:<set>`` (``div:<division>`` or ``cell``),
-  ``norms:<set>:<d>``; ``fusion``.
+  ``norms:<set>:<d>``; ``fusion``;
+* ``rows:<division>:<domain>`` (the embedding rows grown for an added domain, ``models.rows``).
 
 Row groups train one slice of a stacked tensor: the tensor gets ``requires_grad`` and a hook
 zeroes the gradient of every other row. With a fresh optimiser and no weight decay on those
@@ -74,6 +75,16 @@ def _group_tensors(model: MultiDomainModel, group: str) -> list[tuple[nn.Paramet
         rest = parts[3:] if parts[1] == "div" else parts[2:]
         row = int(rest[0]) if rest else None
         return [(p, row) for p in norms[name].parameters()]
+    if kind == "rows":
+        from models.rows import grown_regions
+
+        bits = group.split(":", 2)
+        region = grown_regions(model).get((bits[1], bits[2])) if len(bits) == 3 else None
+        if region is None:
+            raise ValueError(f"group {group!r}: no grown rows (rows:<division>:<domain>)")
+        start, n = region
+        tables = [model.embedding] + ([model.linear] if model.linear is not None else [])
+        return [(t.weight, r) for t in tables for r in range(start, start + n)]
     if kind == "fusion":
         if tower.fusions is None:
             raise ValueError("group 'fusion': this model has no fusion layers")

@@ -184,6 +184,9 @@ class MultiDomainModel(nn.Module):
         self.stage = Stage(FINAL_STAGE[config.method])
         self.routing: list[str] = self.default_routing()
         self._inference_cache: tuple[tuple[Any, ...], list[InferenceBank]] | None = None
+        #: embedding rows grown for domains added later: (division, domain) -> row count, in
+        #: table order (``models.rows``); never mutated, always replaced
+        self.grown: dict[tuple[str, str], int] = {}
 
     # ----------------------------------------------------------------- stages and routing
     def set_stage(self, name: str, expert: int | None = None, division: str | None = None) -> None:

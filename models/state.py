@@ -15,6 +15,13 @@ import torch
 from torch import Tensor
 
 from models.model import MultiDomainModel
+from models.rows import (
+    EMBEDDING_ROWS,
+    LINEAR_ROWS,
+    domain_rows,
+    rows_signature,
+    set_domain_rows,
+)
 
 log = logging.getLogger("mdlora.models")
 
@@ -25,10 +32,22 @@ class TensorMismatchError(ValueError):
     """A tensor file does not fit the model: the message names the tensor and both shapes."""
 
 
+#: tables whose rows past ``base_rows`` are grown per domain (``models.rows``)
+GROWN_TABLES = ("embedding.weight", "linear.weight")
+
+
+def _base_part(model: MultiDomainModel, name: str, t: Tensor) -> Tensor:
+    """``t`` without the rows grown for added domains (those travel with their adapters)."""
+    if name in GROWN_TABLES:
+        return t[: getattr(model, name.split(".")[0]).base_rows]
+    return t
+
+
 def shared_tensors(model: MultiDomainModel) -> dict[str, Tensor]:
-    """All weights and buffers except the per-domain adapter banks and domain norms."""
+    """All weights and buffers except the per-domain adapter banks, domain norms and grown
+    embedding rows."""
     return {
-        k: v.detach().contiguous()
+        k: _base_part(model, k, v.detach()).contiguous()
         for k, v in model.state_dict().items()
         if not k.startswith(ADAPTER_PREFIXES)
     }
@@ -41,7 +60,7 @@ def load_shared(model: MultiDomainModel, tensors: dict[str, Tensor]) -> None:
     state = model.state_dict()
     with torch.no_grad():
         for k, v in tensors.items():
-            state[k].copy_(v)
+            _base_part(model, k, state[k]).copy_(v)
     model._inference_cache = None
 
 
@@ -95,7 +114,28 @@ def adapter_tensors(model: MultiDomainModel, division: str, domain: str) -> dict
         for i, norm in enumerate(tower.norm_layers(f"div:{division}")):
             for attr in ("weight", "bias", "running_mean", "running_var"):
                 out[f"norm.{i}.{attr}"] = getattr(norm, attr)[d]
+    out.update(domain_rows(model, division, domain))
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def split_rows(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``(adapter tensors, grown embedding rows)`` of one domain's tensors."""
+    rows = {k: v for k, v in tensors.items() if k in (EMBEDDING_ROWS, LINEAR_ROWS)}
+    return {k: v for k, v in tensors.items() if k not in rows}, rows
+
+
+def check_rows(model: MultiDomainModel, rows: dict[str, Tensor], what: str) -> None:
+    """Grown rows must have the model's shapes and dtypes, all finite (or be absent)."""
+    if not rows:
+        return
+    emb = rows.get(EMBEDDING_ROWS)
+    n = int(emb.shape[0]) if emb is not None and emb.dim() == 2 else -1
+    if n < 0:
+        raise TensorMismatchError(
+            f"{what}: grown rows need {EMBEDDING_ROWS!r} of shape [rows, "
+            f"{model.embedding.dim}] (got {None if emb is None else tuple(emb.shape)})"
+        )
+    check_tensors(rows_signature(model, n), rows, what)
 
 
 def adapter_signature(
@@ -103,7 +143,7 @@ def adapter_signature(
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Names, shapes and dtypes a domain adapter of ``division`` must have for this model."""
     _adapted(model, division)
-    probe = adapter_tensors(model, division, model.domain_names(division)[0])
+    probe, _ = split_rows(adapter_tensors(model, division, model.domain_names(division)[0]))
     return {k: (tuple(v.shape), v.dtype) for k, v in probe.items()}
 
 
@@ -177,7 +217,9 @@ def install_adapter(
     Returns the domain id.
     """
     _adapted(model, division)
+    tensors, grown_rows = split_rows(tensors)
     check_tensors(adapter_signature(model, division), tensors, f"adapter {division}/{domain}")
+    check_rows(model, grown_rows, f"adapter {division}/{domain}")
     if gate_scope not in (None, "all", "own"):
         raise ValueError(f"gate_scope must be 'all' or 'own', got {gate_scope!r}")
     names = model.domain_names(division)
@@ -215,5 +257,7 @@ def install_adapter(
         for i, norm in enumerate(tower.norm_layers(f"div:{division}")):
             for attr in ("weight", "bias", "running_mean", "running_var"):
                 getattr(norm, attr)[d] = tensors[f"norm.{i}.{attr}"]
+    if grown_rows or (division, domain) in model.grown:
+        set_domain_rows(model, division, domain, grown_rows)
     model._inference_cache = None
     return d

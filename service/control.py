@@ -535,6 +535,8 @@ class ControlPlane:
             "active_version": served.version if served else None,
             "origin": served.origin if served else None,
             "trained_with_artifact": artifact is not None,
+            # ids the served version brought that the export never saw (new users, items)
+            "grown_ids": sum(len(v) for v in snap.grown.get(key, {}).values()),
             "versions": versions,
         }
 

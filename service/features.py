@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from mdlora.encoder import FeatureEncoder, canonical_value
+from mdlora.grown import GrownLookup
 from models.features import OOV_ID, PAD_ID
 
 USER_ID_CANDIDATES = ("user_id", "userid", "uid", "user")
@@ -133,6 +134,8 @@ class RequestEncoder:
         self._vocab = {c: {v: i + 1 for i, v in enumerate(encoder.vocabs[c])} for c in self.sparse}
         self._ids: dict[str, IdVocabulary] = {}
         self._parts: dict[frozenset[str], _Part] = {}
+        self._delims = {m.name: m.delimiter for m in encoder.multi_hot_columns}
+        self._max_lens = dict(encoder.max_lens)
 
     def _part(self, cols: frozenset[str]) -> _Part:
         """An encoder over ``cols`` only (same vocabularies, no divisions), cached."""
@@ -240,6 +243,52 @@ class RequestEncoder:
             records = [{c: values[c][i] for c in other} for i in range(n)]
             self._scatter(part, part.encoder.encode_records(records), sparse, dense, multi_hot)
         return sparse, dense, multi_hot
+
+    def apply_grown(
+        self,
+        lookup: GrownLookup,
+        user: Mapping[str, Any],
+        items: Mapping[str, Sequence[Any]],
+        sparse: np.ndarray,
+        multi_hot: np.ndarray | None,
+    ) -> None:
+        """Give values unknown to the export their grown ids (``mdlora.grown``), in place.
+
+        ``lookup``: the grown ids of the request's domain; arguments as :meth:`encode` took
+        them, its output arrays. Only ids that encoded as out-of-vocabulary change.
+        """
+        n = sparse.shape[0]
+        for col, vmap in lookup.maps.items():
+            if not vmap:
+                continue
+            vals = items.get(col)
+            fallback = user.get(col)
+            cells = [fallback] * n if vals is None else [fallback if v is None else v for v in vals]
+            if col in self._vocab:
+                j = self.sparse.index(col)
+                for i in np.flatnonzero(sparse[:, j] == OOV_ID).tolist():
+                    key = canonical_value(cells[i])
+                    if key is not None and key in vmap:
+                        sparse[i, j] = vmap[key]
+            elif multi_hot is not None and col in self.multi_hot:
+                j = self.multi_hot.index(col)
+                delim = self._delims[col]
+                for i, cell in enumerate(cells):
+                    if cell is None:
+                        continue
+                    tokens = cell.split(delim) if isinstance(cell, str) else (
+                        cell if isinstance(cell, (list, tuple)) else [cell]
+                    )  # fmt: skip
+                    k = 0
+                    for t in tokens:
+                        key = canonical_value(t)
+                        if key is None or key == "":
+                            continue
+                        if k >= self._max_lens[col]:
+                            break
+                        if multi_hot[i, j, k] == OOV_ID and key in vmap:
+                            multi_hot[i, j, k] = vmap[key]
+                        k += 1
 
     def _id_vocabulary(self, column: str) -> IdVocabulary:
         vocab = self._ids.get(column)

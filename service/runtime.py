@@ -221,7 +221,7 @@ class OnnxRuntime:
             shutil.rmtree(folder, ignore_errors=True)
         if key is not None:
             with self._lock:
-                baked = [k for k in self._sessions if k.startswith("baked:")]
+                baked = [k for k in self._sessions if k.startswith(("baked:", "grown:"))]
                 for old in baked[: max(0, len(baked) - 3)]:  # keep a few for rollbacks
                     del self._sessions[old]
                 self._sessions[key] = scorer
@@ -262,6 +262,11 @@ class OnnxRuntime:
         from mdlora.onnx_export import banks_from_model, has_bank_inputs
 
         model = snapshot.serving_model
+        versions = sorted((k, v.version, v.sha256) for k, v in snapshot.adapters.items())
+        if has_bank_inputs(model) and model.grown:
+            # grown embedding rows are graph constants: one export per set of adapter versions
+            key = f"grown:{snapshot.info.model_id}:{hash(tuple(versions))}"
+            return OnnxRunner(self._export(model, key), banks_from_model(model))
         if has_bank_inputs(model):
             key = f"banked:{snapshot.info.model_id}"
             with self._lock:
@@ -275,7 +280,6 @@ class OnnxRuntime:
         if snapshot.backbone_model is not None:
             backbone = self._export(snapshot.backbone_model, f"backbone:{snapshot.info.model_id}")
         # the adapters are constants of this graph: one export per set of adapter versions
-        versions = sorted((k, v.version, v.sha256) for k, v in snapshot.adapters.items())
         key = f"baked:{snapshot.info.model_id}:{hash(tuple(versions))}"
         return OnnxRunner(self._export(model, key), [], backbone)
 

@@ -131,6 +131,11 @@ class AdapterInfo(BaseModel):
     active_version: int | None
     origin: str | None
     trained_with_artifact: bool
+    grown_ids: int = Field(
+        0,
+        description="ids the served version brought that the export never saw (new users, "
+        "items, ...), each with an embedding row of its own",
+    )
     versions: list[AdapterVersion]
 
 

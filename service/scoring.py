@@ -228,6 +228,11 @@ class Predictor:
         for div, name in names.items():
             user.setdefault(div, name)  # a division that is also a feature column
         sparse, dense, multi_hot = self.encoder.encode(user, g.items, g.n, g.id_columns)
+        if snap.grown_lookups and not backbone:  # ids an added domain brought with it
+            for div in snap.adapted:
+                lookup = snap.grown_lookups.get((div, names[div]))
+                if lookup is not None:
+                    self.encoder.apply_grown(lookup, user, g.items, sparse, multi_hot)
         notes = self._input_warnings(user, g, sparse, set(snap.divisions))
         domains = np.empty((g.n, len(ids)), np.int64)
         domains[:] = ids

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from mdlora.artifact import (
+    GROWN_VOCAB,
     AdapterPackage,
     Artifact,
     apply_adapter,
@@ -39,7 +40,10 @@ from mdlora.artifact import (
     make_adapter_package,
 )
 from mdlora.encoder import FeatureEncoder
+from mdlora.grown import GrownLookup, GrownValues, check_values
+from mdlora.grown import count as grown_count
 from models.model import MultiDomainModel
+from models.rows import grown_regions
 
 #: the reserved primary-division domain of the zero adapter (``\x00`` can never be a real name:
 #: adapter packages with it cannot be written to a path, and the API refuses it)
@@ -158,8 +162,10 @@ class ArtifactBase:
             raise KeyError(f"{division}/{domain} is not a domain of the artifact")
         with self._lock:
             if key not in self._packages:
+                values = self.encoder.grown.get(division, {}).get(domain)
                 pkg = make_adapter_package(
-                    self.model, division, domain, self.adapters[key].version, self.backbone_sha256
+                    self.model, division, domain, self.adapters[key].version, self.backbone_sha256,
+                    **({GROWN_VOCAB: values} if values else {}),
                 )
                 pkg.tensors = {k: v.cpu() for k, v in pkg.tensors.items()}
                 self._packages[key] = pkg
@@ -167,7 +173,12 @@ class ArtifactBase:
 
     def snapshot(self, registry_version: int = 0) -> Snapshot:
         """The artifact exactly as trained (every domain at its artifact version)."""
-        return Snapshot(self, cow_copy(self.model), dict(self.adapters), registry_version)
+        grown = {
+            (div, dom): values
+            for div, doms in self.encoder.grown.items()
+            for dom, values in doms.items()
+        }
+        return Snapshot(self, cow_copy(self.model), dict(self.adapters), registry_version, grown)
 
 
 class Snapshot:
@@ -188,10 +199,20 @@ class Snapshot:
         model: MultiDomainModel,
         adapters: dict[DomainKey, LoadedAdapter],
         registry_version: int,
+        grown: Mapping[DomainKey, GrownValues] | None = None,
     ) -> None:
         self.base = base
         self.model = model
         self.adapters: Mapping[DomainKey, LoadedAdapter] = dict(adapters)
+        #: ids added domains brought (``mdlora.grown``) and their lookups into ``model``'s rows
+        self.grown: Mapping[DomainKey, GrownValues] = dict(grown or {})
+        regions = grown_regions(model)
+        self.grown_lookups: dict[DomainKey, GrownLookup] = {}
+        for key, values in self.grown.items():
+            region = regions.get(key)
+            if region is None or region[1] != grown_count(values):
+                raise ValueError(f"{key[0]}/{key[1]}: grown ids and rows disagree")
+            self.grown_lookups[key] = GrownLookup(base.encoder, values, region[0])
         self.registry_version = registry_version
         self.created_at = time.time()
         self.method = model.config.method
@@ -235,6 +256,7 @@ class Snapshot:
         """
         model = cow_copy(self.model)
         adapters = dict(self.adapters)
+        grown = dict(self.grown)
         device = model.device
         for pkg, loaded in packages:
             # packages are parsed on the CPU; the rows they fill may live on a GPU
@@ -242,9 +264,14 @@ class Snapshot:
                 pkg.config, {k: v.to(device) for k, v in pkg.tensors.items()}
             )
             apply_adapter(model, on_device, self.base.max_rank)
-            adapters[(pkg.division, pkg.domain)] = loaded
+            key = (pkg.division, pkg.domain)
+            adapters[key] = loaded
+            grown.pop(key, None)
+            values = pkg.config.get(GROWN_VOCAB)
+            if values:
+                grown[key] = check_values(self.base.encoder, values, f"{key[0]}/{key[1]}")
         model.eval()
-        return Snapshot(self.base, model, adapters, registry_version)
+        return Snapshot(self.base, model, adapters, registry_version, grown)
 
     def with_registry_version(self, registry_version: int) -> Snapshot:
         """The same model, labelled with a newer registry version (no adapter changed)."""

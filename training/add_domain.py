@@ -3,7 +3,10 @@
 ``mdlora add-domain --artifact DIR --data FILE --domain NAME`` loads the artifact and its
 encoder, reads the new domain's rows (the domain column equal to NAME, or every row when the
 file has no domain column), registers the domain in the encoder and the model
-(``model.add_domain``), and trains the new domain's parameters with everything else frozen:
+(``model.add_domain``), grows embedding rows for the ids its training rows bring that the
+export never saw (new users, new items, the domain's own value of a domain feature; scoped to
+the domain, see ``mdlora.grown``), and trains the new domain's parameters, those rows
+included, with everything else frozen:
 
 * MLoRA: stage ``adapters``, group ``expert:<d>`` (the bank row of domain ``d``);
 * MoE-MLoRA: for each new expert ``e`` (owned by ``d``), stage ``expert=e`` with group
@@ -17,9 +20,11 @@ file has no domain column), registers the domain in the encoder and the model
 
 Early stopping uses a validation split of the new rows. Every existing domain's scores stay
 bit-identical (frozen rows are masked, frozen norms keep their statistics, a batch holds
-only the new domain). The output is an adapter package (``adapter_config.json`` +
-``adapter_model.safetensors``) the service can register, with the grown encoder beside it as
-``encoder.json``; nothing is written unless training succeeded.
+only the new domain). The output is an adapter package (``adapter_config.json`` with the
+grown values as ``grown_vocab`` + ``adapter_model.safetensors`` with their rows) the service
+can register, with the grown encoder beside it as ``encoder.json``; nothing is written unless
+training succeeded. A domain whose rows would all look alike to the model (its ids unknown
+and no rows grown for them) is refused: no adapter could tell them apart.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import pandas as pd
 import torch
 
 from mdlora.artifact import (
+    GROWN_VOCAB,
     ArtifactError,
     adapter_dir,
     load_artifact,
@@ -42,7 +48,9 @@ from mdlora.artifact import (
     write_adapter_package,
 )
 from mdlora.encoder import FeatureEncoder, LabeledArrays, canonical_value
+from mdlora.grown import new_values, place, region_fields
 from models.model import MultiDomainModel
+from models.rows import grow_domain_rows
 from training.data.prepared import DataError, labels_from
 from training.data.splits import stratified_domain_split
 from training.distributed import pick_device
@@ -60,6 +68,8 @@ class AddDomainSettings:
     seed: int = 2024
     gate_scope: str = "own"  # MoE-MLoRA: the new gate row sees only its own experts, or all
     gate_lr: float = 0.05  # MoE-MLoRA gate row: a few numbers, which need larger steps
+    grow: bool = True  # grow embedding rows for ids the export never saw (new users, items)
+    l2: float | None = None  # L2 on the grown rows; None: the training run's
     device: str = "auto"
     progress: bool = True
 
@@ -72,6 +82,7 @@ class AddDomainSettings:
             "gate_lr": self.gate_lr > 0,
             "val_fraction": 0 < self.val_fraction < 1,
             "gate_scope": self.gate_scope in ("own", "all"),
+            "l2": self.l2 is None or self.l2 >= 0,
         }
         bad = [f"{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
         if bad:
@@ -94,6 +105,7 @@ class AddDomainResult:
     rows_val: int
     val_auc_backbone: float | None  # the new domain's validation AUC with the backbone alone
     val_auc: float | None  # ... with its trained adapter
+    grown: dict[str, int] = field(default_factory=dict)  # column -> ids grown for the domain
     artifact_out: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -120,6 +132,8 @@ class AddDomainResult:
         lines = [
             f"domain {self.domain!r} added to division {self.division!r} as id {self.domain_id}"
             f" ({self.rows_train} training rows, {self.rows_val} validation rows)",
+            "embedding rows grown for ids the export never saw: "
+            + (", ".join(f"{c} {n}" for c, n in self.grown.items()) or "none"),
             f"validation AUC over all the domain's validation rows: backbone alone "
             f"{pct(self.val_auc_backbone)}, with the new adapter {pct(self.val_auc)} (the "
             "phases' per-epoch 'val mean AUC' averages per-domain AUCs, so it can differ)",
@@ -201,7 +215,21 @@ def _take(arrays: dict[str, Any], labels: np.ndarray, idx: np.ndarray) -> Labele
 def new_domain_phases(
     model: MultiDomainModel, division: str, domain_id: int, final_stage: str, gate_scope: str
 ) -> list[Phase]:
-    """The phases that train domain ``domain_id``'s own parameters and nothing else."""
+    """The phases that train domain ``domain_id``'s own parameters and nothing else.
+
+    The domain's grown embedding rows (if any) train in every one of its phases.
+    """
+    phases = _adapter_phases(model, division, domain_id, final_stage, gate_scope)
+    domain = model.domain_names(division)[domain_id]
+    if (division, domain) in model.grown:
+        for ph in phases:
+            ph.groups = [*ph.groups, f"rows:{division}:{domain}"]
+    return phases
+
+
+def _adapter_phases(
+    model: MultiDomainModel, division: str, domain_id: int, final_stage: str, gate_scope: str
+) -> list[Phase]:
     cfg = model.config
     div_i = cfg.division_index(division)
     rows = [domain_id]
@@ -233,6 +261,38 @@ def new_domain_phases(
     )
 
 
+#: refuse a domain whose rows are this alike (share of rows with the most common input)
+UNIFORM_SHARE = 0.95
+
+
+def refuse_uniform_rows(arrays: dict[str, Any], grow: bool) -> None:
+    """Raise ``ValueError`` when (nearly) every row has the same model input.
+
+    Then the model scores every row of the domain alike and no adapter can change that:
+    typically every id is unknown to the export and no rows were grown for them.
+    """
+    parts = [arrays["sparse"], arrays["dense"].view(np.int32).astype(np.int64)]
+    if arrays["multi_hot"] is not None:
+        parts.append(arrays["multi_hot"].reshape(len(arrays["sparse"]), -1))
+    rows = np.concatenate(parts, axis=1)
+    if len(rows) == 0:
+        return
+    _, counts = np.unique(rows, axis=0, return_counts=True)
+    share = counts.max() / len(rows)
+    if share >= UNIFORM_SHARE:
+        why = (
+            "its ids are unknown to the export and --no-grow keeps them that way: drop "
+            "--no-grow so add-domain grows embedding rows for them"
+            if not grow
+            else "its ids are unknown to the export and too rare to grow rows for (the "
+            "encoder's min_count), and it has no other features that vary"
+        )
+        raise ValueError(
+            f"{100 * share:.1f}% of the new domain's rows have the same model input, so the "
+            f"model would score them all alike: {why}"
+        )
+
+
 def _val_auc(model: MultiDomainModel, batch: Any) -> float | None:
     probs = predict(model, batch)
     return compute_metrics(
@@ -250,10 +310,14 @@ def train_new_domain(
     settings: AddDomainSettings,
     lr: float,
     batch_size: int,
+    l2: float = 1e-5,
 ) -> AddDomainResult:
     """Grow ``encoder`` and ``model`` by ``domain`` and train its parameters on ``df``.
 
-    Works on the objects given (the caller holds copies it can drop on failure).
+    With ``settings.grow``, values of the domain's training rows that the export never saw
+    (new users, items, ...) get vocabulary entries scoped to the domain and embedding rows
+    that train with its adapter (``mdlora.grown``, ``models.rows``). Works on the objects
+    given (the caller holds copies it can drop on failure).
     """
     cfg = model.config
     div_i = cfg.division_index(division)
@@ -273,16 +337,25 @@ def train_new_domain(
             f"encoder and model disagree on division {division!r} ({domain_id} vs {model_id} "
             "domains): the artifact's encoder.json does not belong to its model"
         )
-    arrays = encoder.transform(df)
     train_idx, val_idx = _split(len(df), labels, settings.val_fraction, settings.seed)
+    grown: dict[str, list[str]] = {}
+    if settings.grow:  # vocabularies from the training rows only, as the export's were
+        grown = new_values(encoder, df.iloc[train_idx])
+    if grown:
+        encoder.set_grown(division, domain, grown)
+        grow_domain_rows(model, division, domain, region_fields(encoder, grown))
+        place(encoder, model)
+    arrays = encoder.transform(df)
+    refuse_uniform_rows(dict(arrays), settings.grow)
     device = model.device
     train = to_batch(_take(dict(arrays), labels, train_idx), device)
     val = to_batch(_take(dict(arrays), labels, val_idx), device)
     model.set_stage("backbone")
     before = _val_auc(model, val)
+    # L2 reaches only the grown rows: every other row of the tables is frozen
     loop = LoopSettings(
-        batch_size=batch_size, l2=0.0, patience=settings.patience, seed=settings.seed,
-        progress=settings.progress,
+        batch_size=batch_size, l2=l2 if grown else 0.0, patience=settings.patience,
+        seed=settings.seed, progress=settings.progress,
     )  # fmt: skip
     phases = new_domain_phases(model, division, domain_id, final_stage.name, settings.gate_scope)
     results = []
@@ -295,6 +368,7 @@ def train_new_domain(
         division=division, domain=domain, domain_id=domain_id, version=0, package_dir=None,
         encoder=encoder, phases=results, rows_train=len(train_idx), rows_val=len(val_idx),
         val_auc_backbone=before, val_auc=_val_auc(model, val),
+        grown={c: len(v) for c, v in grown.items()},
     )  # fmt: skip
 
 
@@ -339,18 +413,22 @@ def add_domain(
     adapter_dir(Path("."), division, domain, version)  # refuses names unusable as paths
     df, labels = read_domain_rows(Path(data), encoder, division, domain, str(label), positive)
     torch.manual_seed(settings.seed)
+    l2 = settings.l2
+    if l2 is None:
+        l2 = float(art.manifest.get("metrics", {}).get("hparams", {}).get("l2", 1e-5))
     result = train_new_domain(
-        model, encoder, division, domain, df, labels, settings, lr, batch_size
+        model, encoder, division, domain, df, labels, settings, lr, batch_size, l2
     )
     metrics = {
         "val_auc_backbone": result.val_auc_backbone, "val_auc": result.val_auc,
         "rows_train": result.rows_train, "rows_val": result.rows_val,
-        "warnings": result.warnings(),
+        "grown": result.grown, "warnings": result.warnings(),
     }  # fmt: skip
+    values = encoder.grown.get(division, {}).get(domain)
     backbone_sha = art.manifest.get("files", {}).get("backbone.safetensors", {}).get("sha256")
     pkg = make_adapter_package(
         model, division, domain, version, backbone_sha, gate_scope=settings.gate_scope,
-        metrics=metrics,
+        metrics=metrics, **({GROWN_VOCAB: values} if values else {}),
         trained_from=str(run_cfg.get("name", artifact.name)),
     )  # fmt: skip
     write_adapter_package(pkg, out)

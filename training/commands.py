@@ -142,6 +142,14 @@ def register(app: typer.Typer) -> None:
         gate_lr: float = typer.Option(
             0.05, callback=_positive, help="MoE: learning rate of the new gate row."
         ),
+        grow: bool = typer.Option(
+            True, "--grow/--no-grow",
+            help="Grow embedding rows for ids the export never saw (the domain's new users, "
+            "items, ...) and train them with the adapter.",
+        ),
+        l2: float | None = typer.Option(
+            None, min=0.0, help="L2 on the grown rows (default: the training run's)."
+        ),
         seed: int = typer.Option(2024, help="Random seed."),
         threads: int | None = typer.Option(
             None, min=1, help="torch CPU threads (default: all cores; fewer on a busy machine)."
@@ -164,6 +172,7 @@ def register(app: typer.Typer) -> None:
         settings = AddDomainSettings(
             epochs=epochs, lr=lr, batch_size=batch_size, patience=patience,
             val_fraction=val_fraction, seed=seed, gate_scope=gate_scope, gate_lr=gate_lr,
+            grow=grow, l2=l2,
         )  # fmt: skip
         try:
             res = add_domain(

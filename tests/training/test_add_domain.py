@@ -13,6 +13,7 @@ import torch
 
 from mdlora.artifact import apply_adapter, load_artifact, read_adapter_package
 from mdlora.encoder import FeatureEncoder, LabeledArrays
+from mdlora.grown import place
 from tests.training.helpers import tiny_config
 from training.add_domain import AddDomainSettings, add_domain
 from training.data.synthetic import make_synthetic, synthetic_schema
@@ -92,6 +93,7 @@ def test_add_domain_keeps_old_scores_and_beats_the_backbone(
 
     # held-out rows of the new domain: its adapter beats the backbone alone
     grown_encoder = FeatureEncoder.from_json((out / "encoder.json").read_text())
+    place(grown_encoder, before.model)  # its grown ids (the domain's own value) -> their rows
     new_batch = to_batch(_encode(grown_encoder, held_out), device)
     labels = held_out["label"].to_numpy()
     with_adapter = predict(before.model, new_batch)

@@ -1,0 +1,105 @@
+"""A registered domain that brings its own users and items (grown embedding rows)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from mdlora.artifact import GROWN_VOCAB, AdapterPackage, load_artifact, make_adapter_package
+from mdlora.encoder import FeatureEncoder
+from mdlora.grown import region_fields
+from models.rows import EMBEDDING_ROWS, domain_rows, grow_domain_rows, set_domain_rows
+from service.app import create_app
+from service.settings import ServiceSettings
+from tests.service.helpers import ADMIN_TOKEN, AUTH, upload_files
+
+USERS = ["kid-1", "kid-2", "kid-3"]
+ITEMS = ["toy-1", "toy-2", "toy-3", "toy-4"]
+
+
+def grown_package(
+    artifact: Path, domain: str = "kids", seed: int = 0
+) -> tuple[AdapterPackage, Any]:
+    """A package for a new domain with new users and items (random rows and adapter), and
+    the core's reference scorer for it (the export with the package installed)."""
+    art = load_artifact(artifact)
+    enc = FeatureEncoder.from_dict(art.encoder or {})
+    division = art.model.config.divisions[0].name
+    art.model.add_domain(division, domain, "own")
+    enc.add_domain(division, domain)
+    values = {"user_id": USERS, "movie_id": ITEMS, division: [domain]}
+    enc.set_grown(division, domain, values)
+    grow_domain_rows(art.model, division, domain, region_fields(enc, values))
+    gen = torch.Generator().manual_seed(seed)
+    rows = {k: torch.randn(v.shape, generator=gen) for k, v in
+            domain_rows(art.model, division, domain).items()}  # fmt: skip
+    set_domain_rows(art.model, division, domain, rows)
+    pkg = make_adapter_package(art.model, division, domain, 1)
+    pkg.config[GROWN_VOCAB] = values
+    if art.model.gate is not None:
+        pkg.config["gate_scope"] = "own"
+    from mdlora.grown import place
+
+    place(enc, art.model)
+    return pkg, replace(art, encoder=enc.to_dict())
+
+
+def _client(artifact: Path, **kw: Any) -> TestClient:
+    return TestClient(create_app(ServiceSettings(artifact_dir=artifact, admin_token=ADMIN_TOKEN,
+                                                 **kw)))  # fmt: skip
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+@pytest.mark.parametrize("method", ["mlora", "moe"])
+def test_a_new_domain_scores_its_new_ids_with_its_own_rows(
+    make_artifact: Callable[[str], Path], method: str, runtime: str
+) -> None:
+    if runtime == "onnx":
+        pytest.importorskip("onnxruntime")
+    art = make_artifact(method)
+    pkg, reference = grown_package(art)
+    division = pkg.division
+    old_domain = reference.model.config.divisions[0].domains[0]
+    body = {"domain": "kids", "user": {"id": "kid-2"}, "item_ids": ITEMS}
+    old_body = {"domain": old_domain, "user": {"id": 5}, "item_ids": [3, 6, 9]}
+    with _client(art, runtime=runtime) as c:
+        old_before = c.post("/predict", json=old_body).json()["scores"]
+        assert c.post("/predict", json=body).status_code == 404
+        r = c.post("/v1/adapters", files=upload_files(pkg), headers=AUTH)
+        assert r.status_code == 201, r.text
+        got = c.post("/predict", json=body).json()
+        old_after = c.post("/predict", json=old_body).json()["scores"]
+        # the same ids in another domain are unknown there: the grown ids are the domain's own
+        elsewhere = c.post("/predict", json={**body, "domain": old_domain}).json()
+        listed = c.get(f"/v1/adapters/{division}/kids", headers=AUTH).json()
+        gone = c.delete(f"/v1/adapters/{division}/kids", headers=AUTH)
+        after_remove = c.post("/predict", json=body)
+    records = [{"user_id": "kid-2", "movie_id": i, division: "kids"} for i in ITEMS]
+    want = reference.score(records)
+    assert np.allclose(got["scores"], want, atol=1e-5), (got["scores"], want)
+    assert len(set(np.round(got["scores"], 6))) == len(ITEMS)  # the items are told apart
+    assert not any("not in the model's vocabulary" in w for w in got.get("warnings", []))
+    assert any("not in the model's vocabulary" in w for w in elsewhere.get("warnings", []))
+    assert np.allclose(old_after, old_before, atol=1e-6)
+    assert listed["grown_ids"] == len(USERS) + len(ITEMS) + 1, listed
+    assert gone.status_code == 200 and after_remove.status_code == 404
+
+
+def test_grown_rows_must_match_their_values(make_artifact: Callable[[str], Path]) -> None:
+    art = make_artifact("mlora")
+    pkg, _ = grown_package(art)
+    values = pkg.config[GROWN_VOCAB]
+    pkg.config[GROWN_VOCAB] = {**values, "user_id": values["user_id"][:-1]}  # 7 values, 8 rows
+    assert pkg.tensors[EMBEDDING_ROWS].shape[0] == 8
+    with _client(art) as c:
+        r = c.post("/v1/adapters", files=upload_files(pkg), headers=AUTH)
+        listing = c.get("/v1/adapters", headers=AUTH).json()
+    assert r.status_code == 422 and "grown_vocab" in r.json()["detail"], r.text
+    assert "kids" not in str(listing)
