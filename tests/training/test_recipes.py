@@ -83,6 +83,9 @@ def test_fresh_rows_are_kept_out_of_phase_1_and_train_the_adapters(tmp_path: Pat
     assert [(p["name"], p["rows"], p["train_rows"]) for p in m["phases"]] == [
         ("backbone", "backbone slice", n - fresh.size), ("adapters", "fresh slice", fresh.size)
     ]  # fmt: skip
+    report = (cfg.out_dir() / "results.md").read_text()
+    assert f"| backbone | backbone slice | {n - fresh.size} |" in report
+    assert f"| adapters | fresh slice | {fresh.size} |" in report
     # every row trains somewhere: all rows under the default
     plain = run_training(tiny_config(tmp_path / "c", epochs=1), prepared=prepared)
     assert [(p.rows, p.train_rows) for p in plain.phases] == [("all", n), ("all", n)]
