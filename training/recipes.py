@@ -103,7 +103,9 @@ class PhaseRows:
                 f"adapt_order {cfg.adapt_order!r}: the prepared data carries no order column "
                 "(prepare_table(order_column=...))"
             )
-        back, fresh = fresh_split(arrays, cfg.adapt_fraction, cfg.seed, order)
+        # data prepared with an order column still gives a stratified slice unless asked
+        use = order if cfg.adapt_order is not None else None
+        back, fresh = fresh_split(arrays, cfg.adapt_fraction, cfg.seed, use)
         device = batch.labels.device if batch.labels is not None else batch.sparse.device
         self.all = batch
         self.backbone = batch.select(torch.from_numpy(back).to(device))

@@ -21,7 +21,7 @@ from training.data.synthetic import synthetic_schema
 from training.data.tabular import prepare_table
 from training.loop import predict, to_batch
 from training.methods import run_training
-from training.recipes import fresh_split
+from training.recipes import PhaseRows, fresh_split
 
 
 def _domains_labels(prepared: PreparedData) -> tuple[np.ndarray, np.ndarray]:
@@ -232,3 +232,13 @@ def test_a_table_order_column_orders_the_fresh_slice_end_to_end(tmp_path: Path) 
     _, fresh = fresh_split(result.prepared.train, 0.2, seed=0, order=order)
     assert info["fresh_rows"] == fresh.size == result.phases[1].train_rows
     assert order[fresh].mean() > pd.Series(order).quantile(0.7)
+    # the same prepared data without adapt_order: a stratified sample, not the latest rows
+    arrays = result.prepared.train
+    batch = to_batch(arrays, torch.device("cpu"))
+    plain = tiny_config(tmp_path / "s", adapt_rows="fresh", data=cfg.data.__dict__)
+    sampled = PhaseRows(plain, arrays, batch, order)
+    _, sample = fresh_split(arrays, 0.2, seed=0)
+    assert abs(order[sample].mean() - order.mean()) < 1.0
+    assert torch.equal(sampled.fresh.sparse, batch.sparse[torch.from_numpy(sample)])
+    latest = PhaseRows(cfg, arrays, batch, order)
+    assert torch.equal(latest.fresh.sparse, batch.sparse[torch.from_numpy(fresh)])
