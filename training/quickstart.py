@@ -26,6 +26,20 @@ QUICKSTART_TRAINING = {
 }  # fmt: skip
 
 
+#: the new domain the README adds to the served quickstart model (users and items the
+#: quickstart data never had: ids from 1,000,000 up)
+NEW_DOMAIN = "d_new"
+
+
+def write_new_domain(path: Path) -> Path:
+    """The rows of :data:`NEW_DOMAIN` as a Parquet file (same columns as the training data)."""
+    from training.data.synthetic import make_new_domain
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_new_domain(NEW_DOMAIN, n_rows=12_000, n_users=300, n_items=150, seed=11).to_parquet(path)
+    return path
+
+
 def quickstart_config(run_dir: Path, **overrides: object) -> TrainConfig:
     raw = {
         "name": "quickstart",
@@ -71,6 +85,9 @@ def quickstart(
     table = write_synthetic(run_dir / "data.parquet", **QUICKSTART_DATA)  # the same rows
     print(f"    the generated table: {table} (online features into Redis: "
           f"mdlora publish-features --artifact {out} --data {table})")  # fmt: skip
+    new = write_new_domain(run_dir / "new_domain.parquet")
+    print(f"    a NEW domain with its own users and items: {new} (add it without retraining: "
+          f"mdlora add-domain --artifact {out} --data {new} --domain {NEW_DOMAIN})")  # fmt: skip
     if not serve:
         print(f"4/4 skipped serving (--no-serve); start it with: mdlora serve --artifact {out}")
         return result

@@ -35,3 +35,9 @@ def test_quickstart_without_serving_trains_compares_and_exports(
     table = pd.read_parquet(tmp_path / "art-run" / "data.parquet")
     assert len(table) == 8000 and {"user_id", "item_id", "domain"} <= set(table.columns)
     assert "mdlora publish-features --artifact" in out
+    # and the README's new domain: its users and items are all unknown to the export
+    new = pd.read_parquet(tmp_path / "art-run" / "new_domain.parquet")
+    assert set(new["domain"]) == {qs.NEW_DOMAIN}
+    assert not set(new["user_id"]) & set(table["user_id"])
+    assert not set(new["item_id"]) & set(table["item_id"])
+    assert f"--domain {qs.NEW_DOMAIN}" in out
