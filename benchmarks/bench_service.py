@@ -53,7 +53,7 @@ from mdlora.artifact import adapter_package_bytes, load_artifact, save_artifact 
 from mdlora.encoder import FeatureEncoder  # noqa: E402
 from models.features import EncodedBatch  # noqa: E402
 from service.demo import DemoData, _encoder, demo_adapter, demo_frame, demo_model  # noqa: E402
-from service.runtime import configure_thread  # noqa: E402
+from service.runtime import configure_thread, resolve_device  # noqa: E402
 
 TOKEN = "bench-admin-token"
 
@@ -111,14 +111,18 @@ class InProcess:
     ratio a strict one.
     """
 
-    def __init__(self, artifact: Path, requests: list[dict[str, Any]], threads: int) -> None:
-        art = load_artifact(artifact)
+    def __init__(
+        self, artifact: Path, requests: list[dict[str, Any]], threads: int, device: torch.device
+    ) -> None:
+        art = load_artifact(artifact, map_location=device)
         assert art.encoder is not None
         self.encoder = FeatureEncoder.from_dict(art.encoder)
         self.model = art.model.eval()
+        self.device = device
         self.requests = requests
         self.encoded = [
-            self._batch(self.encoder.encode_records(self._records(r))) for r in requests
+            self._batch(self.encoder.encode_records(self._records(r))).to(device)
+            for r in requests
         ]
         self.routings = [list(self.model.routing), ["bag"] * len(self.model.routing)]
         self.threads = threads
@@ -156,10 +160,12 @@ class InProcess:
                 if encode:
                     batch = self._batch(
                         self.encoder.encode_records(self._records(self.requests[i]))
-                    )
+                    ).to(self.device)
                 else:
                     batch = self.encoded[i]
-                self.model.score_batch(batch)
+                # as the service does: the scores back on the host, the id check skipped on
+                # CUDA (a device sync; the ids come from the model's own table)
+                self.model.score_batch(batch, check=self.device.type == "cpu").cpu()
                 n += 1
         return n / (time.perf_counter() - start)
 
@@ -523,7 +529,12 @@ def main() -> None:
     parser.add_argument("--scorer-thread", action="store_true", help="model calls on a thread")
     parser.add_argument("--threads", type=int, default=1, help="the service's torch threads")
     parser.add_argument("--routing", default="artifact", help="the service's MDLORA_ROUTING")
+    parser.add_argument(
+        "--device", default=None,
+        help="the service's and the in-process scorer's device (default: cuda when present)",
+    )  # fmt: skip
     args = parser.parse_args()
+    device = resolve_device(args.device)
     if args.quick:
         args.seconds, args.pool = 3.0, 128
 
@@ -543,10 +554,11 @@ def main() -> None:
         print(
             f"artifact: mlora/deepfm, {len(encoder.vocabs['user_id'])} users, "
             f"{len(encoder.vocabs['movie_id'])} items, 21 domains; {args.candidates} candidates "
-            f"per request, {args.pool} distinct requests; load average {os.getloadavg()[0]:.1f}",
+            f"per request, {args.pool} distinct requests; device {device}; load average "
+            f"{os.getloadavg()[0]:.1f}",
             flush=True,
         )
-        inproc = InProcess(artifact, requests, args.threads)
+        inproc = InProcess(artifact, requests, args.threads, device)
 
         port = free_port()
         env = {
@@ -554,6 +566,7 @@ def main() -> None:
             "MDLORA_ROUTING": args.routing,
             "MDLORA_MICRO_BATCH": "false" if args.no_micro_batch else "true",
             "MDLORA_SCORER_THREAD": "true" if args.scorer_thread else "false",
+            "MDLORA_DEVICE": str(device),
         }
         # The load generator's own pauses count in its latencies: keep the ~0.5 s full
         # collections of everything loaded so far (torch, the model) out of the measurement.
@@ -622,6 +635,7 @@ def main() -> None:
         "concurrency": args.concurrency,
         "micro_batch": not args.no_micro_batch,
         "scorer_thread": args.scorer_thread,
+        "device": str(device),
     }
     print(json.dumps(result))
 

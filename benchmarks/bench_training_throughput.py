@@ -125,8 +125,10 @@ def _no_version_check() -> None:
     sys.modules.setdefault("requests", stub)
 
 
-def worker_deepctr(folder: Path, backbone: str, threads: int) -> dict[str, Any]:
-    """One epoch of DeepCTR-Torch's own ``fit`` (metrics off, no progress bar)."""
+def worker_deepctr(
+    folder: Path, backbone: str, threads: int, device: str = "cpu"
+) -> dict[str, Any]:
+    """One epoch of DeepCTR-Torch's own ``fit`` (metrics off, no progress bar) on ``device``."""
     _no_version_check()
     import torch
     from deepctr_torch.inputs import SparseFeat
@@ -138,7 +140,7 @@ def worker_deepctr(folder: Path, backbone: str, threads: int) -> dict[str, Any]:
     cols = [SparseFeat(f"f{j}", int(sparse[:, j].max()) + 1, embedding_dim=EMBED)
             for j in range(sparse.shape[1])]  # fmt: skip
     common = {"dnn_hidden_units": TOWER, "dnn_dropout": DROPOUT, "l2_reg_linear": L2,
-              "l2_reg_embedding": L2, "device": "cpu", "seed": 0}  # fmt: skip
+              "l2_reg_embedding": L2, "device": device, "seed": 0}  # fmt: skip
     if backbone == "deepfm":
         model = DeepFM(cols, cols, **common)
     else:
@@ -197,13 +199,16 @@ def main() -> None:
     ap.add_argument("--backbone", default="deepfm", help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--prepare", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cpu", help=argparse.SUPPRESS)  # the deepctr worker's
     args = ap.parse_args()
     if args.prepare:
         print(json.dumps({"source": write_data(args.prepare, args.rows)}))
         return
     if args.worker:
-        fn = worker_ours if args.worker == "ours" else worker_deepctr
-        print(json.dumps(fn(args.data, args.backbone, args.threads)))
+        if args.worker == "ours":
+            print(json.dumps(worker_ours(args.data, args.backbone, args.threads)))
+        else:
+            print(json.dumps(worker_deepctr(args.data, args.backbone, args.threads, args.device)))
         return
 
     deepctr_python = ensure_deepctr_venv()

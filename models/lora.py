@@ -60,6 +60,9 @@ DENSE_TRAINING_WIDTH = 256
 ROUTING_STRATEGIES = ("bag", "fused_down", "gather", "kernel", "mixture", "merged", "segment")
 #: strategies whose layers run as the merged per-domain GEMMs of a :class:`SegmentPlan` on CUDA
 SEGMENTED_ON_CUDA = ("merged", "segment")
+#: on CUDA, ``gather`` stands in for the CPU kernel while its per-sample A[d], B[d] copies
+#: (batch x rank x (in + out) floats) stay under this many elements (1 GiB of float32)
+GATHER_MAX_ELEMENTS = 1 << 28
 #: ``merged`` keeps one merged weight per domain only while a layer's copies fit in this
 MERGED_MAX_BYTES = 128 << 20
 
@@ -367,8 +370,11 @@ class InferenceBank:
             assert self.gate is not None
             return lowrank_soft(x, self.a, self.b, self.c, self.gate[index])
         if self.strategy in ("kernel", "merged", "segment") and x.device.type == "cuda":
-            # no numba kernel there, and one launch per gathered matmul beats embedding_bag
-            return lowrank_gather(x, self.a, self.b, self.c, index)
+            # no numba kernel there; the gathered batched matmuls beat embedding_bag while the
+            # per-sample matrices they materialise stay small (low rank), else embedding_bag
+            _, in_dim, r = self.a.shape
+            if x.shape[0] * r * (in_dim + self.b.shape[2]) <= GATHER_MAX_ELEMENTS:
+                return lowrank_gather(x, self.a, self.b, self.c, index)
         if self.strategy in ("bag", "kernel", "merged", "segment"):
             return lowrank_bag(x, self.a, self.b, self.c, index)
         if self.strategy == "gather":

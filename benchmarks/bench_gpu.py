@@ -1,0 +1,259 @@
+"""The GPU benchmark: routing, training and serving on one CUDA device, in one run (< 5 min).
+
+Everything is measured side by side in this run, on the same GPU:
+
+1. routing (``bench_routing``'s DeepFM models, MovieLens vocabularies, tower 256-128-64):
+   one mixed-domain batch of 65,536 rows over 21 and 200 skewed domains, the model's
+   default routing on CUDA (``merged``, which runs as the segmented batched GEMMs there)
+   against the bare backbone, for MLoRA and MoE-MLoRA (one expert per domain), timed
+   interleaved with CUDA syncs; other strategies are printed for reference;
+2. training (ML-1M gender, DeepFM, MLoRA, batch 1024, one epoch per phase): samples/s of
+   phase 1 (backbone) and phase 2 (adapters) from the trainer's own per-phase counters; the
+   real ML-1M at ``../shared/data/ml-1m`` when present, else a generated look-alike of its
+   size (``write_movielens_1m_like``: 6,040 users, 3,706 movies, 1,000,209 ratings);
+   DeepCTR-Torch's DeepFM ``fit`` on the same rows, GPU and batch when ``deepctr_torch``
+   imports (``ours_over_deepctr_cuda``: our phase 1 over it), else null with the reason;
+3. serving: ``bench_service.py --quick --device cuda`` (service and in-process scorer both on
+   the GPU), its ``service_over_inprocess``.
+
+Prints tables, then, LAST, one JSON line. ``--quick``: smaller batches, fewer rounds, a
+quarter of the rows, no service run (under a minute). On a machine without CUDA it says so
+and prints a JSON line of nulls.
+
+    python benchmarks/bench_gpu.py [--quick] [--skip-service] [--skip-deepctr]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_routing import make_model  # noqa: E402
+
+from models.features import EncodedBatch  # noqa: E402
+from models.model import MultiDomainModel  # noqa: E402
+
+ML1M = REPO / ".." / "shared" / "data" / "ml-1m"
+BATCH = 65_536
+DOMAINS = (21, 200)
+#: strategies timed for reference beside the default (MoE's folded adapters are full rank:
+#: ``gather`` would copy rank x (in + out) floats per sample, gigabytes at this batch)
+STRATEGIES = {"mlora": ("segment", "gather", "bag", "fused_down"),
+              "moe": ("segment", "bag", "fused_down", "mixture")}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- routing
+def make_batch(n: int, n_domains: int, device: torch.device, seed: int = 0) -> EncodedBatch:
+    """``n`` rows over ``n_domains`` with a Zipf-like skew (as ``bench_routing``)."""
+    g = torch.Generator().manual_seed(seed)
+    weights = 1.0 / torch.arange(1, n_domains + 1, dtype=torch.float)
+    domain = torch.multinomial(weights, n, replacement=True, generator=g)
+    sparse = torch.stack(
+        [torch.randint(1, 6041, (n,), generator=g),
+         torch.randint(1, 3707, (n,), generator=g), domain + 1], 1,
+    )  # fmt: skip
+    return EncodedBatch(sparse, torch.zeros(n, 0), domain.unsqueeze(1)).to(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cuda_time(
+    fns: dict[str, Callable[[], object]], rounds: int, device: torch.device
+) -> dict[str, float]:
+    """Median seconds per call (each call synchronised), candidates interleaved."""
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for f in fns.values():
+        for _ in range(3):
+            f()
+    sync(device)
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            sync(device)
+            samples[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def scorer(model: MultiDomainModel, batch: EncodedBatch) -> Callable[[], object]:
+    return lambda: model.score_batch(batch, check=False)
+
+
+def bench_routing(device: torch.device, batch_size: int, rounds: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    print(f"routing: DeepFM, batch {batch_size}, median of {rounds} synchronised calls")
+    print(f"{'domains':>7} {'mode':6} {'strategy':12} {'ms':>8} {'x backbone':>10}")
+    with torch.inference_mode():
+        for n in DOMAINS:
+            batch = make_batch(batch_size, n, device)
+            base = make_model("deepfm", "base", n).to(device)
+            for mode, method in (("mlora", "mlora"), ("moe", "moe")):
+                model = make_model("deepfm", method, n).to(device)
+                fns: dict[str, Callable[[], object]] = {
+                    "backbone": scorer(base, batch), "default": scorer(model, batch),
+                }  # fmt: skip
+                for s in STRATEGIES[mode]:
+                    clone = make_model("deepfm", method, n).to(device)
+                    clone.load_state_dict(model.state_dict())
+                    clone.set_routing(s)
+                    fns[s] = scorer(clone, batch)
+                t = cuda_time(fns, rounds, device)
+                for name in ("backbone", "default", *STRATEGIES[mode]):
+                    label = name if name != "default" else "default=" + model.routing[0]
+                    print(f"{n:7d} {mode:6} {label:12} {t[name] * 1e3:8.3f} "
+                          f"{t[name] / t['backbone']:10.2f}")  # fmt: skip
+                out[f"{mode}_over_backbone_cuda_{n}"] = round(t["default"] / t["backbone"], 3)
+                best = min(STRATEGIES[mode], key=t.__getitem__)
+                out[f"{mode}_best_strategy_cuda_{n}"] = best
+                out[f"{mode}_best_over_backbone_cuda_{n}"] = round(t[best] / t["backbone"], 3)
+                out[f"backbone_ms_cuda_{n}"] = round(t["backbone"] * 1e3, 4)
+                del model, fns
+            del base
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return out
+
+
+# ------------------------------------------------------------------------------ training
+def ml1m_folder(tmp: Path, quick: bool) -> tuple[Path, str]:
+    if (ML1M / "ratings.dat").is_file():
+        return ML1M.resolve().parent, "MovieLens-1M"
+    from training.data.synthetic import write_movielens_1m_like
+
+    scale = 4 if quick else 1
+    write_movielens_1m_like(tmp / "ml-1m", n_users=6040, n_movies=3706,
+                            n_ratings=1_000_209 // scale, seed=0)  # fmt: skip
+    return tmp, f"generated ML-1M look-alike ({1_000_209 // scale} ratings; not MovieLens)"
+
+
+def bench_training(device: torch.device, tmp: Path, quick: bool, deepctr: bool) -> dict[str, Any]:
+    from training.config import config_from_dict
+    from training.data.presets import mlora_setting
+    from training.methods import run_training
+
+    parent, source = ml1m_folder(tmp, quick)
+    t0 = time.perf_counter()
+    prepared = mlora_setting(parent / "ml-1m", "gender")
+    print(f"training data: {source}, gender split, {len(prepared.train['labels'])} training "
+          f"rows (prepared in {time.perf_counter() - t0:.1f} s)")  # fmt: skip
+    cfg = config_from_dict({
+        "name": "bench-gpu", "data": {"source": "preset", "preset": "ml1m-mlora-gender",
+                                      "path": str(parent / "ml-1m")},
+        "method": "mlora", "backbone": "deepfm", "epochs": 1, "patience": 1, "seed": 0,
+        "progress": False, "export": False, "device": str(device), "out": str(tmp / "run"),
+    })  # fmt: skip
+    result = run_training(cfg, prepared=prepared)
+    phases = {p.name: p for p in result.phases}
+    out: dict[str, Any] = {
+        "train_data": source,
+        "train_samples_per_s_cuda": {
+            "phase1_backbone": round(phases["backbone"].samples_per_second),
+            "phase2_adapters": round(phases["adapters"].samples_per_second),
+        },
+        "train_batch_size": result.hparams.batch_size,
+    }
+    for p in result.phases:
+        print(f"  ours, {p.name}: {p.samples_per_second:,.0f} samples/s "
+              f"({p.train_seconds:.2f} s of steps, {p.epochs_run} epoch)")  # fmt: skip
+    out["ours_over_deepctr_cuda"] = None
+    if not deepctr:
+        out["deepctr_note"] = "skipped (--skip-deepctr)"
+        return out
+    folder = tmp / "deepctr"
+    folder.mkdir()
+    # the same rows as our training split: user id, movie id, gender (three sparse fields)
+    np.save(folder / "sparse.npy", np.ascontiguousarray(prepared.train["sparse"], np.int64))
+    np.save(folder / "labels.npy", np.ascontiguousarray(prepared.train["labels"], np.float32))
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_training_throughput.py"),
+           "--worker", "deepctr", "--backbone", "deepfm", "--data", str(folder),
+           "--threads", "4", "--device", str(device)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=240)
+    if proc.returncode != 0:
+        reason = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        out["deepctr_note"] = f"DeepCTR-Torch did not run here: {reason}"
+        print(f"  {out['deepctr_note']}")
+        return out
+    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+    ratio = phases["backbone"].samples_per_second / theirs["samples_per_second"]
+    print(f"  DeepCTR-Torch DeepFM fit: {theirs['samples_per_second']:,.0f} samples/s "
+          f"({theirs['seconds']:.2f} s); ours (phase 1) over it: {ratio:.2f}x")  # fmt: skip
+    out["deepctr_samples_per_s_cuda"] = round(theirs["samples_per_second"])
+    out["ours_over_deepctr_cuda"] = round(ratio, 3)
+    return out
+
+
+# ------------------------------------------------------------------------------- service
+def bench_service(device: torch.device) -> dict[str, Any]:
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_service.py"), "--quick",
+           "--device", str(device)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=200)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        reason = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        print(f"service benchmark failed: {reason}")
+        return {"service_over_inprocess_cuda": None, "service_note": reason}
+    for line in lines[:-1]:
+        print(f"  {line}")
+    res = json.loads(lines[-1])
+    return {
+        "service_over_inprocess_cuda": res["service_over_inprocess"],
+        "service_p99_ms_half_load_cuda": res["p99_ms_half_load"],
+        "service_p99_swap_over_steady_cuda": res["p99_swap_over_steady"],
+        "service_errors_cuda": res["errors"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a smoke run (under a minute)")
+    ap.add_argument("--skip-service", action="store_true", help="no service benchmark")
+    ap.add_argument("--skip-deepctr", action="store_true", help="no DeepCTR-Torch run")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script")
+    args = ap.parse_args()
+    keys = ["mlora_over_backbone_cuda_21", "mlora_over_backbone_cuda_200",
+            "moe_over_backbone_cuda_21", "moe_over_backbone_cuda_200",
+            "train_samples_per_s_cuda", "ours_over_deepctr_cuda", "service_over_inprocess_cuda"]
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device here: nothing to measure")
+        print(json.dumps({**dict.fromkeys(keys), "device": None}))
+        return
+    t_start = time.perf_counter()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke test)"
+    print(f"device: {name}, torch {torch.__version__}")
+    results: dict[str, Any] = {"device": name}
+    batch = 8192 if args.quick else BATCH
+    results.update(bench_routing(device, batch, 3 if device.type == "cpu" else
+                                 10 if args.quick else 40))  # fmt: skip
+    results["routing_batch"] = batch
+    with tempfile.TemporaryDirectory(prefix="mdlora-bench-gpu-") as tmp:
+        results.update(bench_training(device, Path(tmp), args.quick, not args.skip_deepctr))
+    if args.quick or args.skip_service:
+        results["service_over_inprocess_cuda"] = None
+        results["service_note"] = "skipped (--quick or --skip-service)"
+    else:
+        results.update(bench_service(device))
+    results["seconds"] = round(time.perf_counter() - t_start, 1)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# One prepared check of the project on a CUDA machine (issue 13), in under 8 minutes:
+#   1. installs the packages the GPU image lacks from wheels brought along in .whl/
+#      (fastapi, pydantic, pydantic-settings, uvicorn, orjson, redis, python-multipart and
+#      their own needs, deepctr-torch for the training comparison) into a private folder;
+#   2. runs the CUDA tests: pytest -m "not slow" over tests/models, tests/test_artifact.py,
+#      tests/test_onnx_export.py, tests/training and the service's torch-runtime tests, with
+#      the device fixture on CUDA (MDLORA_TEST_DEVICE=cuda; the CPU half runs in CI);
+#   3. runs benchmarks/bench_gpu.py (routing, training, service; its last line is JSON).
+# Logs go to $OUT (the device tool's output folder; /tmp/gpu-check otherwise).
+#
+# Bring the wheels (here, once; .whl/ is ignored by git and carried by the device tool):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl fastapi starlette pydantic pydantic_core pydantic-settings uvicorn orjson redis \
+#     python-multipart typing-inspection annotated-types annotated-doc python-dotenv \
+#     typing_extensions opentelemetry-api deepctr-torch
+# then, on the device tool: run(command="bash scripts/gpu-check.sh", carry=[".whl"]).
+#
+# Knobs: TEST_TIMEOUT (s, default 230), BENCH_TIMEOUT (s, default 200), WORKERS (pytest-xdist
+# workers, default 8), SKIP_TESTS=1, SKIP_BENCH=1, BENCH_ARGS (e.g. "--skip-service").
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+SITE=${SITE:-/tmp/mdlora-site}
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+stamp() { echo "[gpu-check +$(( $(date +%s) - T0 ))s] $*"; }
+
+# ---------------------------------------------------------------------------- 1. packages
+if compgen -G ".whl/*.whl" >/dev/null; then
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$SITE" .whl/*.whl >"$OUT/install.log" 2>&1; then
+    stamp "installed $(ls .whl/*.whl | wc -l) wheels into $SITE"
+  else
+    stamp "wheel install FAILED:"; tail -n 20 "$OUT/install.log"
+  fi
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+else
+  stamp "no .whl/ folder: using the packages already installed"
+fi
+"$PY" - >"$OUT/env.txt" 2>&1 <<'EOF'
+import importlib, platform, torch
+print("python", platform.python_version(), "torch", torch.__version__,
+      "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("gpus", torch.cuda.device_count(), torch.cuda.get_device_name(0))
+for name in ("fastapi", "pydantic", "pydantic_settings", "uvicorn", "orjson", "redis",
+             "multipart", "numba", "onnxruntime", "onnxscript", "deepctr_torch", "xdist",
+             "pytest_timeout"):
+    try:
+        mod = importlib.import_module(name)
+        print(name, getattr(mod, "__version__", "ok"))
+    except Exception as exc:  # noqa: BLE001
+        print(name, "MISSING", type(exc).__name__, exc)
+EOF
+cat "$OUT/env.txt"
+
+# ------------------------------------------------------------------------------- 2. tests
+if [ "${SKIP_TESTS:-0}" != "1" ]; then
+  stamp "tests (MDLORA_TEST_DEVICE=cuda, ${WORKERS:-8} workers)"
+  MDLORA_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-230}" "$PY" -m pytest -m "not slow" -q \
+    -p no:cacheprovider -n "${WORKERS:-8}" --dist loadscope --timeout 200 -o addopts="" \
+    --import-mode=importlib -rfE --junitxml "$OUT/junit.xml" \
+    tests/models tests/test_artifact.py tests/test_onnx_export.py tests/training \
+    tests/service/test_torch_runtime_device.py tests/service/test_snapshot.py \
+    tests/service/test_predict_api.py >"$OUT/tests.log" 2>&1
+  rc=$?
+  stamp "tests exit code $rc"
+  grep -E "^(FAILED|ERROR)|passed|failed|error" "$OUT/tests.log" | tail -n 40
+fi
+
+# --------------------------------------------------------------------------- 3. benchmark
+if [ "${SKIP_BENCH:-0}" != "1" ]; then
+  stamp "benchmarks/bench_gpu.py ${BENCH_ARGS:-}"
+  # shellcheck disable=SC2086
+  timeout "${BENCH_TIMEOUT:-200}" "$PY" benchmarks/bench_gpu.py ${BENCH_ARGS:-} \
+    >"$OUT/bench.log" 2>&1
+  rc=$?
+  stamp "bench exit code $rc"
+  tail -n 45 "$OUT/bench.log"
+  tail -n 1 "$OUT/bench.log" >"$OUT/bench.json"
+fi
+stamp "done"
