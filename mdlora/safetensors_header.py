@@ -50,7 +50,9 @@ def header_problem(data: bytes) -> str | None:
             continue
         if not isinstance(spec, dict):
             return f"tensor {name!r}: expected {{dtype, shape, data_offsets}}, got {spec!r:.100}"
-        dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+        dtype: Any = spec.get("dtype")
+        shape: Any = spec.get("shape")
+        offsets: Any = spec.get("data_offsets")
         if dtype not in DTYPE_BYTES:
             return f"tensor {name!r}: unknown dtype {dtype!r:.40}"
         if not _ints(shape):

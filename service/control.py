@@ -10,6 +10,9 @@ replica's change) runs on ONE builder thread, in this order:
 
 A failure in 1-3 leaves the serving snapshot and the registry as they were.
 
+A registry that went backwards (a Redis that lost its data) is never followed: see
+:mod:`service.recovery` (the packages this replica loaded are kept, byte for byte, for that).
+
 Removing a domain: a domain registered after training is removed (requests for it then
 follow ``MDLORA_UNKNOWN_DOMAIN``). A domain the artifact was trained with cannot lose its
 trained adapter: removing it drops its registered versions and it serves its artifact version
@@ -23,7 +26,6 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -38,6 +40,7 @@ from mdlora.artifact import (
 from models.state import TensorMismatchError, gate_scope_conflict
 from service.errors import ServiceError
 from service.metrics import ServiceMetrics
+from service.recovery import HeldPackages, Recovery, RegistryDiverged
 from service.registry import (
     DomainKey,
     RegistryConflict,
@@ -83,7 +86,8 @@ class ControlPlane:
         # domains the registry asks for that the serving snapshot lacks: key -> why
         self.unloaded: dict[DomainKey, str] = {}
         self._load_errors: dict[DomainKey, str] = {}
-        self._packages: OrderedDict[tuple[str, str, int, str], AdapterPackage] = OrderedDict()
+        self.held = HeldPackages()  # parsed, with their bytes (to write a lost registry back)
+        self.recovery = Recovery(store, metrics, self.held.raw)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             1, "mdlora-builder", initializer=thread_init
         )
@@ -117,7 +121,16 @@ class ControlPlane:
 
     @property
     def registry_ok(self) -> bool:
-        return self.registry_error is None
+        return self.registry_error is None and self.recovery.problem is None
+
+    @property
+    def registry_status(self) -> str:
+        """``ok``, or why the registry is not followed (readiness, listings)."""
+        if self.registry_error is not None:
+            return f"unavailable: {self.registry_error}"
+        if self.recovery.problem is not None:
+            return f"behind this replica: {self.recovery.problem}"
+        return "ok"
 
     def _mark(self, error: BaseException | None) -> None:
         if error is None:
@@ -138,10 +151,10 @@ class ControlPlane:
         except RegistryUnavailable as exc:
             self._mark(exc)
             return False
-        if self.registry_error is not None:
+        if self.registry_error is not None or self.recovery.problem is not None:
             self.request_reconcile()  # back: catch up at once
         self._mark(None)
-        return True
+        return self.registry_ok
 
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return self._executor.submit(fn, *args).result()
@@ -184,8 +197,22 @@ class ControlPlane:
             self.metrics.adapter_loads.labels("error").inc()
             return False
         self._mark(None)
+        try:
+            state = self.recovery.follow(self.known_state, state)
+        except RegistryUnavailable as exc:
+            self._mark(exc)
+            return False
+        except RegistryDiverged:
+            self._retry_soon()
+            return False
         self._sync(state)
         return True
+
+    def _retry_soon(self) -> None:
+        """Reconcile again shortly (another replica may be writing the registry back)."""
+        timer = threading.Timer(min(1.0, self.reconcile_interval_s), self.request_reconcile)
+        timer.daemon = True
+        timer.start()
 
     def desired(self, state: RegistryState) -> dict[DomainKey, LoadedAdapter]:
         """Which version of which domain ``state`` asks for, the artifact's included."""
@@ -201,13 +228,6 @@ class ControlPlane:
     def _sync(self, state: RegistryState) -> Snapshot:
         """Swap in a snapshot reflecting ``state`` (if the serving one does not)."""
         current = self.holder.current
-        if state.version < self.known_state.version:
-            log.warning(
-                "the registry went back from change %d to %d (was its store emptied or "
-                "restored?); serving what it holds now",
-                self.known_state.version,
-                state.version,
-            )
         self.known_state = state
         target = self.desired(state)
         if dict(current.adapters) == target:
@@ -278,22 +298,19 @@ class ControlPlane:
         record = entry.record(loaded.version) if entry else None
         if record is None:
             raise RegistryError(f"{key[0]}/{key[1]}: version {loaded.version} not listed")
-        pkg = self._packages.get(_cache_key(key, record))
+        pkg = self.held.parsed(key, record)
         if pkg is None:
             config, weights = self.store.fetch(key, record)
             pkg = parse_adapter_package(config, weights, self.max_adapter_bytes)
-            self._remember(pkg, key, record)
+            self._remember(pkg, key, record, config, weights)
         if (pkg.division, pkg.domain) != key:
             raise RegistryError(f"package for {pkg.division}/{pkg.domain} stored under {key}")
         return pkg
 
-    def _remember(self, pkg: AdapterPackage, key: DomainKey, record: VersionRecord) -> None:
-        """Keep a parsed package, by domain, version and whole-package digest."""
-        ck = _cache_key(key, record)
-        self._packages[ck] = pkg
-        self._packages.move_to_end(ck)
-        while len(self._packages) > 256:
-            self._packages.popitem(last=False)
+    def _remember(
+        self, pkg: AdapterPackage, key: DomainKey, record: VersionRecord, *raw: bytes
+    ) -> None:
+        self.held.add(pkg, key, record, raw[0], raw[1], self.known_state)
 
     def _swap(self, snapshot: Snapshot) -> None:
         self.holder.swap(snapshot)
@@ -311,7 +328,16 @@ class ControlPlane:
         except RegistryError as exc:
             raise ServiceError(503, str(exc)) from None
         self._mark(None)
-        return state
+        try:
+            return self.recovery.follow(self.known_state, state)
+        except RegistryUnavailable as exc:
+            self._mark(exc)
+            raise ServiceError(
+                503, f"the registry is unavailable, nothing was changed: {exc}"
+            ) from None
+        except RegistryDiverged as exc:
+            self._retry_soon()
+            raise ServiceError(503, f"nothing was changed: {exc}") from None
 
     def _commit(
         self,
@@ -385,7 +411,7 @@ class ControlPlane:
             record = new_record(
                 next_version(state, key, artifact.version if artifact else None), config, weights
             )
-            self._remember(pkg, key, record)
+            self._remember(pkg, key, record, config, weights)
             loaded = LoadedAdapter(record.version, record.sha256, "registry")
             new_domain = key[1] not in current.domain_ids.get(key[0], {})
             try:
@@ -470,7 +496,14 @@ class ControlPlane:
                 target = None
             assert entry is not None
             new = state.with_entry(key, set_active(entry, target))
-            snapshot = self._build(current, new, self.desired(new))
+            want = self.desired(new)
+            snapshot = self._build(current, new, want)
+            if key in want and snapshot.adapters.get(key) != want[key]:
+                raise ServiceError(
+                    409,
+                    f"{key[0]}/{key[1]} cannot go back to v{want[key].version}: "
+                    f"{self._load_errors.pop(key, 'its package cannot be loaded')}",
+                )
             try:
                 self._commit(
                     state,
@@ -539,7 +572,3 @@ class ControlPlane:
             "grown_ids": sum(len(v) for v in snap.grown.get(key, {}).values()),
             "versions": versions,
         }
-
-
-def _cache_key(key: DomainKey, record: VersionRecord) -> tuple[str, str, int, str]:
-    return (key[0], key[1], record.version, record.blob_id)

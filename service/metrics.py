@@ -88,6 +88,22 @@ class ServiceMetrics:
             buckets=(1, 10, 50, 100, 200, 400, 800, 1600, 3200, 6400),
             registry=r,
         )
+        self.registry_diverged = Gauge(
+            "mdlora_registry_diverged",
+            "1 while the registry holds less than this replica has seen (lost its data) and "
+            "was not written back: the replica serves its snapshot",
+            registry=r,
+        )
+        self.registry_losses = Counter(
+            "mdlora_registry_losses",
+            "times this replica found the registry behind what it had seen (lost data)",
+            registry=r,
+        )
+        self.registry_restores = Counter(
+            "mdlora_registry_restores",
+            "times this replica wrote a registry that lost its data back",
+            registry=r,
+        )
         self.nonfinite_scores = Counter(
             "mdlora_nonfinite_scores",
             "scores the model produced that were not finite numbers (answered with an error, "

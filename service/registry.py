@@ -9,6 +9,10 @@ A domain the registry does not mention serves the version the artifact was train
 * Versions are never reused: a new registration gets one more than any version the domain
   ever had (the artifact's included).
 * ``RegistryState.version`` counts changes; replicas compare it to know when to reconcile.
+* ``RegistryState.epoch``: a random id written with the first change. A store that lost its
+  data (a Redis restarted without persistence, flushed, failed over to an empty replica) has
+  no state, hence no epoch: replicas notice that the registry went backwards and write back
+  what they hold (:mod:`service.recovery`) instead of following it.
 
 Stores (one interface, :class:`RegistryStore`):
 
@@ -30,8 +34,9 @@ import logging
 import shutil
 import threading
 import time
+import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +56,11 @@ log = logging.getLogger("mdlora.service")
 DomainKey = tuple[str, str]
 REGISTRY_FILE = "registry.json"
 STATE_FORMAT = "mdlora-registry"
+RESTORE_LOCK_MS = 10_000  # how long one replica may hold the restore lock
+
+
+def new_epoch() -> str:
+    return uuid.uuid4().hex
 
 
 class RegistryError(RuntimeError):
@@ -112,6 +122,10 @@ class VersionRecord:
         )
 
 
+#: a package to store: where, which version, its adapter_config.json and safetensors bytes
+Package = tuple[DomainKey, VersionRecord, bytes, bytes]
+
+
 @dataclass(frozen=True)
 class DomainEntry:
     """A domain's registered versions (oldest first) and the active one (None: see module)."""
@@ -129,17 +143,29 @@ class RegistryState:
 
     version: int = 0
     domains: Mapping[DomainKey, DomainEntry] = field(default_factory=dict)
+    epoch: str = ""  # see the module docstring; "" in an empty store (or an old state)
+
+    @property
+    def empty(self) -> bool:
+        return self.version == 0 and not self.domains
 
     def with_entry(self, key: DomainKey, entry: DomainEntry) -> RegistryState:
         domains = dict(self.domains)
         domains[key] = entry
-        return RegistryState(self.version + 1, domains)
+        return RegistryState(self.version + 1, domains, self.epoch or new_epoch())
+
+    def records(self) -> Iterator[tuple[DomainKey, VersionRecord]]:
+        """Every version record of every domain."""
+        for key, entry in sorted(self.domains.items()):
+            for record in entry.versions:
+                yield key, record
 
     def to_json(self) -> bytes:
         return json.dumps(
             {
                 "format": STATE_FORMAT,
                 "version": self.version,
+                "epoch": self.epoch,
                 "domains": [
                     {
                         "division": k[0],
@@ -168,7 +194,7 @@ class RegistryState:
                 )
                 for e in d["domains"]
             }
-            return cls(int(d["version"]), domains)
+            return cls(int(d["version"]), domains, str(d.get("epoch") or ""))
         except (ValueError, KeyError, TypeError) as exc:
             raise RegistryError(f"the registry state is not readable ({exc})") from None
 
@@ -206,6 +232,35 @@ class RegistryStore(ABC):
     @abstractmethod
     def ping(self) -> None:
         """Raise :class:`RegistryUnavailable` when the store cannot be used."""
+
+    @abstractmethod
+    def has_package(self, key: DomainKey, record: VersionRecord) -> bool:
+        """Whether the package of ``record`` is stored."""
+
+    @abstractmethod
+    def put_package(self, package: Package) -> None:
+        """Store one package (content-addressed: writing it twice is harmless)."""
+
+    @contextlib.contextmanager
+    def restore_lock(self, owner: str) -> Iterator[None]:
+        """Held by the one replica writing a lost registry back (else :class:`RegistryConflict`)."""
+        yield
+
+    def restore(
+        self, expected_version: int, state: RegistryState, packages: Sequence[Package], owner: str
+    ) -> int:
+        """Write back a registry that lost its data: the ``packages`` it lacks (every replica
+        may add its own), then, under the restore lock, ``state`` if the store is still at
+        ``expected_version`` (else :class:`RegistryConflict`). Returns how many packages were
+        written."""
+        written = 0
+        for package in packages:
+            if not self.has_package(package[0], package[1]):
+                self.put_package(package)
+                written += 1
+        with self.restore_lock(owner):
+            self.commit(expected_version, state, None, {"action": "restore"})
+        return written
 
     def listen(
         self,
@@ -303,6 +358,23 @@ class LocalRegistry(RegistryStore):
         if not self.root.is_dir():
             raise RegistryUnavailable(f"the artifact directory {self.root} is gone")
 
+    def has_package(self, key: DomainKey, record: VersionRecord) -> bool:
+        try:
+            self.fetch(key, record)
+        except RegistryError:
+            return False
+        return True
+
+    def put_package(self, package: Package) -> None:
+        (div, dom), record, config, weights = package
+        target = adapter_dir(self.root, div, dom, record.version)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            _atomic_write(target / ADAPTER_WEIGHTS, weights)
+            _atomic_write(target / ADAPTER_CONFIG, config)
+        except OSError as exc:
+            raise RegistryUnavailable(f"cannot write {target} ({exc.strerror})") from None
+
 
 # ------------------------------------------------------------------------------------ redis
 class RedisRegistry(RegistryStore):
@@ -385,6 +457,29 @@ class RedisRegistry(RegistryStore):
         with self._errors():
             self.client.ping()
 
+    def has_package(self, key: DomainKey, record: VersionRecord) -> bool:
+        with self._errors():
+            return bool(self.client.exists(self._blob_key(record.blob_id)))
+
+    def put_package(self, package: Package) -> None:
+        _, record, config, weights = package
+        with self._errors():
+            self.client.hset(
+                self._blob_key(record.blob_id), mapping={"config": config, "weights": weights}
+            )
+
+    @contextlib.contextmanager
+    def restore_lock(self, owner: str) -> Iterator[None]:
+        key = f"{self.namespace}:restore-lock"
+        with self._errors():
+            if not self.client.set(key, owner, nx=True, px=RESTORE_LOCK_MS):
+                raise RegistryConflict("another replica is writing the registry back")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):  # released only by its owner; else it expires
+                self.client.eval(_RELEASE, 1, key, owner)
+
     def listen(
         self,
         on_change: Callable[[], None],
@@ -412,6 +507,12 @@ class RedisRegistry(RegistryStore):
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.client.close()
+
+
+_RELEASE = """if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0"""
 
 
 def open_store(

@@ -105,7 +105,7 @@ async def list_adapters(request: Request) -> dict[str, Any]:
     return {
         "adapters": control.listing(),
         "registry_version": control.known_state.version,
-        "registry": "ok" if control.registry_ok else f"unavailable: {control.registry_error}",
+        "registry": control.registry_status,
     }
 
 

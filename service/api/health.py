@@ -28,8 +28,8 @@ async def healthz() -> dict[str, str]:
     "/readyz",
     response_model=Health,
     responses={503: {"model": Health, "description": "no model loaded yet"}},
-    summary="Readiness: a model is loaded (ready; degraded: registry unreachable, or a "
-    "registered adapter could not be loaded)",
+    summary="Readiness: a model is loaded (ready; degraded: registry unreachable or behind "
+    "this replica (lost its data), or a registered adapter could not be loaded)",
 )
 async def readyz(request: Request) -> Response:
     service = getattr(request.app.state, "service", None)
@@ -41,7 +41,7 @@ async def readyz(request: Request) -> Response:
     unloaded = dict(control.unloaded)
     body = {
         "status": "ready" if ok and not unloaded else "degraded",
-        "registry": "ok" if ok else f"unavailable: {control.registry_error}",
+        "registry": "ok" if ok else control.registry_status,
         "adapters": (
             "not loaded: "
             + "; ".join(f"{k[0]}/{k[1]} {why}" for k, why in sorted(unloaded.items()))

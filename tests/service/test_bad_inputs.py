@@ -58,7 +58,7 @@ def test_the_predict_schema_says_exactly_one_of_items_and_item_ids(
     settings = ServiceSettings(artifact_dir=make_artifact("mlora"), unknown_domain="backbone")
     with TestClient(create_app(settings)) as c:
         doc = c.get("/openapi.json").json()
-        bodies = [
+        bodies: list[dict[str, Any]] = [
             {"item_ids": None},
             {"items": None},
             {"items": None, "item_ids": None},

@@ -111,23 +111,76 @@ def test_replicas_agree_for_every_method(
         assert b.post("/predict", json=req).json()["adapter_versions"][division] == 1
 
 
-def test_a_registry_that_lost_its_data_is_followed_with_a_warning(
+def test_a_registry_that_lost_its_data_is_written_back_not_followed(
     make_artifact: Callable[[str], Path],
     redis_url: str,
     redis_prefix: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """Its keys deleted (as FLUSHALL would): the replica keeps serving, writes the state and
+    the packages back with their version numbers, and numbers are never reused."""
     import redis
 
     art = make_artifact("mlora")
     model = load_artifact(art).model
     with TestClient(create_app(settings(art, redis_url, redis_prefix))) as a:
-        files = upload_files(demo_adapter(model, "age", "42"))
-        assert a.post("/v1/adapters", files=files, headers=AUTH).status_code == 201
-        assert isinstance(scores(a, "42"), list)
+        for seed in (1, 2):
+            files = upload_files(demo_adapter(model, "age", "42", seed))
+            assert a.post("/v1/adapters", files=files, headers=AUTH).status_code == 201
+        v2 = scores(a, "42")
+        listing = a.get("/v1/adapters", headers=AUTH).json()
         client = redis.Redis.from_url(redis_url)
-        client.delete(*client.keys(f"{redis_prefix}:registry:*"))  # emptied / restored
+        client.delete(*client.keys(f"{redis_prefix}:registry:*"))  # emptied
         with caplog.at_level("WARNING", logger="mdlora.service"):
             a.app.state.service.control.request_reconcile()  # type: ignore[attr-defined]
-            wait_until(lambda: scores(a, "42") == 404, timeout=3.0)
-    assert "the registry went back from change 1 to 0" in caplog.text
+            wait_until(lambda: bool(client.keys(f"{redis_prefix}:registry:*:state")), 3.0)
+        assert scores(a, "42") == v2
+        assert a.get("/v1/adapters", headers=AUTH).json() == listing
+        assert a.get("/readyz").json()["status"] == "ready"
+        metrics = a.get("/metrics").text
+        assert "mdlora_registry_losses_total 1.0" in metrics
+        assert "mdlora_registry_restores_total 1.0" in metrics
+        assert "mdlora_registry_diverged 0.0" in metrics
+        # the package of v1 was written back too: a rollback still finds it
+        assert a.post("/v1/adapters/age/42/rollback", headers=AUTH).json()["version"] == 1
+        r = a.post(
+            "/v1/adapters", files=upload_files(demo_adapter(model, "age", "42", 3)), headers=AUTH
+        )
+        assert r.json()["version"] == 3  # never reused
+    assert "the registry is empty, this replica followed change 2" in caplog.text
+    assert "wrote it back (change 2, 1 domains, 2 packages written)" in caplog.text
+
+
+def test_a_registry_replaced_by_another_history_is_not_followed(
+    make_artifact: Callable[[str], Path], redis_url: str, redis_prefix: str
+) -> None:
+    """The store now holds changes this replica never saw (another registry's): it is not
+    followed and not overwritten; the replica serves what it holds, degraded, says why, and
+    refuses admin writes (which would reuse version numbers) until someone decides."""
+    import redis
+
+    art = make_artifact("mlora")
+    artifact = load_artifact(art)
+    model_id = ArtifactInfo.from_artifact(artifact).model_id
+    with TestClient(create_app(settings(art, redis_url, redis_prefix))) as a:
+        files = upload_files(demo_adapter(artifact.model, "age", "42"))
+        assert a.post("/v1/adapters", files=files, headers=AUTH).status_code == 201
+        v42 = scores(a, "42")
+        client = redis.Redis.from_url(redis_url)
+        client.delete(*client.keys(f"{redis_prefix}:registry:*"))
+        other = RedisRegistry(redis_url, redis_prefix, model_id)  # another history's first change
+        config, weights = adapter_package_bytes(demo_adapter(artifact.model, "age", "43"))
+        record = new_record(1, config, weights)
+        state = RegistryState().with_entry(("age", "43"), set_active(None, 1, record))
+        other.commit(0, state, (("age", "43"), record, config, weights))
+        wait_until(lambda: a.get("/readyz").json()["status"] == "degraded", 3.0)
+        ready = a.get("/readyz").json()
+        assert "the registry was replaced" in ready["registry"], ready
+        assert scores(a, "42") == v42 and scores(a, "43") == 404
+        r = a.post(
+            "/v1/adapters", files=upload_files(demo_adapter(artifact.model, "age", "44")),
+            headers=AUTH,
+        )  # fmt: skip
+        assert r.status_code == 503 and "the registry was replaced" in r.json()["detail"]
+        assert "mdlora_registry_diverged 1.0" in a.get("/metrics").text
+        assert RedisRegistry(redis_url, redis_prefix, model_id).read_state() == state
