@@ -17,8 +17,9 @@
 #     typing_extensions opentelemetry-api deepctr-torch
 # then, on the device tool: run(command="bash scripts/gpu-check.sh", carry=[".whl"]).
 #
-# Knobs: TEST_TIMEOUT (s, default 230), BENCH_TIMEOUT (s, default 200), WORKERS (pytest-xdist
-# workers, default 8), SKIP_TESTS=1, SKIP_BENCH=1, BENCH_ARGS (e.g. "--skip-service").
+# Knobs: TEST_TIMEOUT (s, default 200), BENCH_TIMEOUT (s, default 200), WORKERS (pytest-xdist
+# workers, default 8), TESTS (paths), SKIP_TESTS=1, SKIP_BENCH=1, BENCH_ARGS (e.g.
+# "--skip-service").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
@@ -60,16 +61,21 @@ cat "$OUT/env.txt"
 
 # ------------------------------------------------------------------------------- 2. tests
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-  stamp "tests (MDLORA_TEST_DEVICE=cuda, ${WORKERS:-8} workers)"
-  MDLORA_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-230}" "$PY" -m pytest -m "not slow" -q \
-    -p no:cacheprovider -n "${WORKERS:-8}" --dist loadscope --timeout 200 -o addopts="" \
-    --import-mode=importlib -rfE --junitxml "$OUT/junit.xml" \
-    tests/models tests/test_artifact.py tests/test_onnx_export.py tests/training \
-    tests/service/test_torch_runtime_device.py tests/service/test_snapshot.py \
-    tests/service/test_predict_api.py >"$OUT/tests.log" 2>&1
+  TESTS=${TESTS:-tests/models tests/test_artifact.py tests/test_onnx_export.py tests/training
+    tests/service/test_torch_runtime_device.py tests/service/test_snapshot.py
+    tests/service/test_predict_api.py}
+  XDIST=""
+  if "$PY" -c "import xdist" 2>/dev/null; then XDIST="-n ${WORKERS:-8} --dist loadscope"; fi
+  stamp "tests (MDLORA_TEST_DEVICE=cuda, xdist: ${XDIST:-none})"
+  # -v: each result is logged as it comes, so a run stopped by the timeout still names them
+  MDLORA_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-200}" "$PY" -m pytest -m "not slow" -v \
+    -p no:cacheprovider $XDIST --timeout 200 -o addopts="" \
+    --import-mode=importlib -rfE --junitxml "$OUT/junit.xml" $TESTS >"$OUT/tests.log" 2>&1
   rc=$?
   stamp "tests exit code $rc"
-  grep -E "^(FAILED|ERROR)|passed|failed|error" "$OUT/tests.log" | tail -n 40
+  grep -E " (FAILED|ERROR) |^(FAILED|ERROR) |[0-9]+ (passed|failed)" "$OUT/tests.log" \
+    | sort -u | tail -n 40
+  echo "passed so far: $(grep -c " PASSED " "$OUT/tests.log")"
 fi
 
 # --------------------------------------------------------------------------- 3. benchmark
