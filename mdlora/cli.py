@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from service.commands import register as register_service
+from training.amazon_cli import register_amazon
 from training.commands import register as register_training
 from training.reproduce_cli import register_reproduce
 
@@ -18,6 +19,7 @@ app = typer.Typer(
 register_training(app)
 register_service(app)
 register_reproduce(app)
+register_amazon(app)
 
 
 if __name__ == "__main__":

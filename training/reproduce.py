@@ -646,6 +646,7 @@ def _run_add_domain(cell: Cell, settings: Settings, data: DataCache) -> dict[str
 
     from mdlora.artifact import load_artifact
     from mdlora.encoder import FeatureEncoder
+    from mdlora.grown import place
     from training.add_domain import AddDomainSettings, add_domain
     from training.evaluate import compute_metrics
     from training.loop import predict, to_batch
@@ -674,6 +675,7 @@ def _run_add_domain(cell: Cell, settings: Settings, data: DataCache) -> dict[str
     model = art.model.to(pick_device(settings.device))
     assert art.encoder is not None
     encoder = FeatureEncoder.from_dict(art.encoder)
+    place(encoder, model)  # the held-out occupation's users are new: their grown rows
     arrays = encoder.transform(hold.test_rows)
     labels = hold.test_rows["label"].to_numpy(np.float32)
     batch = to_batch({**arrays, "labels": labels}, model.device)
@@ -701,7 +703,7 @@ def _run_add_domain(cell: Cell, settings: Settings, data: DataCache) -> dict[str
             "backbone": scores["backbone"].__dict__, "added": scores["adapters"].__dict__,
         },
         "add_domain": {
-            "rows_train": add.rows_train, "rows_val": add.rows_val,
+            "rows_train": add.rows_train, "rows_val": add.rows_val, "grown": add.grown,
             "val_auc_backbone": add.val_auc_backbone, "val_auc": add.val_auc,
             "phases": [p.to_dict() for p in add.phases], "seconds": add_seconds,
         },

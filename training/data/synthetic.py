@@ -28,6 +28,7 @@ from training.data.prepared import PreparedData
 from training.data.tabular import TableSchema, prepare_table
 
 __all__ = [
+    "make_amazon_like",
     "make_new_domain",
     "make_synthetic",
     "synthetic_schema",
@@ -171,6 +172,46 @@ def make_new_domain(
     return df.assign(
         user_id=df["user_id"] + id_offset, item_id=df["item_id"] + id_offset, domain=name
     )
+
+
+def make_amazon_like(
+    domains: tuple[str, ...] = ("sports", "toys", "office"),
+    users: tuple[int, ...] = (120, 80, 40),
+    items: int = 60,
+    history: int = 8,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """A small table in the layout of ``../shared/data/amazon2014-3domain-dev``: users and
+    items distinct per domain (``"toys:u3"``, ``"toys:i7"``), every interaction a positive
+    with one sampled negative, ``seq_pos`` and a leave-last-out ``split`` per user.
+
+    Positives follow user x item affinities and item popularity (so ids carry the signal);
+    negatives are uniform over the domain's items. For tests of the real-data experiments.
+    """
+    rng = np.random.default_rng(seed)
+    parts = []
+    for dom, n_users in zip(domains, users, strict=True):
+        pop = rng.normal(0.0, 1.0, items)
+        u_vec, i_vec = rng.normal(0, 1, (n_users, 4)), rng.normal(0, 1, (items, 4))
+        logits = u_vec @ i_vec.T + 1.5 * pop[None, :]
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        for u in range(n_users):
+            pos = rng.choice(items, size=history, p=p[u])
+            neg = rng.integers(0, items, history)
+            n = 2 * history
+            seq = np.repeat(np.arange(history), 2)
+            split = np.where(
+                seq == history - 1, "test", np.where(seq == history - 2, "val", "train")
+            )
+            parts.append(pd.DataFrame({
+                "user": f"{dom}:u{u}",
+                "item": [f"{dom}:i{i}" for pair in zip(pos, neg, strict=True) for i in pair],
+                "domain": dom, "activeness": "active" if u % 3 == 0 else "casual",
+                "seq_pos": seq.astype(np.int32), "label": np.tile([1, 0], history).astype(np.int8),
+                "split": split,
+            }, index=range(n)))  # fmt: skip
+    return pd.concat(parts, ignore_index=True)
 
 
 def write_synthetic(path: str | Path, **kwargs: object) -> Path:
