@@ -26,6 +26,7 @@ and prints a JSON line of nulls.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -133,6 +134,52 @@ def bench_routing(device: torch.device, batch_size: int, rounds: int) -> dict[st
     return out
 
 
+def profile_segment(device: torch.device, batch_size: int) -> dict[str, Any]:
+    """Where the segmented default's time goes: the layout alone, each block size, and the
+    profiler's top CUDA kernels (``--profile``)."""
+    import models.lora as lora
+    from models.lora import SegmentPlan
+
+    out: dict[str, Any] = {}
+    chosen = lora.segment_block
+    with torch.inference_mode():
+        for n in DOMAINS:
+            batch = make_batch(batch_size, n, device)
+            index = batch.domains[:, 0]
+            base = make_model("deepfm", "base", n).to(device)
+            model = make_model("deepfm", "mlora", n).to(device)
+            fns: dict[str, Callable[[], object]] = {"backbone": scorer(base, batch)}
+            fns["plan"] = functools.partial(SegmentPlan, index, n)
+            for block in (32, 64, 128, 256):
+                clone = make_model("deepfm", "mlora", n).to(device)
+                clone.load_state_dict(model.state_dict())
+                clone.set_routing("segment")
+
+                def call(
+                    clone: MultiDomainModel = clone, block: int = block, batch: EncodedBatch = batch
+                ) -> object:
+                    lora.segment_block = lambda rows, domains: block  # type: ignore[assignment]
+                    try:
+                        return clone.score_batch(batch, check=False)
+                    finally:
+                        lora.segment_block = chosen
+
+                fns[f"block{block}"] = call
+            t = cuda_time(fns, 20, device)
+            print(f"profile, {n} domains: " + ", ".join(
+                f"{k} {v * 1e3:.3f} ms" for k, v in t.items()))  # fmt: skip
+            out[f"profile_ms_{n}"] = {k: round(v * 1e3, 4) for k, v in t.items()}
+            if device.type == "cuda":
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        model.score_batch(batch, check=False)
+                    sync(device)
+                print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14))
+    return out
+
+
 # ------------------------------------------------------------------------------ training
 def ml1m_folder(tmp: Path, quick: bool) -> tuple[Path, str]:
     if (ML1M / "ratings.dat").is_file():
@@ -228,6 +275,8 @@ def main() -> None:
     ap.add_argument("--skip-service", action="store_true", help="no service benchmark")
     ap.add_argument("--skip-deepctr", action="store_true", help="no DeepCTR-Torch run")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script")
+    ap.add_argument("--profile", action="store_true",
+                    help="only the segmented routing's breakdown (layout, block sizes, kernels)")
     args = ap.parse_args()
     keys = ["mlora_over_backbone_cuda_21", "mlora_over_backbone_cuda_200",
             "moe_over_backbone_cuda_21", "moe_over_backbone_cuda_200",
@@ -242,6 +291,10 @@ def main() -> None:
     print(f"device: {name}, torch {torch.__version__}")
     results: dict[str, Any] = {"device": name}
     batch = 8192 if args.quick else BATCH
+    if args.profile:
+        results.update(profile_segment(device, batch))
+        print(json.dumps(results))
+        return
     results.update(bench_routing(device, batch, 3 if device.type == "cpu" else
                                  10 if args.quick else 40))  # fmt: skip
     results["routing_batch"] = batch

@@ -60,7 +60,7 @@ DENSE_TRAINING_WIDTH = 256
 ROUTING_STRATEGIES = ("bag", "fused_down", "gather", "kernel", "mixture", "merged", "segment")
 #: strategies whose layers run as the merged per-domain GEMMs of a :class:`SegmentPlan` on CUDA
 SEGMENTED_ON_CUDA = ("merged", "segment")
-#: on CUDA, ``gather`` stands in for the CPU kernel while its per-sample A[d], B[d] copies
+#: on CUDA, ``gather`` stands in for unmerged layers while its per-sample A[d], B[d] copies
 #: (batch x rank x (in + out) floats) stay under this many elements (1 GiB of float32)
 GATHER_MAX_ELEMENTS = 1 << 28
 #: ``merged`` keeps one merged weight per domain only while a layer's copies fit in this
@@ -369,9 +369,12 @@ class InferenceBank:
         if self.strategy == "mixture":
             assert self.gate is not None
             return lowrank_soft(x, self.a, self.b, self.c, self.gate[index])
-        if self.strategy in ("kernel", "merged", "segment") and x.device.type == "cuda":
-            # no numba kernel there; the gathered batched matmuls beat embedding_bag while the
-            # per-sample matrices they materialise stay small (low rank), else embedding_bag
+        if self.strategy in ("merged", "segment") and x.device.type == "cuda":
+            # merged weights over the cap: the gathered batched matmuls beat embedding_bag
+            # there while the per-sample matrices they materialise stay small (low rank).
+            # ``kernel`` keeps embedding_bag on CUDA: its sums run in row order, so zero
+            # padding added when a domain grows the bank leaves the others bit-identical,
+            # which cuBLAS's matmuls over a wider rank do not promise
             _, in_dim, r = self.a.shape
             if x.shape[0] * r * (in_dim + self.b.shape[2]) <= GATHER_MAX_ELEMENTS:
                 return lowrank_gather(x, self.a, self.b, self.c, index)

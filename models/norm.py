@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+def _domain_sums(x: Tensor, index: Tensor, n_dom: int) -> Tensor:
+    """Per-domain row sums ``[D, features]``, in an order that does not vary between runs."""
+    if x.device.type == "cuda":
+        return torch.mm(F.one_hot(index, n_dom).to(x.dtype).t(), x)
+    return x.new_zeros(n_dom, x.shape[1]).index_add_(0, index, x)
 
 
 class DomainBatchNorm(nn.Module):
     """Batch norm with running statistics and affine parameters per domain.
 
     A mixed-domain batch is normalised in one pass: per-domain means and variances come from
-    ``index_add`` over the batch, not from one call per domain.
+    ``index_add`` over the batch (on CUDA, a one-hot matmul: ``index_add_`` adds with atomics
+    there, so two runs of the same training would differ in the last bits), not from one
+    call per domain.
     """
 
     running_mean: Tensor  # buffer [D, features]
@@ -35,9 +45,9 @@ class DomainBatchNorm(nn.Module):
             n_dom = self.num_domains
             counts = torch.bincount(index, minlength=n_dom).to(x.dtype).unsqueeze(1)
             safe = counts.clamp(min=1)
-            mean = x.new_zeros(n_dom, x.shape[1]).index_add_(0, index, x) / safe
+            mean = _domain_sums(x, index, n_dom) / safe
             centered = x - mean[index]
-            var = x.new_zeros(n_dom, x.shape[1]).index_add_(0, index, centered.square()) / safe
+            var = _domain_sums(centered.square(), index, n_dom) / safe
             x_hat = centered * torch.rsqrt(var[index] + self.eps)
             with torch.no_grad():
                 seen = counts > 0
