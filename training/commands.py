@@ -114,14 +114,20 @@ def register(app: typer.Typer) -> None:
         domain: str = typer.Option(..., "--domain", help="Name of the new domain."),
         division: str | None = typer.Option(None, help="Division (default: the primary one)."),
         out: Path | None = typer.Option(
-            None, "--out",
+            None,
+            "--out",
             help="Adapter package folder (default <artifact>-adapters/<division>/<domain>/<v>).",
         ),
         epochs: int = typer.Option(10, min=1, help="Maximum epochs per phase."),
         lr: float | None = typer.Option(
             None, callback=_positive, help="Learning rate (default: the training run's)."
         ),
-        batch_size: int | None = typer.Option(None, min=1, help="Batch size (default: the run's)."),
+        batch_size: int | None = typer.Option(
+            None,
+            min=1,
+            help="Batch size (default: the run's, smaller when the domain's rows would give an "
+            "epoch fewer than 64 steps).",
+        ),
         patience: int = typer.Option(3, min=1, help="Early-stopping patience (epochs)."),
         val_fraction: float = typer.Option(
             0.2,
@@ -130,7 +136,8 @@ def register(app: typer.Typer) -> None:
         ),
         label: str | None = typer.Option(None, help="Label column (default: the run's)."),
         positive_label: list[str] | None = typer.Option(
-            None, "--positive-label",
+            None,
+            "--positive-label",
             help="A label value that means a click (repeatable; default: the run's schema).",
         ),
         version: int = typer.Option(1, min=1, help="Adapter version to write."),
@@ -143,7 +150,8 @@ def register(app: typer.Typer) -> None:
             0.05, callback=_positive, help="MoE: learning rate of the new gate row."
         ),
         grow: bool = typer.Option(
-            True, "--grow/--no-grow",
+            True,
+            "--grow/--no-grow",
             help="Grow embedding rows for ids the export never saw (the domain's new users, "
             "items, ...) and train them with the adapter.",
         ),
