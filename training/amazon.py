@@ -57,7 +57,7 @@ def _config(
         "method": s.method, "backbone": s.backbone, "embed_dim": 8, "tower": [256, 128, 64],
         "dropout": 0.5, "lr": 0.001, "batch_size": s.batch_size, "l2": 1e-5,
         "epochs": s.epochs, "patience": s.patience, "seed": seed, "threads": s.threads,
-        "device": s.device, "progress": s.progress, "export": True, "onnx": False,
+        "device": s.device, "progress": s.progress, "export": True, "onnx": False, "resume": True,
         "out": str(out), **extra,
     })  # fmt: skip
 
