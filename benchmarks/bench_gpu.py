@@ -275,6 +275,7 @@ def main() -> None:
     ap.add_argument("--skip-service", action="store_true", help="no service benchmark")
     ap.add_argument("--skip-deepctr", action="store_true", help="no DeepCTR-Torch run")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script")
+    ap.add_argument("--routing-only", action="store_true", help="no training or service runs")
     ap.add_argument("--profile", action="store_true",
                     help="only the segmented routing's breakdown (layout, block sizes, kernels)")
     args = ap.parse_args()
@@ -298,6 +299,9 @@ def main() -> None:
     results.update(bench_routing(device, batch, 3 if device.type == "cpu" else
                                  10 if args.quick else 40))  # fmt: skip
     results["routing_batch"] = batch
+    if args.routing_only:
+        print(json.dumps(results))
+        return
     with tempfile.TemporaryDirectory(prefix="mdlora-bench-gpu-") as tmp:
         results.update(bench_training(device, Path(tmp), args.quick, not args.skip_deepctr))
     if args.quick or args.skip_service:

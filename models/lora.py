@@ -241,7 +241,8 @@ class SegmentPlan:
         # ids come from the model's own tables (score_batch checks them); clamping keeps a
         # bad id from writing outside the padded buffer
         index = index.clamp(0, num_domains - 1)
-        counts = torch.bincount(index, minlength=num_domains)
+        # not bincount: on CUDA it reads the largest id back to the host (a device sync)
+        counts = index.new_zeros(num_domains).index_add_(0, index, torch.ones_like(index))
         blocks = (counts + bm - 1) // bm
         ends = blocks.cumsum(0)
         first_slot = (ends - blocks) * bm - (counts.cumsum(0) - counts)  # per domain
