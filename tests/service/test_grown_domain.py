@@ -103,3 +103,30 @@ def test_grown_rows_must_match_their_values(make_artifact: Callable[[str], Path]
         listing = c.get("/v1/adapters", headers=AUTH).json()
     assert r.status_code == 422 and "grown_vocab" in r.json()["detail"], r.text
     assert "kids" not in str(listing)
+
+
+def test_the_feature_store_serves_a_new_domains_users(
+    make_artifact: Callable[[str], Path], redis_url: str, redis_prefix: str
+) -> None:
+    """publish-features for the new domain's users and items: a request with ids alone gets
+    its domain from the stored user and scores its ids with their grown rows."""
+    import pandas as pd
+    import redis
+
+    from service.features import publish_features
+
+    art = make_artifact("mlora")
+    pkg, reference = grown_package(art)
+    division = pkg.division
+    frame = pd.DataFrame(
+        [{"user_id": u, "movie_id": i, division: "kids"} for u in USERS for i in ITEMS]
+    )
+    encoder = FeatureEncoder.from_dict(reference.encoder)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    publish_features(frame, encoder, "user_id", "movie_id", client, redis_prefix, progress=False)
+    with _client(art, feature_store="redis", redis_url=redis_url, redis_prefix=redis_prefix) as c:
+        assert c.post("/v1/adapters", files=upload_files(pkg), headers=AUTH).status_code == 201
+        ids_only = c.post("/predict", json={"user": {"id": "kid-3"}, "item_ids": ITEMS}).json()
+    assert ids_only["domains"] == {division: "kids"}, ids_only
+    want = reference.score([{"user_id": "kid-3", "movie_id": i, division: "kids"} for i in ITEMS])
+    assert np.allclose(ids_only["scores"], want, atol=1e-5)
