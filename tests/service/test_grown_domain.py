@@ -130,3 +130,38 @@ def test_the_feature_store_serves_a_new_domains_users(
     assert ids_only["domains"] == {division: "kids"}, ids_only
     want = reference.score([{"user_id": "kid-3", "movie_id": i, division: "kids"} for i in ITEMS])
     assert np.allclose(ids_only["scores"], want, atol=1e-5)
+
+
+def test_replicas_follow_a_grown_domain_and_its_rollback(
+    make_artifact: Callable[[str], Path], redis_url: str, redis_prefix: str
+) -> None:
+    """Two replicas on one Redis: registering a package with grown rows, a version without
+    them, a rollback and a removal reach the other replica, which scores like the first."""
+    from service.demo import demo_adapter
+    from tests.service.helpers import wait_until
+
+    art = make_artifact("mlora")
+    pkg, _ = grown_package(art)
+    plain = demo_adapter(load_artifact(art).model, pkg.division, "kids", seed=5, version=2)
+    s = ServiceSettings(artifact_dir=art, registry="redis", redis_url=redis_url,
+                        redis_prefix=redis_prefix, admin_token=ADMIN_TOKEN,
+                        reconcile_interval_s=60.0)  # fmt: skip
+    body = {"domain": "kids", "user": {"id": "kid-1"}, "item_ids": ITEMS}
+
+    def scores(c: TestClient) -> Any:
+        r = c.post("/predict", json=body)
+        return r.json()["scores"] if r.status_code == 200 else r.status_code
+
+    with TestClient(create_app(s)) as a, TestClient(create_app(s)) as b:
+        assert a.post("/v1/adapters", files=upload_files(pkg), headers=AUTH).status_code == 201
+        grown = scores(a)
+        wait_until(lambda: scores(b) == grown, timeout=2.0)
+        assert a.post("/v1/adapters", files=upload_files(plain), headers=AUTH).status_code == 201
+        flat = scores(a)
+        assert len(set(flat)) == 1  # without rows of their own, the new ids look alike
+        wait_until(lambda: scores(b) == flat, timeout=2.0)
+        assert b.post(f"/v1/adapters/{pkg.division}/kids/rollback", headers=AUTH).status_code == 200
+        wait_until(lambda: scores(a) == grown, timeout=2.0)
+        assert scores(b) == grown
+        assert a.delete(f"/v1/adapters/{pkg.division}/kids", headers=AUTH).status_code == 200
+        wait_until(lambda: scores(b) == 404, timeout=2.0)
