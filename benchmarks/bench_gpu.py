@@ -25,8 +25,9 @@ and prints a JSON line of nulls.
 
 Measured on one H200 (torch 2.11, CUDA 13; December; one run each, ML-1M look-alike): routing
 default over backbone at 65,536 rows 2.38x / 2.63x (MLoRA, 21 / 200 domains) and 2.50x /
-2.76x (MoE), down from 2.73x / 2.51x and 2.73x / 2.14x before the layout stopped syncing
-(run to run spread is about 0.3x); the per-sample ``gather`` 3.9-4.1x; training 300,949 /
+2.76x (MoE); an earlier run, before the layout stopped syncing with the host, gave 2.73x /
+2.51x and 2.73x / 2.14x (so two runs differ by up to ~0.6x: one run is no verdict on the
+fix); the per-sample ``gather`` 3.1-4.1x, embedding_bag 5-6.6x; training 300,949 /
 235,906 samples/s (phase 1 / 2), DeepCTR-Torch 64,895 (4.64x); service over in-process 0.47.
 ``--profile`` put the layout itself at 0.36-0.63 ms and the per-block weight gathers at
 ~0.2 ms of the ~0.6-0.8 ms the segmented tower adds: the targets (1.5x MLoRA, 2x MoE) need a
