@@ -1361,6 +1361,7 @@ def write_report(settings: Settings, data_slice: Slice | None = None) -> Path:
     lines += report_figure2(records, sl, results_dir, docs_dir)
     lines += report_multilora(records, sl, results_dir, docs_dir)
     lines += report_add_domain(records, sl, results_dir)
+    lines += amazon_section(Path(settings.results_dir).parent / "amazon")
     lines += _discussion(records, sl, results_dir)
     loc = location_options(settings)
     if loc:  # the commands shown must write where this run writes, not into the repository
@@ -1373,6 +1374,15 @@ def write_report(settings: Settings, data_slice: Slice | None = None) -> Path:
     tmp.write_text("\n".join(lines).rstrip() + "\n")
     os.replace(tmp, path)
     return path
+
+
+def amazon_section(amazon_results: Path) -> list[str]:
+    """The real-data cells of ``mdlora reproduce-amazon`` (``training.amazon``), if any ran."""
+    if not any(amazon_results.glob("*.json")):
+        return []
+    from training.amazon import report as amazon_report
+
+    return [amazon_report(amazon_results), ""]
 
 
 def summary_section(records: list[dict[str, Any]], sl: Slice) -> list[str]:
