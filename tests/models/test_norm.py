@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pytest
 import torch
 
 from models.norm import DomainBatchNorm
@@ -15,7 +18,21 @@ def _step(norm: DomainBatchNorm, x: torch.Tensor, index: torch.Tensor) -> tuple[
     return out.detach(), x.grad, norm.weight.grad.clone(), norm.running_mean.clone()
 
 
-def test_training_statistics_are_per_domain_and_repeatable(device: torch.device) -> None:
+@pytest.fixture
+def one_cpu_thread() -> Iterator[None]:
+    """On the CPU the indexing's backward (index_put_ with accumulate) adds in parallel, so
+    it repeats bit for bit on one thread only (torch documents it as nondeterministic)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_training_statistics_are_per_domain_and_repeatable(
+    device: torch.device, one_cpu_thread: None
+) -> None:
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(4096, 16, generator=g) * 3 + 1).to(device)
     index = torch.randint(0, 5, (4096,), generator=g).to(device)
