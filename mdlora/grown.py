@@ -62,7 +62,7 @@ def new_values(
     Counted like the encoder's own fit: a value needs the column's ``min_count`` occurrences;
     multi-hot cells are split into tokens. ``columns`` limits which columns grow.
     """
-    from mdlora.encoder import _canonical_series, _explode_tokens, _factorize_multi, natural_order
+    from mdlora.keys import canonical_series, explode_tokens, factorize_multi, natural_order
 
     out: GrownValues = {}
     delims = {m.name: m.delimiter for m in encoder.multi_hot_columns}
@@ -70,14 +70,14 @@ def new_values(
         if columns is not None and col not in columns:
             continue
         if col in delims:
-            codes, uniques = _factorize_multi(df[col])
-            rows, tokens = _explode_tokens(uniques, delims[col])
+            codes, uniques = factorize_multi(df[col])
+            rows, tokens = explode_tokens(uniques, delims[col])
             n_u = np.bincount(codes[codes >= 0], minlength=len(uniques))
             counts = (
                 pd.Series(n_u[rows], dtype=np.int64).groupby(tokens.to_numpy(dtype=object)).sum()
             )
         else:
-            keys = _canonical_series(df[col]).dropna()
+            keys = canonical_series(df[col]).dropna()
             counts = keys.value_counts()
         known = set(encoder.vocabs[col])
         keep = [
@@ -177,7 +177,7 @@ def lookups(encoder: FeatureEncoder) -> list[tuple[int, int, GrownLookup]]:
 
 def apply_frame(encoder: FeatureEncoder, df: pd.DataFrame, arrays: EncodedArrays) -> None:
     """Give the rows of grown domains their grown ids (in place; ``transform``'s last step)."""
-    from mdlora.encoder import _canonical_series, _explode_tokens, _factorize_multi, _positions
+    from mdlora.keys import canonical_series, explode_tokens, factorize_multi, positions
 
     sparse_j = {c: j for j, c in enumerate(encoder.sparse_columns)}
     multi = {m.name: (j, m) for j, m in enumerate(encoder.multi_hot_columns)}
@@ -189,7 +189,7 @@ def apply_frame(encoder: FeatureEncoder, df: pd.DataFrame, arrays: EncodedArrays
             if not vmap:
                 continue
             if col in sparse_j:
-                keys = _canonical_series(df[col].iloc[rows])
+                keys = canonical_series(df[col].iloc[rows])
                 ids = keys.map(vmap).to_numpy(dtype=np.float64, na_value=np.nan)
                 cur = arrays["sparse"][rows, sparse_j[col]]
                 hit = (cur == OOV_ID) & ~np.isnan(ids)
@@ -199,11 +199,11 @@ def apply_frame(encoder: FeatureEncoder, df: pd.DataFrame, arrays: EncodedArrays
                 j, m = multi[col]
                 mh = arrays["multi_hot"]
                 assert mh is not None
-                codes, uniques = _factorize_multi(df[col].iloc[rows].reset_index(drop=True))
-                trows, tokens = _explode_tokens(uniques, m.delimiter)
+                codes, uniques = factorize_multi(df[col].iloc[rows].reset_index(drop=True))
+                trows, tokens = explode_tokens(uniques, m.delimiter)
                 ids = tokens.map(vmap).to_numpy(dtype=np.float64, na_value=np.nan)
                 ids = np.where(np.isnan(ids), OOV_ID, ids).astype(np.int64)
-                pos = _positions(trows)
+                pos = positions(trows)
                 keep = pos < encoder.max_lens[col]
                 table = np.full((len(uniques) + 1, mh.shape[2]), OOV_ID, dtype=np.int64)
                 table[trows[keep], pos[keep]] = ids[keep]
@@ -218,7 +218,7 @@ def apply_records(
     encoder: FeatureEncoder, records: Sequence[Mapping[Any, Any]], arrays: EncodedArrays
 ) -> None:
     """:func:`apply_frame` for raw records (``encode_records``' last step)."""
-    from mdlora.encoder import canonical_value
+    from mdlora.keys import canonical_value
 
     sparse_j = {c: j for j, c in enumerate(encoder.sparse_columns)}
     multi = {m.name: (j, m) for j, m in enumerate(encoder.multi_hot_columns)}
