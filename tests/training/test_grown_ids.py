@@ -192,3 +192,21 @@ def test_packages_whose_rows_and_values_disagree_are_refused(root: Path, tmp_pat
     write_adapter_package(no_values, tmp_path / "bad2")
     with pytest.raises(ArtifactError, match="grown_vocab"):
         read_adapter_package(tmp_path / "bad2")
+
+
+def test_add_domain_grows_and_trains_rows_on_the_device(root: Path, device: torch.device) -> None:
+    artifact = _trained(root, "mlora")
+    path, held_out = _files(root)
+    out = root / f"on-{device.type}"
+    on_device = AddDomainSettings(**{**SETTINGS.__dict__, "device": str(device), "epochs": 2})
+    res = add_domain(
+        artifact, path, "d_new", out=out / "pkg", artifact_out=out / "grown", settings=on_device
+    )
+    assert res.grown["user_id"] > 0
+    grown = load_artifact(out / "grown", map_location=device)
+    old = load_artifact(artifact, map_location=device)
+    assert grown.model.device.type == device.type
+    rows = _records(_old().sample(500, random_state=2))
+    assert np.array_equal(grown.score(rows), old.score(rows))
+    scores = grown.score(_records(held_out))
+    assert np.isfinite(scores).all() and len(set(np.round(scores, 6))) > 10
