@@ -70,6 +70,7 @@ class AddDomainSettings:
     gate_lr: float = 0.05  # MoE-MLoRA gate row: a few numbers, which need larger steps
     grow: bool = True  # grow embedding rows for ids the export never saw (new users, items)
     l2: float | None = None  # L2 on the grown rows; None: the training run's
+    eval_every: int | None = None  # validate every N steps (None: once per epoch)
     device: str = "auto"
     progress: bool = True
 
@@ -83,6 +84,7 @@ class AddDomainSettings:
             "val_fraction": 0 < self.val_fraction < 1,
             "gate_scope": self.gate_scope in ("own", "all"),
             "l2": self.l2 is None or self.l2 >= 0,
+            "eval_every": self.eval_every is None or self.eval_every >= 1,
         }
         bad = [f"{k}={getattr(self, k)!r}" for k, ok in checks.items() if not ok]
         if bad:
@@ -370,7 +372,7 @@ def train_new_domain(
     # L2 reaches only the grown rows: every other row of the tables is frozen
     loop = LoopSettings(
         batch_size=batch_size, l2=l2 if grown else 0.0, patience=settings.patience,
-        seed=settings.seed, progress=settings.progress,
+        seed=settings.seed, progress=settings.progress, eval_every=settings.eval_every,
     )  # fmt: skip
     phases = new_domain_phases(model, division, domain_id, final_stage.name, settings.gate_scope)
     results = []

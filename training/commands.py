@@ -158,6 +158,13 @@ def register(app: typer.Typer) -> None:
         l2: float | None = typer.Option(
             None, min=0.0, help="L2 on the grown rows (default: the training run's)."
         ),
+        eval_every: int | None = typer.Option(
+            None,
+            "--eval-every",
+            min=1,
+            help="Validate every N steps (default: once per epoch); early stopping and the "
+            "restored weights follow it.",
+        ),
         seed: int = typer.Option(2024, help="Random seed."),
         threads: int | None = typer.Option(
             None, min=1, help="torch CPU threads (default: all cores; fewer on a busy machine)."
@@ -180,7 +187,7 @@ def register(app: typer.Typer) -> None:
         settings = AddDomainSettings(
             epochs=epochs, lr=lr, batch_size=batch_size, patience=patience,
             val_fraction=val_fraction, seed=seed, gate_scope=gate_scope, gate_lr=gate_lr,
-            grow=grow, l2=l2,
+            grow=grow, l2=l2, eval_every=eval_every,
         )  # fmt: skip
         try:
             res = add_domain(

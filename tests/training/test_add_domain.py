@@ -157,7 +157,7 @@ def test_an_adapter_that_learned_nothing_says_so(root: Path) -> None:
 @pytest.mark.parametrize(
     "bad",
     [{"epochs": 0}, {"batch_size": 0}, {"batch_size": -5}, {"patience": 0}, {"lr": 0.0},
-     {"val_fraction": 1.0}, {"gate_scope": "bogus"}],
+     {"val_fraction": 1.0}, {"gate_scope": "bogus"}, {"eval_every": 0}, {"l2": -1.0}],
 )  # fmt: skip
 def test_settings_out_of_range_are_refused(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):

@@ -210,3 +210,13 @@ def test_add_domain_grows_and_trains_rows_on_the_device(root: Path, device: torc
     assert np.array_equal(grown.score(rows), old.score(rows))
     scores = grown.score(_records(held_out))
     assert np.isfinite(scores).all() and len(set(np.round(scores, 6))) > 10
+
+
+def test_add_domain_validates_every_n_steps(root: Path, tmp_path: Path) -> None:
+    artifact = _trained(root, "mlora")
+    path, _ = _files(root)
+    often = AddDomainSettings(**{**SETTINGS.__dict__, "epochs": 2, "eval_every": 5})
+    res = add_domain(artifact, path, "d_new", out=tmp_path / "pkg", settings=often)
+    (phase,) = res.phases
+    assert phase.eval_every == 5
+    assert len(phase.history) > phase.epochs_run  # several evaluations an epoch
