@@ -28,11 +28,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
 from mdlora import __version__
-from service.api import admin, health, predict
+from service.api import admin, feedback, health, predict, rollouts
 from service.api.predict import PredictFastPath
 from service.control import ControlPlane
 from service.errors import ServiceError
 from service.features import FeatureStore, RequestEncoder, detect_id_fields
+from service.feedback import FeedbackBatch, open_feedback
 from service.metrics import ServiceMetrics
 from service.registry import open_store
 from service.runtime import (
@@ -122,6 +123,8 @@ class Service:
             store_reader,
             settings.max_items,
         )
+        self.feedback = open_feedback(settings, metrics, self.control, base.info.model_id)
+        self.predictor.feedback = self.feedback
 
     def _prepare(self, snapshot: Snapshot) -> None:
         """Attach the runtime's runner to a new snapshot and warm it up (builder thread)."""
@@ -135,6 +138,7 @@ class Service:
     async def aclose(self) -> None:
         await asyncio.to_thread(self.control.stop)
         await asyncio.to_thread(self.batcher.stop)
+        await asyncio.to_thread(self.feedback.close)
         if self.onnx is not None:
             self.onnx.close()
         if self.feature_client is not None:
@@ -204,6 +208,8 @@ class BodyLimitMiddleware:
     def _limit(self, path: str) -> tuple[int, str]:
         if path.startswith("/predict"):
             return self.settings.max_body_bytes, "MDLORA_MAX_BODY_BYTES"
+        if path == "/feedback":
+            return self.settings.feedback_max_body_bytes, "MDLORA_FEEDBACK_MAX_BODY_BYTES"
         if path.rstrip("/") == "/v1/adapters":
             return self.settings.max_adapter_bytes + (1 << 20), "MDLORA_MAX_ADAPTER_BYTES"
         return self.OTHER_LIMIT, "(fixed)"
@@ -270,7 +276,7 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
             comps = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (PredictRequest, BatchPredictRequest):
+            for model in (PredictRequest, BatchPredictRequest, FeedbackBatch):
                 js = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 comps.update(js.pop("$defs", {}))
                 comps[model.__name__] = js
@@ -378,6 +384,8 @@ def create_app(
     app.state.service = None
     app.include_router(predict.router)
     app.include_router(admin.router)
+    app.include_router(rollouts.router)
+    app.include_router(feedback.router)
     app.include_router(health.router)
     app.add_middleware(BodyLimitMiddleware, settings=settings)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # counts every answer it passes

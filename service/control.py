@@ -54,6 +54,7 @@ from service.registry import (
     next_version,
     set_active,
 )
+from service.rollout import Rollouts, attach
 from service.runtime import probe_problem
 from service.snapshot import ArtifactBase, LoadedAdapter, Snapshot, SnapshotHolder
 
@@ -88,6 +89,7 @@ class ControlPlane:
         self._load_errors: dict[DomainKey, str] = {}
         self.held = HeldPackages()  # parsed, with their bytes (to write a lost registry back)
         self.recovery = Recovery(store, metrics, self.held.raw)
+        self.rollouts = Rollouts(self)  # canary rollouts (service.rollout)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             1, "mdlora-builder", initializer=thread_init
         )
@@ -231,8 +233,12 @@ class ControlPlane:
         self.known_state = state
         target = self.desired(state)
         if dict(current.adapters) == target:
+            snapshot = current
             if current.registry_version != state.version:
-                self._swap(current.with_registry_version(state.version))
+                snapshot = current.with_registry_version(state.version)
+            snapshot = attach(self, snapshot, state)  # the canaries it runs
+            if snapshot is not current:
+                self._swap(snapshot)
             self._note_unloaded()
             return self.holder.current
         snapshot = self._build(current, state, target)
@@ -284,7 +290,9 @@ class ControlPlane:
                     loaded -= 1
             if snapshot is start:
                 snapshot = start.with_adapters([], state.version)
-        self.prepare(snapshot)
+        snapshot = attach(self, snapshot, state)  # the canaries it runs (prepared)
+        if snapshot.runner is None:
+            self.prepare(snapshot)
         if loaded:
             self.metrics.adapter_loads.labels("ok").inc(loaded)
         return snapshot
@@ -347,6 +355,7 @@ class ControlPlane:
         package: Any = None,
         event: dict[str, Any] | None = None,
     ) -> None:
+        snapshot = attach(self, snapshot, new)  # the canaries it runs (prepared)
         try:
             self.store.commit(state.version, new, package, event)
         except RegistryUnavailable as exc:
@@ -366,8 +375,11 @@ class ControlPlane:
         self.metrics.adapter_loads.labels("refused").inc()
         return ServiceError(status, message)
 
-    def register(self, config: bytes, weights: bytes) -> dict[str, Any]:
-        """Validate and register one adapter package (runs on the builder thread)."""
+    def register(
+        self, config: bytes, weights: bytes, canary_percent: float | None = None
+    ) -> dict[str, Any]:
+        """Validate and register one adapter package (runs on the builder thread);
+        ``canary_percent``: as a canary rollout beside the active version (service.rollout)."""
         if len(weights) > self.max_adapter_bytes:
             raise self._refuse(
                 413,
@@ -422,7 +434,16 @@ class ControlPlane:
             problem = self._probe(snapshot, key)
             if problem:
                 raise self._refuse(422, f"adapter refused: {problem}")
-            new = state.with_entry(key, set_active(state.domains.get(key), record.version, record))
+            if canary_percent is None:
+                self.rollouts.refuse_change(state, key, "registration")
+                new = state.with_entry(
+                    key, set_active(state.domains.get(key), record.version, record)
+                )
+            else:  # the active version stays; the new one serves a share of the users
+                new = self.rollouts.register_as_canary(
+                    state, current, key, pkg, record, canary_percent
+                )
+                snapshot = current.with_registry_version(new.version)
             try:
                 self._commit(
                     state,
@@ -467,6 +488,7 @@ class ControlPlane:
                     f"no adapter for {key[0]}/{key[1]}; known: "
                     f"{sorted('/'.join(k) for k in current.adapters)}",
                 )
+            self.rollouts.refuse_change(state, key, action)
             entry = state.domains.get(key)
             artifact = self.base.adapters.get(key)
             active = entry.active if entry else None

@@ -111,6 +111,50 @@ class ServiceMetrics:
             ["domain"],
             registry=r,
         )
+        # canary rollouts and online feedback (service.rollout, service.feedback)
+        self.rollout_requests = Counter(
+            "mdlora_rollout_requests",
+            "requests of domains with a running rollout, by the arm that answered (canary, stable)",
+            ["division", "domain", "arm"],
+            registry=r,
+        )
+        self.rollout_percent = Gauge(
+            "mdlora_rollout_canary_percent",
+            "target share (%) of a domain's users on its canary; 0 when no rollout runs",
+            ["division", "domain"],
+            registry=r,
+        )
+        self.rollout_decisions = Counter(
+            "mdlora_rollout_decisions",
+            "rollout starts, promotions and aborts made on this replica, by who (admin, guard)",
+            ["decision", "by"],
+            registry=r,
+        )
+        self.guard_aborts = Counter(
+            "mdlora_rollout_guard_aborts",
+            "canaries the guard aborted, by domain and the check that failed (logloss, "
+            "calibration)",
+            ["division", "domain", "check"],
+            registry=r,
+        )
+        self.feedback_events = Counter(
+            "mdlora_feedback_events",
+            "feedback events: joined (recorded), duplicate, refused (their batch answered 4xx)",
+            ["result"],
+            registry=r,
+        )
+        labels = ["division", "domain", "version"]
+        self.feedback_window = {
+            name: Gauge(f"mdlora_feedback_{name}", text, labels, registry=r)
+            for name, text in (
+                ("count", "feedback events in the sliding window, per domain and version"),
+                ("mean_score", "mean served score of the window's events"),
+                ("ctr", "observed click rate of the window's events"),
+                ("calibration", "mean score over observed click rate (1 is calibrated)"),
+                ("logloss", "log loss of the served scores over the window"),
+                ("auc", "AUC of the served scores over the window"),
+            )
+        }
         for result in ("ok", "refused", "error"):
             self.adapter_loads.labels(result)
         self.registry_up.set(1)

@@ -132,6 +132,8 @@ class DomainEntry:
 
     active: int | None
     versions: tuple[VersionRecord, ...] = ()
+    #: the domain's canary rollout, running or decided (service.rollout.Rollout), as JSON
+    rollout: Mapping[str, Any] | None = None
 
     def record(self, version: int | None) -> VersionRecord | None:
         return next((r for r in self.versions if r.version == version), None)
@@ -172,6 +174,7 @@ class RegistryState:
                         "domain": k[1],
                         "active": e.active,
                         "versions": [r.to_dict() for r in e.versions],
+                        **({"rollout": dict(e.rollout)} if e.rollout is not None else {}),
                     }
                     for k, e in sorted(self.domains.items())
                 ],
@@ -191,12 +194,21 @@ class RegistryState:
                 (str(e["division"]), str(e["domain"])): DomainEntry(
                     None if e["active"] is None else int(e["active"]),
                     tuple(VersionRecord.from_dict(r) for r in e["versions"]),
+                    _rollout(e.get("rollout")),
                 )
                 for e in d["domains"]
             }
             return cls(int(d["version"]), domains, str(d.get("epoch") or ""))
         except (ValueError, KeyError, TypeError) as exc:
             raise RegistryError(f"the registry state is not readable ({exc})") from None
+
+
+def _rollout(value: Any) -> Mapping[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TypeError("a domain's rollout is not an object")
+    return value
 
 
 def next_version(state: RegistryState, key: DomainKey, artifact_version: int | None) -> int:

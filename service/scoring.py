@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from models.features import OOV_ID
 from service.errors import ServiceError
 from service.features import FeatureStore, RequestEncoder
 from service.metrics import UNKNOWN_DOMAIN_LABEL, ServiceMetrics
+from service.rollout import Served, route
 from service.runtime import MicroBatcher, Rows
 from service.schemas import PredictRequest
 from service.snapshot import Snapshot
@@ -55,6 +57,7 @@ class Prepared:
     backbone_only: bool
     label: str
     warnings: list[str]
+    served: Served | None = None  # the arm of a running rollout (service.rollout)
 
 
 class Predictor:
@@ -75,6 +78,7 @@ class Predictor:
         self.user_field, self.item_field = user_field, item_field
         self.unknown_domain, self.store, self.max_items = unknown_domain, store, max_items
         self._store_down_until = 0.0
+        self.feedback: Any = None  # remembers what rollouts served (service.feedback)
 
     # ------------------------------------------------------------------ features
     async def gather(self, req: PredictRequest) -> Gathered:
@@ -241,12 +245,21 @@ class Predictor:
         versions = (
             {} if backbone else {d: snap.adapters[(d, names[d])].version for d in snap.adapted}
         )
+        served = None
+        if snap.canaries and not backbone:  # a canary rollout: the user's arm
+            uid = g.user.get(self.user_field) if self.user_field else None
+            uid = req.user.id if uid is None else uid
+            served = route(snap, names, domains, versions, canonical_value(uid))
+            if served is not None:
+                self.metrics.rollout_requests.labels(*served.key, served.arm).inc()
         primary = names.get(snap.divisions[0], "")
         label = primary if primary in snap.domain_ids[snap.divisions[0]] else UNKNOWN_DOMAIN_LABEL
         warnings = [*g.warnings, *notes]
         if backbone:
             warnings.append(f"unknown domain in {unknown}: scored with the backbone alone")
-        return Prepared(rows, {d: names[d] for d in names}, versions, backbone, label, warnings)
+        return Prepared(
+            rows, {d: names[d] for d in names}, versions, backbone, label, warnings, served
+        )
 
     def _input_warnings(
         self, user: dict[str, Any], g: Gathered, sparse: np.ndarray, divisions: set[str]
@@ -328,6 +341,10 @@ class Predictor:
                 items=bad.tolist(),
             )
         self.metrics.items_scored.labels(p.label).inc(len(probs))
+        request_id = req.request_id or os.urandom(12).hex()  # feedback names it
+        if p.served is not None and self.feedback is not None:
+            ids = req.item_ids if req.item_ids is not None else [i.id for i in req.items or ()]
+            self.feedback.remember(request_id, p.served, ids, probs)
         return {
             "scores": probs.tolist(),
             "model_version": snap.info.model_version,
@@ -335,7 +352,7 @@ class Predictor:
             "domains": p.domains,
             "backbone_only": p.backbone_only,
             "registry_version": snap.registry_version,
-            "request_id": req.request_id,
+            "request_id": request_id,
             "warnings": p.warnings,
         }
 

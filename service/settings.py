@@ -74,6 +74,33 @@ class ServiceSettings(BaseSettings):
     ] = 10.0
     redis_timeout_s: Annotated[float, F("Redis socket timeout", gt=0)] = 0.5
     feature_cache_s: Annotated[float, F("how long feature-store metadata is kept", ge=0)] = 30.0
+    # canary rollouts and feedback (service.rollout, service.feedback)
+    feedback_ttl_s: Annotated[
+        float, F("how long a rollout's answers are remembered for feedback", gt=0)
+    ] = 3600.0
+    feedback_max_requests: Annotated[
+        int, F("answers remembered in memory for feedback (oldest forgotten first)", ge=1)
+    ] = 200_000
+    feedback_window: Annotated[
+        int, F("feedback events per domain and version the statistics are computed over", ge=10)
+    ] = 10_000
+    feedback_max_events: Annotated[int, F("events in one POST /feedback", ge=1)] = 1000
+    feedback_max_body_bytes: Annotated[int, F("body size of POST /feedback", ge=1024)] = 256 << 10
+    rollout_guard: Annotated[bool, F("abort a canary that does worse than the active version")] = (
+        True
+    )
+    rollout_min_events: Annotated[
+        int, F("feedback events each version needs in the window before the guard judges", ge=1)
+    ] = 1000
+    rollout_logloss_margin: Annotated[
+        float, F("relative LogLoss increase of the canary over the active version allowed", ge=0)
+    ] = 0.05
+    rollout_calibration_margin: Annotated[
+        float, F("extra calibration error |predicted/observed - 1| allowed to the canary", ge=0)
+    ] = 0.2
+    rollout_guard_interval_s: Annotated[
+        float, F("least time between two guard checks of one rollout", ge=0)
+    ] = 1.0
 
     @model_validator(mode="after")
     def _check(self) -> ServiceSettings:

@@ -62,6 +62,19 @@ class LoadedAdapter:
     origin: str  # "artifact" (trained with the model) or "registry" (registered later)
 
 
+@dataclass(frozen=True)
+class Canary:
+    """A canary version of one domain served beside its active version (service.rollout):
+    an extra internal domain ``domain_id`` of the serving model takes ``percent`` of the
+    domain's users (by a hash of the user id and ``salt``)."""
+
+    loaded: LoadedAdapter
+    domain_id: int
+    percent: float
+    salt: str
+    rollout_id: str
+
+
 def _shallow(module: nn.Module) -> Any:
     """A new module object with its own child / parameter / buffer tables, same tensors."""
     clone = copy.copy(module)
@@ -231,6 +244,8 @@ class Snapshot:
         elif self.method == "multilora":
             self.backbone_model = copy.copy(model)
             self.backbone_model.set_stage("backbone")
+        #: canary versions served beside the active ones (set by service.rollout.attach)
+        self.canaries: Mapping[DomainKey, Canary] = {}
         self.runner: Any = None  # set by the runtime (service.runtime) before the snapshot serves
 
     @property

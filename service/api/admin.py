@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
-from fastapi import APIRouter, Depends, File, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.api.deps import get_service
@@ -84,6 +84,13 @@ async def register_adapter(
     response: Response,
     adapter_config: UploadFile = File(description="adapter_config.json"),
     adapter_model: UploadFile = File(description="adapter_model.safetensors"),
+    canary_percent: float | None = Form(
+        None,
+        ge=0,
+        le=100,
+        description="register as a canary: this share (%) of the domain's users get the new "
+        "version, the others keep the active one, until promoted or aborted (/v1/rollouts)",
+    ),
 ) -> dict[str, Any]:
     service = get_service(request)
     limit = service.settings.max_adapter_bytes
@@ -93,7 +100,7 @@ async def register_adapter(
     except ServiceError:
         service.control.metrics.adapter_loads.labels("refused").inc()
         raise
-    out = await service.control.run(service.control.register, config, weights)
+    out = await service.control.run(service.control.register, config, weights, canary_percent)
     if out.get("action") == "unchanged":
         response.status_code = 200
     return out

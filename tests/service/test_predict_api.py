@@ -299,7 +299,7 @@ def test_routes_behind_a_root_path_answer_like_the_fast_path(
 ) -> None:
     """Under a root path the FastAPI routes answer (the fast path only sees /predict)."""
     app = create_app(ServiceSettings(artifact_dir=make_artifact("mlora"), max_items=3))
-    req = {"domain": "25", "user": {"id": 2}, "item_ids": [3, 6]}
+    req = {"domain": "25", "user": {"id": 2}, "item_ids": [3, 6], "request_id": "r1"}
     with TestClient(app, root_path="/api") as c:
         for body in (req, {**req, "item_ids": [1, 2, 3, 4]}, {**req, "domain": "nope"}):
             routed = c.post("/api/predict", json=body)
