@@ -266,7 +266,7 @@ class Feedback:
             self.metrics.feedback_events.labels("refused").inc(len(events))
             raise
         if self.redis is not None:
-            fresh = await asyncio.to_thread(self._record_shared, joined, answers)
+            fresh = await self._shared(self._record_shared, joined, answers)
         else:
             fresh = self._record_local(joined, answers)
         dup = len(events) - len(fresh)
@@ -286,7 +286,7 @@ class Feedback:
         found = {r: a for r in ids if (a := self.answers.get(r)) is not None and a.expires > now}
         missing = sorted(ids - set(found))
         if missing and self.redis is not None:
-            found.update(await asyncio.to_thread(self._fetch_shared, missing))
+            found.update(await self._shared(self._fetch_shared, missing))
             missing = sorted(ids - set(found))
         if missing:
             raise ServiceError(
@@ -297,6 +297,18 @@ class Feedback:
                 unknown_request_ids=missing[:100],
             )
         return found
+
+    async def _shared(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` (Redis calls) on a worker thread; 503 when Redis fails."""
+        import redis
+
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except (redis.RedisError, OSError) as exc:
+            self.metrics.feedback_events.labels("refused").inc()
+            raise ServiceError(
+                503, f"the shared feedback store (Redis) is unavailable: {exc}; send it again"
+            ) from None
 
     def _fetch_shared(self, ids: list[str]) -> dict[str, Answer]:
         pipe = self.redis.pipeline(transaction=False)
@@ -402,9 +414,9 @@ class Feedback:
         rollout = rollout_of(self.control.known_state, key)
         assert rollout is not None
         stats = (
-            await asyncio.to_thread(self.rollout_stats, key, rollout)
-            if self.redis
-            else (self.rollout_stats(key, rollout))
+            await self._shared(self.rollout_stats, key, rollout)
+            if self.redis is not None
+            else self.rollout_stats(key, rollout)
         )
         s = self.settings
         out["feedback"] = stats
@@ -429,10 +441,14 @@ class Feedback:
         ):
             return None
         self._checked[key] = now
-        if self.redis is not None:
-            stats = await asyncio.to_thread(self.rollout_stats, key, rollout)
-        else:
-            stats = self.rollout_stats(key, rollout)
+        try:
+            stats = (
+                await self._shared(self.rollout_stats, key, rollout)
+                if self.redis is not None
+                else self.rollout_stats(key, rollout)
+            )
+        except ServiceError:  # Redis down: judged at the next feedback
+            return None
         verdict = guard_verdict(stats["canary"], stats["stable"], self.settings)
         if verdict is None:
             return None
