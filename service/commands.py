@@ -70,7 +70,10 @@ def _exit(message: str) -> NoReturn:
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``serve`` and ``publish-features`` to the ``mdlora`` app."""
+    """Add ``serve``, ``publish-features`` and ``rollout`` to the ``mdlora`` app."""
+    from service.rollout_cli import rollout_app
+
+    app.add_typer(rollout_app, name="rollout")
 
     @app.command("serve")
     def serve(

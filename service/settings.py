@@ -128,7 +128,7 @@ def settings_error_text(exc: ValidationError) -> str:
 
 # MDLORA_* variables read by other parts (the CLI, compose, scripts), not by the service
 OTHER_VARIABLES = frozenset(
-    {"MDLORA_DATA_DIR", "MDLORA_PORT", "MDLORA_IMAGE_TAG", "MDLORA_TEST_REDIS_PORT"}
+    {"MDLORA_DATA_DIR", "MDLORA_PORT", "MDLORA_IMAGE_TAG", "MDLORA_TEST_REDIS_PORT", "MDLORA_URL"}
 )
 
 
