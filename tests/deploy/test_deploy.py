@@ -55,6 +55,12 @@ KNOWN_METRICS = {
     "mdlora_adapter_loads_total",
     "mdlora_registry_version",
     "mdlora_snapshot_age_seconds",
+    "mdlora_rollout_requests_total",
+    "mdlora_rollout_canary_percent",
+    "mdlora_rollout_decisions_total",
+    "mdlora_rollout_guard_aborts_total",
+    "mdlora_feedback_events_total",
+    *(f"mdlora_feedback_{s}" for s in ("count", "mean_score", "ctr", "calibration", "logloss", "auc")),
 }
 HISTOGRAMS = {"mdlora_request_latency_seconds"}
 QUERYABLE_METRICS = (KNOWN_METRICS - HISTOGRAMS) | {
