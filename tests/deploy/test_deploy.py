@@ -60,7 +60,10 @@ KNOWN_METRICS = {
     "mdlora_rollout_decisions_total",
     "mdlora_rollout_guard_aborts_total",
     "mdlora_feedback_events_total",
-    *(f"mdlora_feedback_{s}" for s in ("count", "mean_score", "ctr", "calibration", "logloss", "auc")),
+    *(
+        f"mdlora_feedback_{s}"
+        for s in ("count", "mean_score", "ctr", "calibration", "logloss", "auc")
+    ),
 }
 HISTOGRAMS = {"mdlora_request_latency_seconds"}
 QUERYABLE_METRICS = (KNOWN_METRICS - HISTOGRAMS) | {
