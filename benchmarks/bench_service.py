@@ -15,12 +15,16 @@ What it does (bounded in time: about ``5 * --seconds`` plus a minute of set-up):
    loop at half the peak rate, and the same open loop (twice as long) while an adapter is
    registered and rolled back over and over (admin API, one change every ~0.6 s). Latency is
    counted from the time a request was due (no coordinated omission); the service's own
-   histogram gives the in-service p99 for comparison.
+   histogram gives the in-service p99 for comparison;
+5. canary phase (``bench_canary.py``): the busiest domain's new version as a 10% canary, the
+   same open loop over distinct users, and a feedback batch for every answer of that domain.
 
 Targets on a 2-core machine: service >= 60% of in-process; p99 <= 20 ms at half load; p99
-while adapters swap <= 1.5x steady; no failed request. The LAST line printed is one JSON
-object with the figures (``service_over_inprocess``, ``p50_ms``, ``p99_ms_half_load``,
-``p99_swap_over_steady``, ``errors``, ...). On a shared machine the load average (printed) is
+while adapters swap <= 1.5x steady; p99 of the canary phase (with its feedback traffic) <= 1.2x
+steady, its observed canary share within 2 points of 10%; no failed request. The LAST line
+printed is one JSON object with the figures (``service_over_inprocess``, ``p50_ms``,
+``p99_ms_half_load``, ``p99_swap_over_steady``, ``p99_canary_over_steady``,
+``canary_share_error``, ``errors``, ...). On a shared machine the load average (printed) is
 the first thing to read: tail latencies follow it.
 
     python benchmarks/bench_service.py [--seconds 9] [--concurrency 8] [--quick]
@@ -48,6 +52,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_canary import measure_canary  # noqa: E402
 
 from mdlora.artifact import adapter_package_bytes, load_artifact, save_artifact  # noqa: E402
 from mdlora.encoder import FeatureEncoder  # noqa: E402
@@ -516,6 +523,27 @@ async def measure_half_load(
     }
 
 
+async def measure_canary_phase(
+    port: int, encoder: FeatureEncoder, model: Any, args: argparse.Namespace, rate: float
+) -> dict[str, Any]:
+    """The canary phase (``bench_canary.py``) on the busiest domain, over distinct users."""
+    domain = encoder.domain_names("occupation")[0]
+    n = int(rate * args.seconds) + 1
+    requests = make_requests(encoder, n, args.candidates, seed=5)
+    users = np.random.default_rng(6).permutation(np.array(encoder.vocabs["user_id"], dtype=object))
+    for k, r in enumerate(requests):  # distinct users (repeating only past the vocabulary)
+        r["user"]["id"] = int(users[k % len(users)])
+    package = adapter_package_bytes(demo_adapter(model, "occupation", domain, seed=21))
+
+    async def open_conn() -> Connection:
+        return await Connection.open(port)
+
+    out = await measure_canary(
+        open_conn, requests, domain, "occupation", package, TOKEN, rate, args.seconds
+    )
+    return {**out, "domain": domain}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -576,6 +604,7 @@ def main() -> None:
             peak = run(measure_peak(port, payloads, inproc, args))
             half_rate = 0.5 * peak["service_rps"]
             half = run(measure_half_load(port, payloads, packages, half_rate, args.seconds))
+            canary = run(measure_canary_phase(port, encoder, art.model, args, half_rate))
 
     c = args.candidates
     print(
@@ -605,6 +634,15 @@ def main() -> None:
         f"phase: p99 <= {half['server_mixed_p99_ms']:.1f} ms)"
     )
     print(f"admin calls: {', '.join(half['log'])}")
+    print(
+        f"canary phase (10% canary of domain {canary['domain']} plus {canary['feedback_calls']} "
+        f"feedback calls): p50 {canary['p50_ms']:.2f} ms, p99 {canary['p99_ms']:.2f} ms; "
+        f"feedback p99 {canary['feedback_p99_ms']:.2f} ms; canary share "
+        f"{canary['canary_share']:.2f}% of {canary['domain_users']} distinct users; users "
+        f"answered by both versions: {canary['users_on_both_versions']}"
+    )
+    if canary["failures"]:
+        print(f"canary phase failures: {canary['failures']}")
     if half["failures"]:
         print(f"failed requests: {half['failures']}")
     result = {
@@ -630,7 +668,15 @@ def main() -> None:
         "p99_ms_between_swaps": round(half["quiet"][1], 3),
         "p99_during_over_between_swaps": round(half["during"][1] / half["quiet"][1], 3),
         "swaps": len(half["log"]),
-        "errors": int(half["errors"]),
+        # 10% canary of the busiest domain with feedback for its answers, against steady
+        "p99_ms_canary_phase": round(canary["p99_ms"], 3),
+        "p99_canary_over_steady": round(canary["p99_ms"] / half["steady"][1], 3),
+        "canary_share_error": round(canary["canary_share_error"], 3),
+        "canary_domain_users": canary["domain_users"],
+        "canary_users_on_both_versions": canary["users_on_both_versions"],
+        "feedback_calls": canary["feedback_calls"],
+        "feedback_p99_ms": round(canary["feedback_p99_ms"], 3),
+        "errors": int(half["errors"]) + int(canary["errors"]),
         "load_average": round(os.getloadavg()[0], 2),
         "concurrency": args.concurrency,
         "micro_batch": not args.no_micro_batch,

@@ -37,7 +37,7 @@ import math
 import queue
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
@@ -114,6 +114,24 @@ class Answer:
         return next((i for i, v in enumerate(self.items) if v == wanted), None)
 
 
+class Window:
+    """The last ``size`` events of one domain and version (a ring buffer)."""
+
+    def __init__(self, size: int) -> None:
+        self.scores = np.zeros(size, np.float32)
+        self.clicks = np.zeros(size, bool)
+        self.n = 0  # events ever appended
+
+    def append(self, score: float, clicked: bool) -> None:
+        i = self.n % len(self.scores)
+        self.scores[i], self.clicks[i] = score, clicked
+        self.n += 1
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        k = min(self.n, len(self.scores))
+        return self.scores[:k], self.clicks[:k]
+
+
 def window_stats(scores: np.ndarray, clicks: np.ndarray) -> dict[str, Any]:
     """Count, mean score, CTR, calibration, LogLoss and AUC of one window (None: undefined)."""
     n = len(scores)
@@ -129,13 +147,8 @@ def window_stats(scores: np.ndarray, clicks: np.ndarray) -> dict[str, Any]:
     out["logloss"] = float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
     pos = int(y.sum())
     if 0 < pos < n:  # Mann-Whitney with average ranks for ties
-        order = np.argsort(p, kind="mergesort")
-        ranks = np.empty(n)
-        sp = p[order]
-        starts = np.r_[0, np.flatnonzero(np.diff(sp)) + 1]
-        ends = np.r_[starts[1:], n]
-        for a, b in zip(starts, ends, strict=True):
-            ranks[order[a:b]] = (a + b + 1) / 2.0
+        _, inverse, counts = np.unique(p, return_inverse=True, return_counts=True)
+        ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]  # 1-based
         out["auc"] = float((ranks[y == 1].sum() - pos * (pos + 1) / 2) / (pos * (n - pos)))
     return out
 
@@ -181,7 +194,7 @@ class Feedback:
     ) -> None:
         self.settings, self.metrics, self.control = settings, metrics, control
         self.answers: OrderedDict[str, Answer] = OrderedDict()
-        self.windows: dict[tuple[DomainKey, int], deque[tuple[float, bool]]] = {}
+        self.windows: dict[tuple[DomainKey, int], Window] = {}
         self.redis, self.ns = redis_client, namespace
         self._checked: dict[DomainKey, float] = {}
         self._queue: queue.SimpleQueue[tuple[str, Answer] | None] = queue.SimpleQueue()
@@ -352,10 +365,10 @@ class Feedback:
                 continue
             answer.claimed.add(i)
             s = answer.served
-            window = self.windows.setdefault(
-                (s.key, s.version), deque(maxlen=self.settings.feedback_window)
-            )
-            window.append((float(answer.scores[i]), clicked))
+            window = self.windows.get((s.key, s.version))
+            if window is None:
+                window = self.windows[(s.key, s.version)] = Window(self.settings.feedback_window)
+            window.append(float(answer.scores[i]), clicked)
             fresh.append((rid, i, clicked))
         return fresh
 
@@ -385,9 +398,8 @@ class Feedback:
     # ------------------------------------------------------------------ statistics
     def _window(self, key: DomainKey, version: int) -> tuple[np.ndarray, np.ndarray]:
         if self.redis is None:
-            events = list(self.windows.get((key, version), ()))
-            scores = np.array([s for s, _ in events], np.float64)
-            return scores, np.array([c for _, c in events], bool)
+            window = self.windows.get((key, version))
+            return window.arrays() if window else (np.zeros(0), np.zeros(0, bool))
         raw = self.redis.lrange(self._key("window", *key, version), 0, -1)
         pairs = [r.split(b",") for r in raw]
         return (

@@ -263,6 +263,9 @@ class OnnxRuntime:
 
         model = snapshot.serving_model
         versions = sorted((k, v.version, v.sha256) for k, v in snapshot.adapters.items())
+        versions += sorted(  # canaries are extra domains of the serving graph (service.rollout)
+            (k, -c.domain_id, c.loaded.sha256) for k, c in snapshot.canaries.items()
+        )
         if has_bank_inputs(model) and model.grown:
             # grown embedding rows are graph constants: one export per set of adapter versions
             key = f"grown:{snapshot.info.model_id}:{hash(tuple(versions))}"

@@ -315,3 +315,30 @@ def test_bad_feedback_is_refused_and_changes_nothing(mlora: Path) -> None:
             line.split()[0] for line in c.get("/metrics").text.splitlines() if "refused" in line
         )
         assert refused
+
+
+def test_window_statistics_match_sklearn_and_the_guard_reads_them() -> None:
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    from service.feedback import guard_verdict, window_stats
+
+    rng = np.random.default_rng(0)
+    p = np.round(rng.random(5000), 2)  # many ties
+    y = rng.random(5000) < p
+    s = window_stats(p, y)
+    assert s["count"] == 5000
+    assert s["auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert s["logloss"] == pytest.approx(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7)), rel=1e-9)
+    assert s["calibration"] == pytest.approx(p.mean() / y.mean())
+    assert window_stats(p[:0], y[:0])["logloss"] is None
+    assert window_stats(p[:10], np.zeros(10, bool))["auc"] is None  # one class: undefined
+    cfg = ServiceSettings(artifact_dir=Path("."), rollout_min_events=1000)
+    worse = window_stats(1 - p, y)
+    assert guard_verdict(worse, s, cfg) is not None and guard_verdict(worse, s, cfg)[0] == "logloss"
+    assert guard_verdict(s, s, cfg) is None
+    few = window_stats(1 - p[:999], y[:999])
+    assert guard_verdict(few, s, cfg) is None  # not enough events yet
+    high = window_stats(np.clip(p + 0.25, 0, 1), y)
+    loose = ServiceSettings(artifact_dir=Path("."), rollout_logloss_margin=10.0)
+    verdict = guard_verdict(high, s, loose)
+    assert verdict is not None and verdict[0] == "calibration"

@@ -1,0 +1,175 @@
+"""The canary phase of ``bench_service.py``: a 10% canary of one domain plus feedback traffic.
+
+On the server the other phases ran against: registers a new version of the busiest domain as
+a canary (``POST /v1/adapters`` with ``canary_percent``), then drives an open loop at the
+given rate over requests whose users are all distinct (``--canary-users`` of them, the same
+domain mix); every answer of the canary's domain is read and answered with a feedback batch
+(10 of its items, clicks drawn from the served scores) on a separate connection pool. It
+reports the predict latencies (counted from when each request was due), the feedback
+latencies, errors of both, the observed canary share among the domain's distinct users, and
+whether any user was answered by both versions. The rollout is aborted at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import numpy as np
+import orjson
+
+FEEDBACK_ITEMS = 10
+
+
+class Conn(Protocol):
+    async def send(self, payload: bytes) -> tuple[int, bytes]: ...
+
+    def close(self) -> None: ...
+
+
+def canary_upload(config: bytes, weights: bytes, percent: float) -> tuple[bytes, str]:
+    """The multipart body of a canary registration."""
+    boundary = "mdloracanaryboundary"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n".encode()
+        + data
+        + b"\r\n"
+        for field, name, data in (
+            ("adapter_config", "adapter_config.json", config),
+            ("adapter_model", "adapter_model.safetensors", weights),
+        )
+    ]
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="canary_percent"\r\n\r\n'
+        f"{percent}\r\n".encode()
+    )
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), (
+        f"multipart/form-data; boundary={boundary}"
+    )
+
+
+def admin(method: str, path: str, token: str, body: bytes = b"", ctype: str = "") -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n"
+    if ctype:
+        head += f"Content-Type: {ctype}\r\n"
+    return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+async def measure_canary(
+    open_conn: Callable[[], Awaitable[Conn]],
+    requests: list[dict[str, Any]],
+    domain: str,
+    division: str,
+    package: tuple[bytes, bytes],
+    token: str,
+    rate: float,
+    seconds: float,
+    percent: float = 10.0,
+) -> dict[str, Any]:
+    ctl = await open_conn()
+    body, ctype = canary_upload(*package, percent)
+    status, answer = await ctl.send(admin("POST", "/v1/adapters", token, body, ctype))
+    if status != 201:
+        raise RuntimeError(f"canary registration answered {status}: {answer[:300]!r}")
+    canary_version = orjson.loads(answer)["version"]
+
+    payloads = []
+    for r in requests:
+        data = orjson.dumps(r)
+        head = (
+            "POST /predict HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n"
+        )
+        payloads.append(head.encode() + data)
+    rng = np.random.default_rng(3)
+    latencies: list[float] = []
+    fb_latencies: list[float] = []
+    failures: dict[str, int] = {}
+    seen: dict[Any, set[int]] = {}
+    idle: list[Conn] = [await open_conn() for _ in range(8)]
+    fb_idle: list[Conn] = [await open_conn() for _ in range(4)]
+    fb_tasks: list[asyncio.Task[None]] = []
+
+    def fail(what: str) -> None:
+        failures[what] = failures.get(what, 0) + 1
+
+    async def feedback(events: list[dict[str, Any]]) -> None:
+        data = orjson.dumps({"events": events})
+        conn = fb_idle.pop() if fb_idle else await open_conn()
+        t0 = time.perf_counter()
+        head = (
+            "POST /feedback HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n"
+        )
+        status, body = await conn.send(head.encode() + data)
+        fb_latencies.append(time.perf_counter() - t0)
+        if status != 200:
+            fail(f"feedback HTTP {status}: {body[:120]!r}")
+        fb_idle.append(conn)
+
+    async def one(i: int, due: float) -> None:
+        req = requests[i % len(requests)]
+        conn = idle.pop() if idle else await open_conn()
+        try:
+            status, body = await conn.send(payloads[i % len(payloads)])
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            fail(type(exc).__name__)
+            return
+        latencies.append(time.perf_counter() - due)
+        idle.append(conn)
+        if status != 200:
+            fail(f"HTTP {status}: {body[:120]!r}")
+            return
+        if req["domain"] != domain:
+            return
+        out = orjson.loads(body)
+        seen.setdefault(req["user"]["id"], set()).add(out["adapter_versions"][division])
+        scores = out["scores"][:FEEDBACK_ITEMS]
+        clicks = rng.random(len(scores)) < np.asarray(scores)
+        events = [
+            {"request_id": out["request_id"], "item_index": k, "clicked": bool(c)}
+            for k, c in enumerate(clicks)
+        ]
+        fb_tasks.append(asyncio.create_task(feedback(events)))
+
+    tasks = []
+    start = time.perf_counter()
+    interval = 1.0 / rate
+    for i in range(int(rate * seconds)):
+        due = start + i * interval
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i, due)))
+    await asyncio.gather(*tasks)
+    await asyncio.gather(*fb_tasks)
+    status, answer = await ctl.send(admin("GET", f"/v1/rollouts/{division}/{domain}", token))
+    rollout = orjson.loads(answer) if status == 200 else {}
+    status, answer = await ctl.send(admin("POST", f"/v1/rollouts/{division}/{domain}/abort", token))
+    if status != 200:
+        fail(f"abort HTTP {status}")
+    for c in [ctl, *idle, *fb_idle]:
+        c.close()
+
+    users = len(seen)
+    on_canary = sum(1 for v in seen.values() if canary_version in v)
+    share = 100.0 * on_canary / max(users, 1)
+    lat = np.asarray(latencies) * 1000
+    fb = np.asarray(fb_latencies) * 1000
+    return {
+        "p50_ms": float(np.percentile(lat, 50)) if lat.size else float("nan"),
+        "p99_ms": float(np.percentile(lat, 99)) if lat.size else float("nan"),
+        "feedback_p99_ms": float(np.percentile(fb, 99)) if fb.size else float("nan"),
+        "feedback_calls": len(fb_latencies),
+        "requests": len(latencies),
+        "domain_users": users,
+        "canary_share": share,
+        "canary_share_error": abs(share - percent),
+        "users_on_both_versions": sum(1 for v in seen.values() if len(v) > 1),
+        "feedback_joined": rollout.get("feedback", {}),
+        "errors": sum(failures.values()),
+        "failures": failures,
+    }
