@@ -2,12 +2,13 @@
 
 On the server the other phases ran against: registers a new version of the busiest domain as
 a canary (``POST /v1/adapters`` with ``canary_percent``), then drives an open loop at the
-given rate over requests whose users are all distinct (``--canary-users`` of them, the same
-domain mix); every answer of the canary's domain is read and answered with a feedback batch
-(10 of its items, clicks drawn from the served scores) on a separate connection pool. It
-reports the predict latencies (counted from when each request was due), the feedback
-latencies, errors of both, the observed canary share among the domain's distinct users, and
-whether any user was answered by both versions. The rollout is aborted at the end.
+given rate over requests whose users are all distinct (the same domain mix), in rounds that
+alternate a canary slice (the rollout running; every answer of the canary's domain is read
+and answered with a feedback batch of 10 of its items, clicks drawn from the served scores,
+on a separate connection pool) and a steady slice (the rollout aborted, no feedback). It
+reports the predict latencies of both (counted from when each request was due), the feedback
+latencies, errors, the observed canary share among the domain's distinct users, and whether
+any user was answered by both versions. The rollout is aborted at the end.
 """
 
 from __future__ import annotations
@@ -68,13 +69,20 @@ async def measure_canary(
     rate: float,
     seconds: float,
     percent: float = 10.0,
+    rounds: int = 4,
+    send_feedback: bool = True,
 ) -> dict[str, Any]:
+    """Rounds alternating steady slices (no rollout) and canary slices (the rollout running,
+    feedback sent), ``seconds`` of each in all, over the same requests: both see the same
+    background load, which on a shared machine moves tail latencies more than anything."""
     ctl = await open_conn()
     body, ctype = canary_upload(*package, percent)
     status, answer = await ctl.send(admin("POST", "/v1/adapters", token, body, ctype))
     if status != 201:
         raise RuntimeError(f"canary registration answered {status}: {answer[:300]!r}")
     canary_version = orjson.loads(answer)["version"]
+    rollout_path = f"/v1/rollouts/{division}/{domain}"
+    start_body = orjson.dumps({"version": canary_version, "percent": percent})
 
     payloads = []
     for r in requests:
@@ -85,10 +93,11 @@ async def measure_canary(
         )
         payloads.append(head.encode() + data)
     rng = np.random.default_rng(3)
-    latencies: list[float] = []
+    latencies: dict[bool, list[float]] = {False: [], True: []}
     fb_latencies: list[float] = []
     failures: dict[str, int] = {}
-    seen: dict[Any, set[int]] = {}
+    seen: dict[tuple[int, Any], set[int]] = {}  # (round, user) -> versions that answered
+    current_round = 0
     idle: list[Conn] = [await open_conn() for _ in range(8)]
     fb_idle: list[Conn] = [await open_conn() for _ in range(4)]
     fb_tasks: list[asyncio.Task[None]] = []
@@ -110,7 +119,7 @@ async def measure_canary(
             fail(f"feedback HTTP {status}: {body[:120]!r}")
         fb_idle.append(conn)
 
-    async def one(i: int, due: float) -> None:
+    async def one(i: int, due: float, canary: bool) -> None:
         req = requests[i % len(requests)]
         conn = idle.pop() if idle else await open_conn()
         try:
@@ -118,58 +127,78 @@ async def measure_canary(
         except (OSError, asyncio.IncompleteReadError) as exc:
             fail(type(exc).__name__)
             return
-        latencies.append(time.perf_counter() - due)
+        latencies[canary].append(time.perf_counter() - due)
         idle.append(conn)
         if status != 200:
             fail(f"HTTP {status}: {body[:120]!r}")
             return
-        if req["domain"] != domain:
+        if not canary or req["domain"] != domain:
             return
         out = orjson.loads(body)
-        seen.setdefault(req["user"]["id"], set()).add(out["adapter_versions"][division])
+        user = (current_round, req["user"]["id"])
+        seen.setdefault(user, set()).add(out["adapter_versions"][division])
         scores = out["scores"][:FEEDBACK_ITEMS]
         clicks = rng.random(len(scores)) < np.asarray(scores)
         events = [
             {"request_id": out["request_id"], "item_index": k, "clicked": bool(c)}
             for k, c in enumerate(clicks)
         ]
-        fb_tasks.append(asyncio.create_task(feedback(events)))
+        if send_feedback:
+            fb_tasks.append(asyncio.create_task(feedback(events)))
 
-    tasks = []
-    start = time.perf_counter()
-    interval = 1.0 / rate
-    for i in range(int(rate * seconds)):
-        due = start + i * interval
-        delay = due - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(i, due)))
-    await asyncio.gather(*tasks)
-    await asyncio.gather(*fb_tasks)
-    status, answer = await ctl.send(admin("GET", f"/v1/rollouts/{division}/{domain}", token))
-    rollout = orjson.loads(answer) if status == 200 else {}
-    status, answer = await ctl.send(admin("POST", f"/v1/rollouts/{division}/{domain}/abort", token))
-    if status != 200:
-        fail(f"abort HTTP {status}")
+    async def open_loop(first: int, n: int, canary: bool) -> None:
+        tasks = []
+        start = time.perf_counter()
+        for k in range(n):
+            due = start + k / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(first + k, due, canary)))
+        await asyncio.gather(*tasks)
+        await asyncio.gather(*fb_tasks)
+
+    n = max(1, int(rate * seconds / rounds))
+    for k in range(rounds):
+        current_round = k
+        if k:  # a rollout of the same version again: the steady slice ran without one
+            status, answer = await ctl.send(
+                admin("POST", rollout_path, token, start_body, "application/json")
+            )
+            if status != 200:
+                fail(f"start HTTP {status}: {answer[:120]!r}")
+        await asyncio.sleep(0.2)  # the snapshot swap settles (as the swap phase's SETTLE)
+        await open_loop(2 * k * n, n, True)
+        status, answer = await ctl.send(admin("GET", rollout_path, token))
+        rollout = orjson.loads(answer) if status == 200 else {}
+        status, _ = await ctl.send(admin("POST", f"{rollout_path}/abort", token))
+        if status != 200:
+            fail(f"abort HTTP {status}")
+        await asyncio.sleep(0.2)
+        await open_loop((2 * k + 1) * n, n, False)
     for c in [ctl, *idle, *fb_idle]:
         c.close()
+
+    def pct(values: list[float], q: float) -> float:
+        return float(np.percentile(np.asarray(values) * 1000, q)) if values else float("nan")
 
     users = len(seen)
     on_canary = sum(1 for v in seen.values() if canary_version in v)
     share = 100.0 * on_canary / max(users, 1)
-    lat = np.asarray(latencies) * 1000
-    fb = np.asarray(fb_latencies) * 1000
     return {
-        "p50_ms": float(np.percentile(lat, 50)) if lat.size else float("nan"),
-        "p99_ms": float(np.percentile(lat, 99)) if lat.size else float("nan"),
-        "feedback_p99_ms": float(np.percentile(fb, 99)) if fb.size else float("nan"),
+        "p50_ms": pct(latencies[True], 50),
+        "p99_ms": pct(latencies[True], 99),
+        "steady_p50_ms": pct(latencies[False], 50),
+        "steady_p99_ms": pct(latencies[False], 99),
+        "feedback_p99_ms": pct(fb_latencies, 99),
         "feedback_calls": len(fb_latencies),
-        "requests": len(latencies),
+        "requests": len(latencies[True]) + len(latencies[False]),
         "domain_users": users,
         "canary_share": share,
         "canary_share_error": abs(share - percent),
+        # within one rollout (each round starts a new one, with a new salt)
         "users_on_both_versions": sum(1 for v in seen.values() if len(v) > 1),
-        "feedback_joined": rollout.get("feedback", {}),
+        "feedback_window": rollout.get("feedback", {}),
         "errors": sum(failures.values()),
         "failures": failures,
     }

@@ -21,6 +21,7 @@ from fastapi import APIRouter, Request, Response
 
 from service.api.deps import get_service, parse_body, set_domain_label
 from service.errors import ServiceError
+from service.feedback import FeedbackBatch
 from service.metrics import UNKNOWN_DOMAIN_LABEL, ServiceMetrics
 from service.schemas import (
     BatchPredictRequest,
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mdlora.service")
 router = APIRouter(tags=["predict"])
 PREDICT, BATCH = "/predict", "/predict/batch"
+FEEDBACK = "/feedback"  # answered here too (service.api.feedback documents it)
 
 
 async def answer(service: Service, path: str, body: bytes) -> tuple[int, bytes, str]:
@@ -84,7 +86,7 @@ class PredictFastPath:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         path = scope.get("path")
-        if scope["type"] != "http" or scope["method"] != "POST" or path not in (PREDICT, BATCH):
+        if scope["type"] != "http" or scope["method"] != "POST" or path not in FAST_PATHS:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
@@ -93,8 +95,11 @@ class PredictFastPath:
         try:
             if service is None:
                 raise ServiceError(503, "the service is starting: no model loaded yet")
-            body = await _read(scope, receive, service.settings.max_body_bytes)
-            status, payload, label = await answer(service, path, body)
+            if path == FEEDBACK:
+                status, payload = await answer_feedback(service, scope, receive)
+            else:
+                body = await _read(scope, receive, service.settings.max_body_bytes)
+                status, payload, label = await answer(service, path, body)
         except ServiceError as exc:
             status, payload = exc.status, orjson.dumps(exc.body())
         except Exception:  # never leave the client without an answer
@@ -105,6 +110,25 @@ class PredictFastPath:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
         self.metrics.observe(path, label, status, time.perf_counter() - start)
+
+
+FAST_PATHS = (PREDICT, BATCH, FEEDBACK)
+
+
+async def answer_feedback(service: Service, scope: Any, receive: Any) -> tuple[int, bytes]:
+    """``POST /feedback`` (feedback traffic comes with the predict traffic: same fast path)."""
+    limit = service.settings.feedback_max_body_bytes
+    try:
+        body = await _read(scope, receive, limit)
+    except ServiceError as exc:
+        if exc.status != 413:
+            raise
+        raise ServiceError(
+            413,
+            f"request body is over the limit of {limit} bytes (MDLORA_FEEDBACK_MAX_BODY_BYTES); "
+            "send fewer events per call",
+        ) from None
+    return 200, orjson.dumps(await service.feedback.submit(parse_body(FeedbackBatch, body)))
 
 
 async def _read(scope: Any, receive: Any, limit: int) -> bytes:
