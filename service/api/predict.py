@@ -3,11 +3,12 @@
 The body is read raw and validated with the pydantic models in one pass (pydantic-core's JSON
 parser), and the answer is written with orjson: no intermediate Python JSON objects.
 
-:class:`PredictFastPath` (outermost ASGI middleware) answers these two routes itself, without
-Starlette's routing, request objects and dependency solving: that stack cost about as much as
-the rest of the request together (measured ~0.4 ms of ~1.2 ms per 100-candidate request at
-concurrency 8). The FastAPI routes below document the API (OpenAPI) and answer requests the
-fast path does not see (e.g. under a ``root_path``); both call :func:`answer`.
+:class:`PredictFastPath` (outermost ASGI middleware) answers these two routes (and
+``POST /feedback``) itself, without Starlette's routing, request objects and dependency
+solving: that stack cost about as much as the rest of the request together (measured ~0.4 ms
+of ~1.2 ms per 100-candidate request at concurrency 8). The FastAPI routes below document the
+API (OpenAPI) and answer requests the fast path does not see (e.g. under a ``root_path``);
+both call :func:`answer`.
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ def _check_batch(service: Service, batch: BatchPredictRequest) -> None:
 
 
 class PredictFastPath:
-    """Answers ``POST /predict`` and ``POST /predict/batch`` straight from ASGI (see module
-    docstring), with the same body limit, errors and metrics as every other route."""
+    """Answers ``POST /predict``, ``/predict/batch`` and ``/feedback`` straight from ASGI (see
+    module docstring), with the same body limits, errors and metrics as every other route."""
 
     def __init__(self, app: Any, fastapi_app: Any, metrics: ServiceMetrics) -> None:
         self.app, self.fastapi_app, self.metrics = app, fastapi_app, metrics
