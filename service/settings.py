@@ -77,10 +77,10 @@ class ServiceSettings(BaseSettings):
     # canary rollouts and feedback (service.rollout, service.feedback)
     feedback_ttl_s: Annotated[
         float, F("how long a rollout's answers are remembered for feedback", gt=0)
-    ] = 3600.0
+    ] = 900.0
     feedback_max_requests: Annotated[
         int, F("answers remembered in memory for feedback (oldest forgotten first)", ge=1)
-    ] = 200_000
+    ] = 20_000
     feedback_window: Annotated[
         int, F("feedback events per domain and version the statistics are computed over", ge=10)
     ] = 10_000
