@@ -334,7 +334,8 @@ def test_window_statistics_match_sklearn_and_the_guard_reads_them() -> None:
     assert window_stats(p[:10], np.zeros(10, bool))["auc"] is None  # one class: undefined
     cfg = ServiceSettings(artifact_dir=Path("."), rollout_min_events=1000)
     worse = window_stats(1 - p, y)
-    assert guard_verdict(worse, s, cfg) is not None and guard_verdict(worse, s, cfg)[0] == "logloss"
+    verdict = guard_verdict(worse, s, cfg)
+    assert verdict is not None and verdict[0] == "logloss"
     assert guard_verdict(s, s, cfg) is None
     few = window_stats(1 - p[:999], y[:999])
     assert guard_verdict(few, s, cfg) is None  # not enough events yet

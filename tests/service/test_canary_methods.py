@@ -24,7 +24,7 @@ CASES = {
 ITEMS = [3, 6, 9, 12]
 
 
-def scores(c: TestClient, where: dict[str, Any], user: int) -> tuple[list[float], int]:
+def scores(c: TestClient, where: dict[str, Any], user: int) -> tuple[list[float], Any]:
     r = c.post("/predict", json={**where, "user": {"id": user}, "item_ids": ITEMS})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -46,7 +46,11 @@ def test_a_canary_scores_as_its_version(
     users = range(1, 41)
 
     def app(path: Path) -> TestClient:
-        s = ServiceSettings(artifact_dir=path, admin_token=ADMIN_TOKEN, runtime=runtime)
+        s = ServiceSettings(
+            artifact_dir=path,
+            admin_token=ADMIN_TOKEN,
+            runtime=runtime,  # type: ignore[arg-type]
+        )
         return TestClient(create_app(s))
 
     if method == "moe":  # a domain added after training with gate_scope "own"
