@@ -201,7 +201,7 @@ def make_adapter_package(
         "domain": domain,
         "version": version,
         "ranks": cfg.lora_ranks(),
-        "experts": cfg.experts_per_domain if cfg.method == "moe" else 1,
+        "experts": model.method.experts(cfg),
         "tensors": _describe(tensors),
         **extra,
     }
@@ -366,7 +366,7 @@ def check_adapter_fits(
             "adapter was trained against a different backbone or feature spec "
             f"(signature {pkg.config['model_signature']}, model {model_signature(cfg)})"
         )
-    experts = cfg.experts_per_domain if cfg.method == "moe" else 1
+    experts = model.method.experts(cfg)
     for key, want in (("ranks", cfg.lora_ranks()), ("experts", experts)):
         if key in pkg.config and pkg.config[key] != want:
             raise ArtifactError(
@@ -508,7 +508,7 @@ def save_artifact(
         digest = files.get("backbone.safetensors", {}).get("sha256")
         adapters = []
         cfg = model.config
-        adapted = {"mlora": 1, "moe": 1, "multilora": 2}.get(cfg.method, 0)
+        adapted = model.method.adapted
         grown = (encoder or {}).get("grown") or {}
         for div in cfg.divisions[:adapted]:
             for dom in div.domains:

@@ -152,20 +152,7 @@ def phase_groups(model: MultiDomainModel) -> dict[str, list[str]]:
 
     Per-expert and per-division phases are listed once per expert / division.
     """
-    cfg = model.config
-    phases: dict[str, list[str]] = {"backbone": ["backbone"]}
-    if cfg.method == "mlora":
-        phases["adapters"] = ["experts"]
-    elif cfg.method == "moe":
-        assert model.tower.banks is not None
-        for e in range(model.tower.primary_banks()[0].num_experts):
-            phases[f"expert:{e}"] = [f"expert:{e}"]
-        phases["gate"] = ["gate"]
-    elif cfg.method == "multilora":
-        for div in cfg.divisions[:2]:
-            phases[f"lora:{div.name}"] = [f"lora:{div.name}", f"norms:div:{div.name}"]
-        phases["fusion"] = ["fusion", "norms:cell"]
-    return phases
+    return model.method.phase_groups(model)
 
 
 def phase_parameter_counts(model: MultiDomainModel) -> dict[str, int]:

@@ -33,16 +33,10 @@ from models.lora import (
     merge_limit,
     rank_from_alpha,
 )
+from models.methods import REGISTRY, Method, method_of
 from models.tower import AdaptedTower, Route
 
-METHODS = ("base", "mlora", "moe", "multilora")
-STAGES = {
-    "base": ("backbone",),
-    "mlora": ("backbone", "adapters"),
-    "moe": ("backbone", "expert", "gate"),
-    "multilora": ("backbone", "lora", "fusion"),
-}
-FINAL_STAGE = {"base": "backbone", "mlora": "adapters", "moe": "gate", "multilora": "fusion"}
+METHODS = tuple(REGISTRY)
 
 
 @dataclass(frozen=True)
@@ -81,12 +75,10 @@ class ModelConfig:
     fusion_rank: int = 8  # MultiLoRA: r of W_Q, W_K
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        method = method_of(self.method)  # a clear ValueError for an unknown method
         if not self.divisions:
             raise ValueError("a model needs at least one division")
-        if self.method == "multilora" and len(self.divisions) < 2:
-            raise ValueError("multilora needs two divisions (natural, auxiliary)")
+        method.check(self)
         if self.experts_per_domain < 1:
             raise ValueError("experts_per_domain must be >= 1")
         self.tower = tuple(self.tower)
@@ -162,26 +154,9 @@ class MultiDomainModel(nn.Module):
             if spec.dense:
                 self.dense_linear = nn.Linear(len(spec.dense), 1, bias=False)
         self.gate: DomainGate | None = None
-        primary = config.divisions[0]
-        ranks = config.lora_ranks()
-        if config.method == "mlora":
-            self.tower.banks = self.tower.add_banks(len(primary.domains), ranks)
-        elif config.method == "moe":
-            n = len(primary.domains)
-            self.tower.banks = self.tower.add_banks(n * config.experts_per_domain, ranks)
-            self.gate = DomainGate(n, n * config.experts_per_domain, config.gate_dim)
-        elif config.method == "multilora":
-            for div in config.divisions[:2]:
-                self.tower.lora_sets[div.name] = self.tower.add_banks(
-                    len(div.domains), ranks, row_scale=True
-                )
-                self.tower.domain_norms[f"div:{div.name}"] = self.tower.add_domain_norms(
-                    len(div.domains)
-                )
-            n_cells = len(config.divisions[0].domains) * len(config.divisions[1].domains)
-            self.tower.domain_norms["cell"] = self.tower.add_domain_norms(n_cells)
-            self.tower.fusions = self.tower.add_fusions(config.fusion_rank, config.fusion)
-        self.stage = Stage(FINAL_STAGE[config.method])
+        self.method: Method = method_of(config)
+        self.method.attach(self)
+        self.stage = Stage(self.method.final_stage)
         self.routing: list[str] = self.default_routing()
         self._inference_cache: tuple[tuple[Any, ...], list[InferenceBank]] | None = None
         #: embedding rows grown for domains added later: (division, domain) -> row count, in
@@ -190,8 +165,8 @@ class MultiDomainModel(nn.Module):
 
     # ----------------------------------------------------------------- stages and routing
     def set_stage(self, name: str, expert: int | None = None, division: str | None = None) -> None:
-        """Switch what the forward pass uses (see ``STAGES`` for each method's stages)."""
-        allowed = STAGES[self.config.method]
+        """Switch what the forward pass uses (``self.method.stages`` lists them)."""
+        allowed = self.method.stages
         if name not in allowed:
             raise ValueError(f"method {self.config.method!r} has stages {allowed}, not {name!r}")
         if name == "expert":
@@ -432,39 +407,10 @@ class MultiDomainModel(nn.Module):
         new_id = len(div.domains)
         divisions = list(cfg.divisions)
         divisions[div_i] = Division(div.name, (*div.domains, name))
-        if cfg.method == "mlora" and div_i == 0:
-            assert self.tower.banks is not None
-            for bank in self.tower.primary_banks():
-                bank.grow(1)
-        elif cfg.method == "moe" and div_i == 0:
-            assert self.tower.banks is not None and self.gate is not None
-            for bank in self.tower.primary_banks():
-                bank.grow(cfg.experts_per_domain)
-            self.gate.grow(cfg.experts_per_domain, gate_scope)
-        elif cfg.method == "multilora" and div_i < 2:
-            for bank in self.tower.lora_banks(div.name):
-                bank.grow(1)
-            for norm in self.tower.norm_layers(f"div:{div.name}"):
-                norm.grow(1)
-            self._regrid_cells(div_i)
+        self.method.grow(self, div_i, gate_scope)
         self.config = replace(cfg, divisions=tuple(divisions))
         self._inference_cache = None
         return new_id
-
-    def _regrid_cells(self, grown: int) -> None:
-        """Re-lay the MultiLoRA cell norms (``nat * n_aux + aux``) after one division grew."""
-        n_nat = len(self.config.divisions[0].domains)
-        n_aux = len(self.config.divisions[1].domains)
-        new_nat, new_aux = n_nat + (grown == 0), n_aux + (grown == 1)
-        old_cells = torch.arange(n_nat * n_aux)
-        nat, aux = old_cells // n_aux, old_cells % n_aux
-        new_pos = nat * new_aux + aux
-        fresh = self.tower.add_domain_norms(new_nat * new_aux).to(self.device)
-        fresh.train(self.training)
-        for old, new in zip(self.tower.norm_layers("cell"), fresh, strict=False):
-            for attr in ("weight", "bias", "running_mean", "running_var"):
-                getattr(new, attr).data[new_pos] = getattr(old, attr).data
-        self.tower.domain_norms["cell"] = fresh
 
     # ------------------------------------------------------------------------ helpers
     def domain_names(self, division: str | None = None) -> tuple[str, ...]:

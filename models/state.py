@@ -67,19 +67,11 @@ def load_shared(model: MultiDomainModel, tensors: dict[str, Tensor]) -> None:
 def _adapted(model: MultiDomainModel, division: str) -> int:
     cfg = model.config
     i = cfg.division_index(division)
-    adapted = {"mlora": 1, "moe": 1, "multilora": 2}.get(cfg.method, 0)
-    if i >= adapted:
+    if i >= model.method.adapted:
         raise ValueError(
             f"division {division!r} has no per-domain adapters in a {cfg.method} model"
         )
     return i
-
-
-def _rows(model: MultiDomainModel, division: str, domain_id: int) -> list[int]:
-    if model.config.method == "moe":
-        assert model.gate is not None
-        return (model.gate.owner == domain_id).nonzero().squeeze(1).tolist()
-    return [domain_id]
 
 
 def adapter_tensors(model: MultiDomainModel, division: str, domain: str) -> dict[str, Tensor]:
@@ -89,31 +81,7 @@ def adapter_tensors(model: MultiDomainModel, division: str, domain: str) -> dict
     if domain not in names:
         raise KeyError(f"unknown domain {domain!r} in division {division!r}; known: {names}")
     d = names.index(domain)
-    out: dict[str, Tensor] = {}
-    tower = model.tower
-    if model.config.method in ("mlora", "moe"):
-        assert tower.banks is not None
-        rows = _rows(model, division, d)
-        for i, bank in enumerate(tower.primary_banks()):
-            for j, e in enumerate(rows):
-                tag = f"tower.{i}" if model.config.method == "mlora" else f"tower.{i}.experts.{j}"
-                out[f"{tag}.lora_A"] = bank.A[e]
-                out[f"{tag}.lora_B"] = bank.B[e]
-                out[f"{tag}.bias"] = bank.bias[e]
-        if model.gate is not None:
-            out["gate.embedding"] = model.gate.embedding.weight[d]
-            out["gate.proj_weight"] = model.gate.proj.weight[rows]
-            out["gate.proj_bias"] = model.gate.proj.bias[rows]
-    else:
-        for i, bank in enumerate(tower.lora_banks(division)):
-            out[f"tower.{i}.lora_A"] = bank.A[d]
-            out[f"tower.{i}.lora_B"] = bank.B[d]
-            out[f"tower.{i}.bias"] = bank.bias[d]
-            assert bank.scale is not None
-            out[f"tower.{i}.scale"] = bank.scale[d]
-        for i, norm in enumerate(tower.norm_layers(f"div:{division}")):
-            for attr in ("weight", "bias", "running_mean", "running_var"):
-                out[f"norm.{i}.{attr}"] = getattr(norm, attr)[d]
+    out = {k: t[i] for k, (t, i) in model.method.slots(model, division, d).items()}
     out.update(domain_rows(model, division, domain))
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
@@ -233,30 +201,8 @@ def install_adapter(
         if domain in names
         else model.add_domain(division, domain, gate_scope or "all")
     )
-    tower = model.tower
-    if model.config.method in ("mlora", "moe"):
-        assert tower.banks is not None
-        rows = _rows(model, division, d)
-        for i, bank in enumerate(tower.primary_banks()):
-            for j, e in enumerate(rows):
-                tag = f"tower.{i}" if model.config.method == "mlora" else f"tower.{i}.experts.{j}"
-                bank.A[e] = tensors[f"{tag}.lora_A"]
-                bank.B[e] = tensors[f"{tag}.lora_B"]
-                bank.bias[e] = tensors[f"{tag}.bias"]
-        if model.gate is not None:
-            model.gate.embedding.weight[d] = tensors["gate.embedding"]
-            model.gate.proj.weight[rows] = tensors["gate.proj_weight"]
-            model.gate.proj.bias[rows] = tensors["gate.proj_bias"]
-    else:
-        for i, bank in enumerate(tower.lora_banks(division)):
-            bank.A[d] = tensors[f"tower.{i}.lora_A"]
-            bank.B[d] = tensors[f"tower.{i}.lora_B"]
-            bank.bias[d] = tensors[f"tower.{i}.bias"]
-            assert bank.scale is not None
-            bank.scale[d] = tensors[f"tower.{i}.scale"]
-        for i, norm in enumerate(tower.norm_layers(f"div:{division}")):
-            for attr in ("weight", "bias", "running_mean", "running_var"):
-                getattr(norm, attr)[d] = tensors[f"norm.{i}.{attr}"]
+    for name, (t, i) in model.method.slots(model, division, d).items():
+        t[i] = tensors[name]
     if grown_rows or (division, domain) in model.grown:
         set_domain_rows(model, division, domain, grown_rows)
     model._inference_cache = None

@@ -48,7 +48,6 @@ from models.rows import grown_regions
 #: the reserved primary-division domain of the zero adapter (``\x00`` can never be a real name:
 #: adapter packages with it cannot be written to a path, and the API refuses it)
 BACKBONE_DOMAIN = "\x00backbone"
-ADAPTED_DIVISIONS = {"base": 0, "mlora": 1, "moe": 1, "multilora": 2}
 
 DomainKey = tuple[str, str]
 
@@ -106,7 +105,7 @@ def cow_copy(model: MultiDomainModel) -> MultiDomainModel:
 
 def adapted_divisions(model: MultiDomainModel) -> list[str]:
     """Divisions whose domains have their own adapter in this model."""
-    n = ADAPTED_DIVISIONS[model.config.method]
+    n = model.method.adapted
     return [d.name for d in model.config.divisions[:n]]
 
 
@@ -237,11 +236,11 @@ class Snapshot:
         self.backbone_id: int | None = None
         self.backbone_model: MultiDomainModel | None = None
         self.serving_model = model
-        if self.method in ("mlora", "moe"):
+        if model.method.neutral_new_domain:
             self.serving_model = cow_copy(model)
             primary = self.divisions[0]
             self.backbone_id = self.serving_model.add_domain(primary, BACKBONE_DOMAIN, "own")
-        elif self.method == "multilora":
+        elif model.method.adapted:  # no neutral adapter: the same tensors, stage backbone
             self.backbone_model = copy.copy(model)
             self.backbone_model.set_stage("backbone")
         #: canary versions served beside the active ones (set by service.rollout.attach)
@@ -305,7 +304,7 @@ class Snapshot:
             "backbone": cfg.backbone,
             "stage": self.model.stage.name,
             "tower": list(cfg.tower),
-            "ranks": cfg.lora_ranks() if cfg.method != "base" else [],
+            "ranks": cfg.lora_ranks() if self.model.method.adapted else [],
             "divisions": [
                 {"name": d, "adapted": d in self.adapted, "domains": self.domains(d)}
                 for d in self.divisions

@@ -247,35 +247,12 @@ def new_domain_phases(
 def _adapter_phases(
     model: MultiDomainModel, division: str, domain_id: int, final_stage: str, gate_scope: str
 ) -> list[Phase]:
-    cfg = model.config
-    div_i = cfg.division_index(division)
-    rows = [domain_id]
-    if cfg.method == "mlora":
-        return [Phase("adapters", "adapters", [f"expert:{domain_id}"], domains=rows)]
-    if cfg.method == "moe":
-        assert model.gate is not None
-        experts = (model.gate.owner == domain_id).nonzero().squeeze(1).tolist()
-        phases = [Phase(f"expert:{e}", "expert", [f"expert:{e}"], expert=e, domains=rows)
-                  for e in experts]  # fmt: skip
-        if not (gate_scope == "own" and len(experts) == 1):
-            phases.append(Phase("gate", "gate", [f"gate_row:{domain_id}"], domains=rows))
-        return phases
-    if cfg.method == "multilora":
-        groups = [f"lora:{division}:{domain_id}", f"norms:div:{division}:{domain_id}"]
-        phases = [Phase("lora", "lora", groups, division=division, domains=rows,
-                        metric_column=div_i)]  # fmt: skip
-        if final_stage == "fusion":
-            n_nat = len(cfg.divisions[0].domains)
-            n_aux = len(cfg.divisions[1].domains)
-            cells = ([domain_id * n_aux + a for a in range(n_aux)] if div_i == 0
-                     else [n * n_aux + domain_id for n in range(n_nat)])  # fmt: skip
-            phases.append(Phase("fusion", "fusion", [f"norms:cell:{c}" for c in cells],
-                                domains=rows, metric_column=div_i))  # fmt: skip
-        return phases
-    raise ValueError(
-        f"a {cfg.method!r} model has no per-domain adapters: add-domain needs an mlora, moe "
-        "or multilora artifact"
-    )
+    """The method's phases for one new domain (``Method.domain_phases``), on its rows only."""
+    return [
+        Phase(p.name, p.stage, p.groups, expert=p.expert, division=p.division,
+              domains=[domain_id], metric_column=p.metric_column)
+        for p in model.method.domain_phases(model, division, domain_id, final_stage, gate_scope)
+    ]  # fmt: skip
 
 
 #: refuse a domain whose rows are this alike (share of rows with the most common input)
@@ -338,7 +315,7 @@ def train_new_domain(
     """
     cfg = model.config
     div_i = cfg.division_index(division)
-    adapted = {"mlora": 1, "moe": 1, "multilora": 2}.get(cfg.method, 0)
+    adapted = model.method.adapted
     if div_i >= adapted:
         raise ValueError(
             f"division {division!r} has no per-domain adapters in a {cfg.method} model; "

@@ -1,0 +1,54 @@
+"""Each method lives in ``models/methods/``: the rest of the code asks the method object."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.methods import REGISTRY, method_of
+from models.model import MultiDomainModel
+from models.state import adapter_tensors, install_adapter
+from tests.models.helpers import make_config, perturb
+
+ROOT = Path(__file__).resolve().parents[2]
+#: a branch on a method's name: ``cfg.method == "moe"``, ``method in ("mlora", ...)``
+BRANCH = re.compile(
+    r"""\bmethod\s*(==|!=|in|not in)\s*[(\[{]?\s*["'](base|mlora|moe|multilora)["']"""
+)
+
+
+def test_no_code_outside_the_method_room_branches_on_a_model_method_name() -> None:
+    offenders = []
+    for folder in ("models", "mdlora", "service"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if "methods" in path.parts or path.name == "demo.py":  # demo.py: a test fixture
+                continue
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if BRANCH.search(line):
+                    offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not offenders, "ask models.methods.method_of(config) instead:\n" + "\n".join(offenders)
+
+
+def test_unknown_methods_are_refused_with_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="method must be one of"):
+        method_of("lora-ish")
+    assert set(REGISTRY) == {"base", "mlora", "moe", "multilora"}
+
+
+@pytest.mark.parametrize("method", ["mlora", "moe2", "multilora"])
+def test_a_domains_tensors_save_and_load_through_one_map(method: str) -> None:
+    """``slots`` is read to save a domain and written to load it: a round trip through
+    another model reproduces the domain's scores-relevant tensors exactly."""
+    src = perturb(MultiDomainModel(make_config("deepfm", method)), seed=3)
+    dst = MultiDomainModel(make_config("deepfm", method))
+    division = src.config.divisions[0].name
+    domain = src.domain_names(division)[1]
+    tensors = adapter_tensors(src, division, domain)
+    install_adapter(dst, division, domain, tensors)
+    again = adapter_tensors(dst, division, domain)
+    assert tensors.keys() == again.keys()
+    for k in tensors:
+        assert torch.equal(tensors[k], again[k]), k
