@@ -128,8 +128,9 @@ def canary_problem(snapshot: Snapshot, key: DomainKey) -> str | None:
     original's. MultiLoRA: a copy's domain-norm cells are not yet reproduced exactly (scores
     measured 0.004 off), so it is refused rather than judged on other scores.
     """
-    if snapshot.method == "multilora":
-        return "canary rollouts are not supported for MultiLoRA models yet"
+    method = snapshot.model.method
+    if not method.exact_domain_copy:
+        return f"canary rollouts are not supported for {method.label} models yet"
     gate = snapshot.model.gate
     if gate is None or key[1] not in snapshot.domain_ids.get(key[0], {}):
         return None

@@ -42,6 +42,9 @@ class Method:
     #: a domain added to the model starts with an adapter that changes nothing (so a
     #: reserved extra domain scores exactly like the backbone, in the same model call)
     neutral_new_domain = False
+    #: a domain's adapter copied to another domain id scores exactly alike (what a canary,
+    #: served as an internal copy of its domain, needs)
+    exact_domain_copy = False
 
     def check(self, config: ModelConfig) -> None:
         """Raise ``ValueError`` when ``config`` cannot build this method."""

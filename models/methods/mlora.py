@@ -24,6 +24,7 @@ class MLoRA(Method):
     adapted = 1
     bank_stages = ("adapters",)
     neutral_new_domain = True  # B and c start at zero
+    exact_domain_copy = True
 
     def attach(self, model: MultiDomainModel) -> None:
         n = len(model.config.divisions[0].domains)

@@ -26,6 +26,7 @@ class MoE(Method):
     adapted = 1
     bank_stages = ("gate",)
     neutral_new_domain = True  # its experts start at zero, whatever the gate mixes
+    exact_domain_copy = True  # for gate rows that see only their own experts (scope "own")
 
     def experts(self, config: ModelConfig) -> int:
         return config.experts_per_domain
