@@ -1299,7 +1299,7 @@ def report_add_domain(records: list[dict[str, Any]], sl: Slice, results_dir: Pat
     out += [
         f"Test AUC % of occupation {HOLDOUT_DOMAIN}:",
         "",
-        "| backbone | backbone alone (20-domain model) | + added adapter | full retraining: "
+        "| backbone | grown rows, no adapter | grown rows + added adapter | full retraining: "
         "Base | full retraining: MLoRA | add-domain time | other domains' scores unchanged | "
         "ids grown |",
         "|---|---:|---:|---:|---:|---:|---|---|",
@@ -1461,8 +1461,8 @@ def summary_section(records: list[dict[str, Any]], sl: Slice) -> list[str]:
             if (r["backbone"], r["seed"]) in runs
         ]
         txt = (f"* **Adding occupation {HOLDOUT_DOMAIN} ({HOLDOUT_NAME}) afterwards**: its test "
-               f"AUC goes from {100 * alone:.2f} (backbone alone) to {100 * added:.2f} with the "
-               "added adapter")  # fmt: skip
+               f"AUC goes from {100 * alone:.2f} (its grown rows, no adapter) to "
+               f"{100 * added:.2f} with the added adapter and its rows")  # fmt: skip
         if full:
             txt += f"; a full MLoRA retraining that saw it gets {100 * statistics.fmean(full):.2f}"
         out.append(txt + ".")
