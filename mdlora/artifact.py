@@ -448,14 +448,7 @@ class Artifact:
         encoder = FeatureEncoder.from_dict(self.encoder)
         place(encoder, self.model)
         arrays = encoder.encode_records(records)
-        mh = arrays["multi_hot"]
-        device = self.model.device
-        batch = EncodedBatch(
-            torch.from_numpy(arrays["sparse"]).to(device),
-            torch.from_numpy(arrays["dense"]).to(device),
-            torch.from_numpy(arrays["domains"]).to(device),
-            None if mh is None else torch.from_numpy(mh).to(device),
-        )
+        batch = EncodedBatch.from_arrays(**arrays, device=self.model.device)
         was_training = self.model.training
         self.model.eval()
         try:

@@ -7,10 +7,10 @@ aliases a real one. Multi-hot fields are padded with -1, which the pooling masks
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -103,6 +103,38 @@ class EncodedBatch:
     multi_hot: Tensor | None = None  # [B, n_multi_hot, L] int64, -1 padded
     labels: Tensor | None = field(default=None)  # [B] float32
 
+    @classmethod
+    def from_arrays(
+        cls,
+        sparse: Any,
+        dense: Any,
+        domains: Any,
+        multi_hot: Any = None,
+        labels: Any = None,
+        *,
+        device: torch.device | str | None = None,
+    ) -> EncodedBatch:
+        """The one numpy-to-batch conversion: ids as int64, values and labels as float32.
+
+        Takes what the encoder returns (``EncodedBatch.from_arrays(**encoder.transform(df))``)
+        or tensors; copies only where a dtype or memory layout has to change.
+        """
+
+        def tensor(x: Any, dtype: torch.dtype) -> Tensor:
+            if isinstance(x, Tensor):
+                t = x.to(dtype)
+            else:
+                t = torch.as_tensor(np.ascontiguousarray(x), dtype=dtype)
+            return t if device is None else t.to(device, non_blocking=True)
+
+        return cls(
+            sparse=tensor(sparse, torch.long),
+            dense=tensor(dense, torch.float32),
+            domains=tensor(domains, torch.long),
+            multi_hot=None if multi_hot is None else tensor(multi_hot, torch.long),
+            labels=None if labels is None else tensor(labels, torch.float32),
+        )
+
     def to(self, device: torch.device | str) -> EncodedBatch:
         return EncodedBatch(
             sparse=self.sparse.to(device, non_blocking=True),
@@ -172,10 +204,9 @@ class FieldEmbedding(nn.Module):
                 f"an embedding table of shape {tuple(weight.shape)} does not fit: expected "
                 f"[>= {self.base_rows}, {self.dim}]"
             )
-        clone = copy.copy(self)
-        clone._parameters = dict(self._parameters)
-        clone._buffers = dict(self._buffers)
-        clone._modules = dict(self._modules)
+        from models.layers import shallow_module
+
+        clone = shallow_module(self)
         clone.weight = nn.Parameter(weight.detach(), requires_grad=self.weight.requires_grad)
         return clone
 

@@ -5,8 +5,23 @@ Every layer takes field embeddings ``E`` of shape ``[B, F, k]``.
 
 from __future__ import annotations
 
+import copy
+from typing import TypeVar
+
 import torch
 from torch import Tensor, nn
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def shallow_module(module: M) -> M:
+    """A new module object with its own child / parameter / buffer tables and the same tensors:
+    replacing a child or a parameter in it leaves ``module`` as it was (copy-on-write)."""
+    clone = copy.copy(module)
+    clone._modules = dict(module._modules)
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    return clone
 
 
 class FM(nn.Module):

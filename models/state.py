@@ -9,11 +9,13 @@ against the model (names, shapes, dtypes, finite values) before it changes anyth
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
 from torch import Tensor
 
+from models.layers import shallow_module
 from models.model import MultiDomainModel
 from models.rows import (
     EMBEDDING_ROWS,
@@ -62,6 +64,27 @@ def load_shared(model: MultiDomainModel, tensors: dict[str, Tensor]) -> None:
         for k, v in tensors.items():
             _base_part(model, k, state[k]).copy_(v)
     model._inference_cache = None
+
+
+def copy_on_write(model: MultiDomainModel) -> MultiDomainModel:
+    """A model that shares every tensor except the per-domain ones, which are copied.
+
+    Installing, adding or growing a domain in the copy leaves ``model`` (and its scores)
+    unchanged: the banks, gate, LoRA sets and domain norms are copied in full, and the
+    embedding tables are replaced, never written, when rows are grown (``models.rows``). Only
+    the path to the per-domain modules is copied (a handful of small objects), so building a
+    serving snapshot holds the interpreter lock for well under a millisecond.
+    """
+    clone = shallow_module(model)
+    clone.tower = tower = shallow_module(model.tower)
+    for name in ("banks", "lora_sets", "domain_norms"):
+        part = getattr(model.tower, name)
+        if part is not None:
+            setattr(tower, name, copy.deepcopy(part))
+    if model.gate is not None:
+        clone.gate = copy.deepcopy(model.gate)
+    clone._inference_cache = None
+    return clone
 
 
 def _adapted(model: MultiDomainModel, division: str) -> int:

@@ -142,11 +142,8 @@ def choose_routing(model: MultiDomainModel, routing: str) -> list[str]:
         model.set_routing(routing)
         return model.routing
     rows = synthetic_rows(model, 512)
-    batch = EncodedBatch(
-        torch.from_numpy(rows.sparse).to(model.device),
-        torch.from_numpy(rows.dense).to(model.device),
-        torch.from_numpy(rows.domains).to(model.device),
-        None if rows.multi_hot is None else torch.from_numpy(rows.multi_hot).to(model.device),
+    batch = EncodedBatch.from_arrays(
+        rows.sparse, rows.dense, rows.domains, rows.multi_hot, device=model.device
     )
     return model.tune_routing(batch, repeats=10)
 
@@ -168,11 +165,8 @@ class TorchRunner:
 
     def _probs(self, model: MultiDomainModel, rows: Rows) -> np.ndarray:
         dev = self.device
-        batch = EncodedBatch(
-            sparse=torch.from_numpy(rows.sparse).to(dev, non_blocking=True),
-            dense=torch.from_numpy(rows.dense).to(dev, non_blocking=True),
-            domains=torch.from_numpy(rows.domains).to(dev, non_blocking=True),
-            multi_hot=None if rows.multi_hot is None else torch.from_numpy(rows.multi_hot).to(dev),
+        batch = EncodedBatch.from_arrays(
+            rows.sparse, rows.dense, rows.domains, rows.multi_hot, device=dev
         )
         with torch.inference_mode():  # ids come from the snapshot's own domain table
             return model.score_batch(batch, check=dev.type == "cpu").float().cpu().numpy()

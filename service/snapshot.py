@@ -26,10 +26,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
-from torch import nn
 
 from mdlora.artifact import (
     GROWN_VOCAB,
@@ -44,6 +43,7 @@ from mdlora.grown import GrownLookup, GrownValues, check_values
 from mdlora.grown import count as grown_count
 from models.model import MultiDomainModel
 from models.rows import grown_regions
+from models.state import copy_on_write
 
 #: the reserved primary-division domain of the zero adapter (``\x00`` can never be a real name:
 #: adapter packages with it cannot be written to a path, and the API refuses it)
@@ -74,33 +74,8 @@ class Canary:
     rollout_id: str
 
 
-def _shallow(module: nn.Module) -> Any:
-    """A new module object with its own child / parameter / buffer tables, same tensors."""
-    clone = copy.copy(module)
-    clone._modules = dict(module._modules)
-    clone._parameters = dict(module._parameters)
-    clone._buffers = dict(module._buffers)
-    return clone
-
-
-def cow_copy(model: MultiDomainModel) -> MultiDomainModel:
-    """A model that shares every tensor except the per-domain ones, which are copied.
-
-    Installing or adding an adapter in the copy leaves ``model`` (and its scores) unchanged.
-    Only the path to the per-domain modules is copied (the model and tower objects, then the
-    banks, gate, LoRA sets and domain norms in full): a handful of small objects, so building a
-    snapshot holds the interpreter lock for well under a millisecond.
-    """
-    clone = _shallow(model)
-    clone.tower = tower = _shallow(model.tower)
-    for name in ("banks", "lora_sets", "domain_norms"):
-        part = getattr(model.tower, name)
-        if part is not None:
-            setattr(tower, name, copy.deepcopy(part))
-    if model.gate is not None:
-        clone.gate = copy.deepcopy(model.gate)
-    clone._inference_cache = None
-    return cast(MultiDomainModel, clone)
+#: the copy-on-write model copy every snapshot is built on (the core owns its state)
+cow_copy = copy_on_write
 
 
 def adapted_divisions(model: MultiDomainModel) -> list[str]:

@@ -103,14 +103,10 @@ class PhaseResult:
 # ------------------------------------------------------------------------------- data
 def to_batch(arrays: LabeledArrays, device: torch.device) -> EncodedBatch:
     """A whole split as one :class:`EncodedBatch` on ``device`` (converted once)."""
-    mh = arrays.get("multi_hot")
-    return EncodedBatch(
-        sparse=torch.as_tensor(np.ascontiguousarray(arrays["sparse"]), dtype=torch.long),
-        dense=torch.as_tensor(np.ascontiguousarray(arrays["dense"]), dtype=torch.float32),
-        domains=torch.as_tensor(np.ascontiguousarray(arrays["domains"]), dtype=torch.long),
-        multi_hot=None if mh is None else torch.as_tensor(np.ascontiguousarray(mh)),
-        labels=torch.as_tensor(np.ascontiguousarray(arrays["labels"]), dtype=torch.float32),
-    ).to(device)
+    return EncodedBatch.from_arrays(
+        arrays["sparse"], arrays["dense"], arrays["domains"], arrays.get("multi_hot"),
+        arrays["labels"], device=device,
+    )  # fmt: skip
 
 
 def rows_of_domains(batch: EncodedBatch, domains: list[int] | None, column: int = 0) -> Tensor:

@@ -90,21 +90,14 @@ def shard_indices(
     return indices[rank:total:world_size]
 
 
-def _take(a: np.ndarray, idx: np.ndarray | slice) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a[idx]))
-
-
 def batch_from_arrays(arrays: Mapping[str, Any], idx: np.ndarray | slice) -> EncodedBatch:
     """One :class:`EncodedBatch` holding rows ``idx`` of ``arrays`` (labels when present)."""
     mh = arrays.get("multi_hot")
     lab = arrays.get("labels")
-    return EncodedBatch(
-        sparse=_take(arrays["sparse"], idx),
-        dense=_take(arrays["dense"], idx),
-        domains=_take(arrays["domains"], idx),
-        multi_hot=None if mh is None else _take(mh, idx),
-        labels=None if lab is None else _take(lab, idx),
-    )
+    return EncodedBatch.from_arrays(
+        arrays["sparse"][idx], arrays["dense"][idx], arrays["domains"][idx],
+        None if mh is None else mh[idx], None if lab is None else lab[idx],
+    )  # fmt: skip
 
 
 def num_batches(n: int, batch_size: int, *, world_size: int = 1, drop_last: bool = False) -> int:
