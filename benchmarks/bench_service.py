@@ -9,7 +9,7 @@ What it does (bounded in time: about ``5 * --seconds`` plus a minute of set-up):
    pre-encoded (and, for reference, with the encoder's ``encode_records`` per request), with
    the service's thread count and the faster of the artifact's routing and ``bag``; it is
    timed in rounds alternating with the service's, so both see the same background load;
-4. starts ``uvicorn`` (``service.commands.serve_artifact``) in a subprocess on loopback and
+4. starts ``uvicorn`` (``mdlora.cli.service.serve_artifact``) in a subprocess on loopback and
    drives it with a lean asyncio load generator (pre-encoded HTTP/1.1 requests over
    keep-alive connections): a closed loop at ``--concurrency`` for peak throughput, an open
    loop at half the peak rate, and the same open loop (twice as long) while an adapter is
@@ -367,7 +367,7 @@ def server(
     env = {k: v for k, v in os.environ.items() if not k.startswith("MDLORA_")}
     env.update({"MDLORA_ADMIN_TOKEN": TOKEN, "MDLORA_REGISTRY": "local", **env_extra})
     code = (
-        "from pathlib import Path; from service.commands import serve_artifact; "
+        "from pathlib import Path; from mdlora.cli.service import serve_artifact; "
         f"serve_artifact(Path({str(artifact)!r}), '127.0.0.1', {port})"
     )
     proc = subprocess.Popen(

@@ -55,13 +55,11 @@ def quickstart_config(run_dir: Path, **overrides: object) -> TrainConfig:
 def quickstart(
     out: Path = Path("artifacts/quickstart"),
     *,
-    serve: bool = True,
-    host: str = "127.0.0.1",
-    port: int = 8000,
     run_dir: Path | None = None,
     onnx: bool = False,
 ) -> RunResult:
-    """Train, compare, export to ``out`` and (with ``serve``) serve; returns the run."""
+    """Generate, train, compare and export to ``out`` (steps 1-3; the ``mdlora quickstart``
+    command then serves it); returns the run."""
     from training.export import export_run
     from training.methods import run_training
 
@@ -88,14 +86,4 @@ def quickstart(
     new = write_new_domain(run_dir / "new_domain.parquet")
     print(f"    a NEW domain with its own users and items: {new} (add it without retraining: "
           f"mdlora add-domain --artifact {out} --data {new} --domain {NEW_DOMAIN})")  # fmt: skip
-    if not serve:
-        print(f"4/4 skipped serving (--no-serve); start it with: mdlora serve --artifact {out}")
-        return result
-    print(f"4/4 serving {out} on http://{host}:{port} (Ctrl-C to stop)")
-    try:
-        from service.commands import serve_artifact
-    except ImportError as exc:
-        print(f"the service is not available in this checkout ({exc}); the artifact is at {out}")
-        return result
-    serve_artifact(out, host, port)
     return result

@@ -88,7 +88,7 @@ def test_published_features_score_like_inline_features(
 ) -> None:
     import redis
 
-    from service.commands import register
+    from mdlora.cli.service import register
 
     art = make_artifact("multilora")
     data = tmp_path / "ratings.parquet"

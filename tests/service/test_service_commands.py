@@ -12,7 +12,7 @@ import httpx
 import typer
 from typer.testing import CliRunner
 
-from service.commands import register
+from mdlora.cli.service import register
 from tests.service.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,7 +42,7 @@ def test_serve_artifact_answers_over_http(demo_artifacts: dict[str, Path]) -> No
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MDLORA_")}
     code = (
-        "from pathlib import Path; from service.commands import serve_artifact; "
+        "from pathlib import Path; from mdlora.cli.service import serve_artifact; "
         f"serve_artifact(Path({str(demo_artifacts['mlora'])!r}), '127.0.0.1', {port})"
     )
     proc = subprocess.Popen(

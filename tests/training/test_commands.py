@@ -11,8 +11,8 @@ import yaml
 from typer.testing import CliRunner
 
 from mdlora.artifact import load_artifact, read_adapter_package
+from mdlora.cli.training import register
 from tests.training.helpers import TINY
-from training.commands import register
 from training.data.synthetic import make_synthetic
 
 runner = CliRunner()

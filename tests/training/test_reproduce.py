@@ -10,6 +10,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from mdlora.cli.reproduce import register_reproduce
 from tests.training.helpers import tiny_config, tiny_prepared
 from training.data.synthetic import write_movielens_1m_like
 from training.methods import run_training, state_dict_cpu
@@ -24,7 +25,6 @@ from training.reproduce import (
     significant,
     write_report,
 )
-from training.reproduce_cli import register_reproduce
 
 ML1M = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "ml-1m").resolve()
 

@@ -210,4 +210,13 @@ def register(app: typer.Typer) -> None:
         """Synthetic data -> Base and MLoRA trained -> table -> artifact -> service, in a minute."""
         from training.quickstart import quickstart
 
-        quickstart(out, serve=serve, host=host, port=port, onnx=onnx)
+        quickstart(out, onnx=onnx)
+        if not serve:
+            typer.echo(
+                f"4/4 skipped serving (--no-serve); start it with: mdlora serve --artifact {out}"
+            )
+            return
+        typer.echo(f"4/4 serving {out} on http://{host}:{port} (Ctrl-C to stop)")
+        from mdlora.cli.service import serve_artifact
+
+        serve_artifact(out, host, port)

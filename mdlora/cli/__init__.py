@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import typer
 
-from service.commands import register as register_service
-from training.amazon_cli import register_amazon
-from training.commands import register as register_training
-from training.reproduce_cli import register_reproduce
+from mdlora.cli.amazon import register_amazon
+from mdlora.cli.reproduce import register_reproduce
+from mdlora.cli.service import register as register_service
+from mdlora.cli.training import register as register_training
 
 app = typer.Typer(
     name="mdlora",

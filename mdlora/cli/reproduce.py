@@ -24,7 +24,7 @@ def _worker_argv(
     verbose: bool,
 ) -> list[str]:
     """The command line of one more worker on the same grid (``--workers 1``)."""
-    argv = [sys.executable, "-m", "training.reproduce_cli", "--workers", "1"]
+    argv = [sys.executable, "-m", "mdlora.cli.reproduce", "--workers", "1"]
     for flag, values in (("--table", table), ("--split", split), ("--backbone", backbone),
                          ("--method", method), ("--seed", seed)):  # fmt: skip
         for v in values or []:
@@ -47,7 +47,8 @@ def register_reproduce(app: typer.Typer) -> None:
     @app.command("reproduce")
     def reproduce_cmd(
         table: list[str] | None = typer.Option(
-            None, "--table",
+            None,
+            "--table",
             help="table1, figure2, multilora, add_domain (repeat or comma-separate; default all).",
         ),
         split: list[str] | None = typer.Option(
@@ -57,13 +58,15 @@ def register_reproduce(app: typer.Typer) -> None:
             None, "--backbone", help="wdl, nfm, autoint, pnn, dcn, fibinet, deepfm, xdeepfm, mlp."
         ),
         method: list[str] | None = typer.Option(
-            None, "--method",
+            None,
+            "--method",
             help="base, mlora, moe, single, finetune, singlelora, multilora, multilora-add, "
             "multilora-avg.",
         ),
         seed: list[int] | None = typer.Option(None, "--seed", help="Seeds (default 1 2 3)."),
         data_dir: Path | None = typer.Option(
-            None, "--data-dir",
+            None,
+            "--data-dir",
             help="Folder holding ml-1m/ (default $MDLORA_DATA_DIR, else ../shared/data).",
         ),
         results_dir: Path | None = typer.Option(
@@ -85,12 +88,14 @@ def register_reproduce(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda."),
         threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
         report_only: bool = typer.Option(
-            False, "--report-only",
+            False,
+            "--report-only",
             help="Only rebuild docs/results.md and the plots from the cache.",
         ),
         verbose: bool = typer.Option(False, "--verbose", help="Show every phase's epochs."),
         workers: int = typer.Option(
-            1, "--workers",
+            1,
+            "--workers",
             help="Processes working through the grid side by side (default 1). Each takes "
             "cells whose group no other holds; extra workers log to <work-dir>/worker-<i>.log.",
         ),
@@ -167,7 +172,7 @@ def register_reproduce(app: typer.Typer) -> None:
 
 
 def main() -> None:
-    """``python -m training.reproduce_cli [options]``: the command without the full CLI."""
+    """``python -m mdlora.cli.reproduce [options]``: the command without the full CLI."""
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     register_reproduce(app)
     app()

@@ -71,7 +71,7 @@ def _exit(message: str) -> NoReturn:
 
 def register(app: typer.Typer) -> None:
     """Add ``serve``, ``publish-features`` and ``rollout`` to the ``mdlora`` app."""
-    from service.rollout_cli import rollout_app
+    from mdlora.cli.rollout import rollout_app
 
     app.add_typer(rollout_app, name="rollout")
 
