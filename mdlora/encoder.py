@@ -41,6 +41,7 @@ import pandas as pd
 
 from mdlora.keys import (
     canonical_value,
+    cell_tokens,
     explode_tokens,
     factorize,
     factorize_multi,
@@ -493,24 +494,8 @@ class FeatureEncoder:
                 vmap = self._map(m.name, self.vocabs[m.name], 1)
                 limit = self.max_lens[m.name]
                 for i, r in enumerate(records):
-                    v = r.get(m.name)
-                    if v is None:
-                        continue
-                    if isinstance(v, str):
-                        items: Iterable[Any] = v.split(m.delimiter)
-                    elif isinstance(v, (list, tuple, np.ndarray)):
-                        items = v
-                    else:
-                        items = [v]
-                    k = 0
-                    for t in items:
-                        key = canonical_value(t)
-                        if key is None or key == "":
-                            continue
-                        if k >= limit:
-                            break
-                        multi_hot[i, j, k] = vmap.get(key, OOV_ID)
-                        k += 1
+                    for k, tok in enumerate(cell_tokens(r.get(m.name), m.delimiter, limit)):
+                        multi_hot[i, j, k] = vmap.get(tok, OOV_ID)
         dense = np.zeros((n, len(self.dense_columns)), dtype=np.float32)
         for j, col in enumerate(self.dense_columns):
             vals = np.fromiter((_to_float(r.get(col)) for r in records), dtype=np.float64, count=n)

@@ -218,7 +218,7 @@ def apply_records(
     encoder: FeatureEncoder, records: Sequence[Mapping[Any, Any]], arrays: EncodedArrays
 ) -> None:
     """:func:`apply_frame` for raw records (``encode_records``' last step)."""
-    from mdlora.keys import canonical_value
+    from mdlora.keys import canonical_value, cell_tokens
 
     sparse_j = {c: j for j, c in enumerate(encoder.sparse_columns)}
     multi = {m.name: (j, m) for j, m in enumerate(encoder.multi_hot_columns)}
@@ -240,19 +240,6 @@ def apply_records(
             assert mh is not None
             limit = encoder.max_lens[col]
             for i in rows:
-                v = records[i].get(col)
-                if v is None:
-                    continue
-                items = v.split(m.delimiter) if isinstance(v, str) else (
-                    v if isinstance(v, (list, tuple, np.ndarray)) else [v]
-                )  # fmt: skip
-                k = 0
-                for t in items:
-                    key = canonical_value(t)
-                    if key is None or key == "":
-                        continue
-                    if k >= limit:
-                        break
+                for k, key in enumerate(cell_tokens(records[i].get(col), m.delimiter, limit)):
                     if mh[i, j, k] == OOV_ID and key in vmap:
                         mh[i, j, k] = vmap[key]
-                    k += 1

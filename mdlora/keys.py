@@ -188,3 +188,25 @@ def positions(rows: np.ndarray) -> np.ndarray:
     np.not_equal(rows[1:], rows[:-1], out=starts[1:])
     first = np.maximum.accumulate(np.where(starts, idx, 0))
     return idx - first
+
+
+def cell_tokens(cell: Any, delimiter: str, limit: int) -> list[str]:
+    """The canonical tokens of one multi-hot cell (a delimited string, a list, or one value),
+    at most ``limit``; missing and empty tokens are skipped, as the encoder's fit does."""
+    if cell is None:
+        return []
+    if isinstance(cell, str):
+        items: Iterable[Any] = cell.split(delimiter)
+    elif isinstance(cell, (list, tuple, np.ndarray)):
+        items = cell
+    else:
+        items = [cell]
+    out: list[str] = []
+    for t in items:
+        key = canonical_value(t)
+        if key is None or key == "":
+            continue
+        if len(out) >= limit:
+            break
+        out.append(key)
+    return out

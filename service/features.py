@@ -28,6 +28,7 @@ import pandas as pd
 
 from mdlora.encoder import FeatureEncoder, canonical_value
 from mdlora.grown import GrownLookup
+from mdlora.keys import cell_tokens
 from models.features import OOV_ID, PAD_ID
 
 USER_ID_CANDIDATES = ("user_id", "userid", "uid", "user")
@@ -274,21 +275,9 @@ class RequestEncoder:
                 j = self.multi_hot.index(col)
                 delim = self._delims[col]
                 for i, cell in enumerate(cells):
-                    if cell is None:
-                        continue
-                    tokens = cell.split(delim) if isinstance(cell, str) else (
-                        cell if isinstance(cell, (list, tuple)) else [cell]
-                    )  # fmt: skip
-                    k = 0
-                    for t in tokens:
-                        key = canonical_value(t)
-                        if key is None or key == "":
-                            continue
-                        if k >= self._max_lens[col]:
-                            break
+                    for k, key in enumerate(cell_tokens(cell, delim, self._max_lens[col])):
                         if multi_hot[i, j, k] == OOV_ID and key in vmap:
                             multi_hot[i, j, k] = vmap[key]
-                        k += 1
 
     def _id_vocabulary(self, column: str) -> IdVocabulary:
         vocab = self._ids.get(column)
