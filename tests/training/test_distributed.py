@@ -32,7 +32,7 @@ def test_two_process_gloo_run_keeps_replicas_identical_and_rows_frozen(tmp_path:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "training", "train", "--config", str(cfg), f"out={run}"],
+         "-m", "mdlora.cli", "train", "--config", str(cfg), f"out={run}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -67,7 +67,7 @@ def test_torchrun_with_one_process_trains_on_the_asked_device(
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-         "-m", "training", "train", "--config", str(cfg), f"out={run}"],
+         "-m", "mdlora.cli", "train", "--config", str(cfg), f"out={run}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
