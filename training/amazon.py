@@ -278,8 +278,8 @@ def _grid_section(grid: list[dict[str, Any]]) -> list[str]:
     out += [
         "Test AUC % (mean ± sd over the seeds run). \"its backbone\" is the recipe's own "
         "phase 1: for `mlora` that is Base (trained on all training rows; `mlora_joint` has a "
-        "single phase and no backbone of its own); for the fresh-rows recipes, the backbone "
-        "trained without the held-out 20%. The "
+        "single phase, so it is compared with Base of the same seed); for the fresh-rows "
+        "recipes, the backbone trained without the held-out 20%. The "
         "paired difference is taken seed by seed (same data, same phase 1).", "",
         "| recipe | seeds | sports | toys | office | WAUC | its backbone's WAUC | "
         "WAUC − its backbone, per seed |",
@@ -291,10 +291,15 @@ def _grid_section(grid: list[dict[str, Any]]) -> list[str]:
             continue
         per = [_mean_std([c["test"]["auc"][d] for c in cells if c["test"]["auc"].get(d)])
                for d in doms]  # fmt: skip
-        refs = [c["reference"]["wauc"] for c in cells if c.get("reference")]
+        # a recipe without a phase 1 of its own (joint) is compared with Base of the same seed
+        base = {
+            c["seed"]: c["reference"] for c in grid if c["recipe"] == "mlora" and c.get("reference")
+        }
+        ref_of = {c["seed"]: c.get("reference") or base.get(c["seed"]) for c in cells}
+        refs = [r["wauc"] for r in ref_of.values() if r]
         deltas = [
-            f"{100 * (c['test']['wauc'] - c['reference']['wauc']):+.2f}"
-            for c in cells if c.get("reference")
+            f"{100 * (c['test']['wauc'] - ref['wauc']):+.2f}"
+            for c in cells if (ref := ref_of[c["seed"]]) is not None
         ]  # fmt: skip
         out.append(
             f"| {recipe} | {len(cells)} | {' | '.join(per)} | "
