@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from torch import Tensor
@@ -24,7 +24,6 @@ class DomainPhase:
     expert: int | None = None
     division: str | None = None
     metric_column: int = 0
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 class Method:
@@ -36,9 +35,6 @@ class Method:
     final_stage = "backbone"
     #: the leading divisions whose domains have their own adapters
     adapted = 0
-    #: the model's first stage whose forward pass reads the primary division's banks as
-    #: graph inputs when exported to ONNX (none for methods without banks)
-    bank_stages: tuple[str, ...] = ()
     #: a domain added to the model starts with an adapter that changes nothing (so a
     #: reserved extra domain scores exactly like the backbone, in the same model call)
     neutral_new_domain = False

@@ -22,7 +22,6 @@ class MLoRA(Method):
     stages = ("backbone", "adapters")
     final_stage = "adapters"
     adapted = 1
-    bank_stages = ("adapters",)
     neutral_new_domain = True  # B and c start at zero
     exact_domain_copy = True
 

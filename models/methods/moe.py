@@ -24,7 +24,6 @@ class MoE(Method):
     stages = ("backbone", "expert", "gate")
     final_stage = "gate"
     adapted = 1
-    bank_stages = ("gate",)
     neutral_new_domain = True  # its experts start at zero, whatever the gate mixes
     exact_domain_copy = True  # for gate rows that see only their own experts (scope "own")
 
