@@ -48,11 +48,18 @@ class CellSettings:
 
 
 def _config(
-    name: str, table: Path, out: Path, seed: int, s: CellSettings, **extra: Any
+    name: str,
+    table: Path,
+    out: Path,
+    seed: int,
+    s: CellSettings,
+    divisions: list[str] | None = None,
+    **extra: Any,
 ) -> TrainConfig:
+    schema = {**SCHEMA, "divisions": divisions or SCHEMA["divisions"]}
     return config_from_dict({
         "name": name,
-        "data": {"source": "table", "path": str(table), "schema": SCHEMA,
+        "data": {"source": "table", "path": str(table), "schema": schema,
                  "options": {"split_column": "split", "seed": seed}},
         "method": s.method, "backbone": s.backbone, "embed_dim": 8, "tower": [256, 128, 64],
         "dropout": 0.5, "lr": 0.001, "batch_size": s.batch_size, "l2": 1e-5,
@@ -168,6 +175,16 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "mlora_fresh_random": ("mlora", {"adapt_rows": "fresh"}),
     "finetune_fresh_random": ("finetune_fresh", {"adapt_rows": "fresh"}),
     "mlora_joint": ("mlora_joint", {"adapt_rows": "all"}),
+    "moe": ("moe", {"adapt_rows": "all"}),  # MoE-MLoRA, two phases; reference = Base
+    "moe_fresh": ("moe", {"adapt_rows": "fresh", "adapt_order": "seq_pos"}),
+    # MultiLoRA: user activeness (active / casual) is its auxiliary division
+    "multilora": ("multilora", {"adapt_rows": "all"}),
+    "multilora_fresh": ("multilora", {"adapt_rows": "fresh", "adapt_order": "seq_pos"}),
+}
+#: the divisions a recipe's model routes by (the first is the one reported); default: domain
+DIVISIONS: dict[str, list[str]] = {
+    "multilora": ["domain", "activeness"],
+    "multilora_fresh": ["domain", "activeness"],
 }
 
 
@@ -185,7 +202,7 @@ def grid_cell(
     method, over = RECIPES[recipe]
     cfg = _config(
         name, data, work / name, seed, CellSettings(**{**s.__dict__, "method": method}),
-        **{**over, "export": False},
+        DIVISIONS.get(recipe), **{**over, "export": False},
     )  # fmt: skip
     t0 = time.perf_counter()
     run = run_training(cfg)

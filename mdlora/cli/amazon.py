@@ -20,8 +20,8 @@ def register_amazon(app: typer.Typer) -> None:
         part: list[str] | None = typer.Option(
             None,
             "--part",
-            help="new-domain and/or a recipe (mlora, mlora_fresh, "
-            "finetune_fresh, mlora_joint); default: all",
+            help="new-domain and/or a recipe of training.amazon.RECIPES (mlora, mlora_fresh, "
+            "finetune_fresh, mlora_joint, moe, multilora, ...); default: all",
         ),
         results_dir: Path = typer.Option(Path("results/amazon"), "--results-dir"),
         work_dir: Path = typer.Option(Path("runs/amazon"), "--work-dir"),

@@ -45,3 +45,17 @@ def test_grid_cell_reports_each_recipe_against_its_own_backbone(
     assert cell["reference"] is not None and cell["reference"]["wauc"] is not None
     assert cell["adapt_rows"]  # the fresh slice is recorded
     assert "| mlora_fresh | 1 |" in report(results)
+
+
+@pytest.mark.parametrize("recipe", ["moe", "multilora_fresh"])
+def test_moe_and_multilora_recipes_run_on_the_amazon_layout(
+    table: Path, tmp_path: Path, recipe: str
+) -> None:
+    """MoE-MLoRA routes by category; MultiLoRA also by user activeness, reported by category."""
+    results = tmp_path / "results"
+    cell = grid_cell(table, results, tmp_path / "work", recipe, 1, SMALL)
+    assert set(cell["test"]["auc"]) == {"sports", "toys", "office"}
+    assert cell["reference"] is not None
+    assert [p["name"] for p in cell["phases"]][0] == "backbone"
+    assert len(cell["phases"]) > 1  # the adapter phases ran after the backbone
+    assert f"| {recipe} | 1 |" in report(results)
