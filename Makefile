@@ -18,7 +18,7 @@ test: setup-dev
 
 lint: setup-dev
 	.venv/bin/ruff check .
-	.venv/bin/mypy models training service mdlora benchmarks scripts tests
+	.venv/bin/mypy mdlora benchmarks scripts tests
 
 bench: setup-dev
 	.venv/bin/python benchmarks/bench_routing.py

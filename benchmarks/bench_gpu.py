@@ -57,8 +57,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_routing import make_model  # noqa: E402
 
-from models.features import EncodedBatch  # noqa: E402
-from models.model import MultiDomainModel  # noqa: E402
+from mdlora.models.features import EncodedBatch  # noqa: E402
+from mdlora.models.model import MultiDomainModel  # noqa: E402
 
 ML1M = REPO / ".." / "shared" / "data" / "ml-1m"
 BATCH = 65_536
@@ -148,8 +148,8 @@ def bench_routing(device: torch.device, batch_size: int, rounds: int) -> dict[st
 def profile_segment(device: torch.device, batch_size: int) -> dict[str, Any]:
     """Where the segmented default's time goes: the layout alone, each block size, and the
     profiler's top CUDA kernels (``--profile``)."""
-    import models.lora as lora
-    from models.lora import SegmentPlan
+    import mdlora.models.lora as lora
+    from mdlora.models.lora import SegmentPlan
 
     out: dict[str, Any] = {}
     chosen = lora.segment_block
@@ -195,7 +195,7 @@ def profile_segment(device: torch.device, batch_size: int) -> dict[str, Any]:
 def ml1m_folder(tmp: Path, quick: bool) -> tuple[Path, str]:
     if (ML1M / "ratings.dat").is_file():
         return ML1M.resolve().parent, "MovieLens-1M"
-    from training.data.synthetic import write_movielens_1m_like
+    from mdlora.training.data.synthetic import write_movielens_1m_like
 
     scale = 4 if quick else 1
     write_movielens_1m_like(tmp / "ml-1m", n_users=6040, n_movies=3706,
@@ -204,9 +204,9 @@ def ml1m_folder(tmp: Path, quick: bool) -> tuple[Path, str]:
 
 
 def bench_training(device: torch.device, tmp: Path, quick: bool, deepctr: bool) -> dict[str, Any]:
-    from training.config import config_from_dict
-    from training.data.presets import mlora_setting
-    from training.methods import run_training
+    from mdlora.training.config import config_from_dict
+    from mdlora.training.data.presets import mlora_setting
+    from mdlora.training.run import run_training
 
     parent, source = ml1m_folder(tmp, quick)
     t0 = time.perf_counter()

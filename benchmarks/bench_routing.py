@@ -29,8 +29,8 @@ from collections.abc import Callable
 
 import torch
 
-from models.features import EncodedBatch, FeatureSpec, SparseField
-from models.model import Division, ModelConfig, MultiDomainModel
+from mdlora.models.features import EncodedBatch, FeatureSpec, SparseField
+from mdlora.models.model import Division, ModelConfig, MultiDomainModel
 
 BATCH = 1024
 STRATEGIES = ("bag", "fused_down", "kernel", "merged")

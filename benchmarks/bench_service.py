@@ -57,11 +57,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_canary import measure_canary  # noqa: E402
 
-from mdlora.artifact import adapter_package_bytes, load_artifact, save_artifact  # noqa: E402
-from mdlora.encoder import FeatureEncoder  # noqa: E402
-from models.features import EncodedBatch  # noqa: E402
-from service.demo import DemoData, _encoder, demo_adapter, demo_frame, demo_model  # noqa: E402
-from service.runtime import configure_thread, resolve_device  # noqa: E402
+from mdlora.formats.artifact import adapter_package_bytes, load_artifact, save_artifact  # noqa: E402
+from mdlora.formats.encoder import FeatureEncoder  # noqa: E402
+from mdlora.models.features import EncodedBatch  # noqa: E402
+from mdlora.service.runtime import configure_thread, resolve_device  # noqa: E402
+from tests.service.demo import DemoData, _encoder, demo_adapter, demo_frame, demo_model  # noqa: E402
 
 TOKEN = "bench-admin-token"
 

@@ -44,7 +44,7 @@ def write_data(folder: Path, rows: int | None) -> str:
 
     sys.path.insert(0, str(REPO))
     if ML1M.is_dir():
-        from training.data.presets import mlora_setting
+        from mdlora.training.data.presets import mlora_setting
 
         prepared = mlora_setting(ML1M, "gender", max_rows=None)
         sparse, labels = prepared.train["sparse"], prepared.train["labels"]
@@ -78,14 +78,14 @@ def _peak_rss_mb() -> float:
 
 # --------------------------------------------------------------------------- workers
 def worker_ours(folder: Path, backbone: str, threads: int) -> dict[str, Any]:
-    """One epoch through ``training.loop.train_phase`` (the loop every phase uses)."""
+    """One epoch through ``mdlora.training.loop.train_phase`` (the loop every phase uses)."""
     import numpy as np
     import torch
 
     sys.path.insert(0, str(REPO))
-    from models.features import FeatureSpec, SparseField
-    from models.model import Division, ModelConfig, MultiDomainModel
-    from training.loop import LoopSettings, Phase, to_batch, train_phase
+    from mdlora.models.features import FeatureSpec, SparseField
+    from mdlora.models.model import Division, ModelConfig, MultiDomainModel
+    from mdlora.training.loop import LoopSettings, Phase, to_batch, train_phase
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -61,7 +61,7 @@ cat "$OUT/env.txt"
 
 # ------------------------------------------------------------------------------- 2. tests
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-  TESTS=${TESTS:-tests/models tests/test_artifact.py tests/test_onnx_export.py tests/training
+  TESTS=${TESTS:-tests/models tests/formats tests/training
     tests/service/test_torch_runtime_device.py tests/service/test_snapshot.py
     tests/service/test_predict_api.py}
   XDIST=""

@@ -38,10 +38,10 @@ from tqdm.auto import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models.freeze import set_trainable  # noqa: E402
-from models.model import MultiDomainModel  # noqa: E402
-from training.config import config_from_dict  # noqa: E402
-from training.loop import (  # noqa: E402
+from mdlora.models.freeze import set_trainable  # noqa: E402
+from mdlora.models.model import MultiDomainModel  # noqa: E402
+from mdlora.training.config import config_from_dict  # noqa: E402
+from mdlora.training.loop import (  # noqa: E402
     LoopSettings,
     make_adam,
     slices,
@@ -49,7 +49,7 @@ from training.loop import (  # noqa: E402
     train_phase,
     validation_metric,
 )
-from training.methods import build_model, load_data, plan_phases, resolve_hparams  # noqa: E402
+from mdlora.training.run import build_model, load_data, plan_phases, resolve_hparams  # noqa: E402
 
 CHECKPOINTS = (100, 300)  # steps within each epoch at which to measure, besides its end
 

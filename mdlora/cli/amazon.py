@@ -1,4 +1,5 @@
-"""The ``mdlora reproduce-amazon`` command: the real-data experiments of ``training.amazon``."""
+"""The ``mdlora reproduce-amazon`` command: the real-data experiments of
+``mdlora.training.amazon``."""
 
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ def register_amazon(app: typer.Typer) -> None:
         """Amazon 2014 (sports, toys, office): a new category added later against a full
         retraining, and the adapter recipes on the existing ones. Resumable: finished cells
         are read back from --results-dir."""
-        from training.amazon import AMAZON, RECIPES, CellSettings, grid_cell, new_domain_cell
-        from training.amazon import report as amazon_report
+        from mdlora.training.amazon import AMAZON, RECIPES, CellSettings, grid_cell, new_domain_cell
+        from mdlora.training.amazon import report as amazon_report
 
         path = data or AMAZON
         if not report_only and not path.is_file():

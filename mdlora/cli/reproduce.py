@@ -105,7 +105,7 @@ def register_reproduce(app: typer.Typer) -> None:
         Writes results/reproduce/<table>/<cell>.json per finished cell and rebuilds
         docs/results.md with its plots after each one.
         """
-        from training.reproduce import (
+        from mdlora.training.reproduce import (
             DEFAULT_DOCS,
             DEFAULT_RESULTS,
             DEFAULT_WORK,
@@ -160,7 +160,7 @@ def register_reproduce(app: typer.Typer) -> None:
             if proc.wait() != 0:
                 failed.append(str(log))
         if children:  # the others may have finished cells after this one's last report
-            from training.reproduce import write_report
+            from mdlora.training.reproduce import write_report
 
             report = write_report(settings)
         if not report_only:

@@ -18,7 +18,8 @@ import typer
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 rollout_app = typer.Typer(
-    help="Canary rollouts of a domain's adapter on a running service (see service/README.md).",
+    help="Canary rollouts of a domain's adapter on a running service (see "
+         "mdlora/service/README.md).",
     no_args_is_help=True,
 )
 
@@ -84,7 +85,7 @@ def start(
 ) -> None:
     """Start a canary (a registered --version, or a --package registered as the canary), or
     change a running rollout's share."""
-    from mdlora.artifact import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from mdlora.formats.artifact import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
     if (version is None) == (package is None):
         _fail("give exactly one of --version (registered) or --package (to register)")

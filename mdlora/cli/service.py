@@ -18,8 +18,8 @@ def serve_artifact(artifact_dir: Path, host: str = "127.0.0.1", port: int = 8000
 
     import uvicorn
 
-    from service.app import create_app
-    from service.settings import load_settings
+    from mdlora.service.app import create_app
+    from mdlora.service.settings import load_settings
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     settings = load_settings(artifact_dir=artifact_dir)
@@ -39,18 +39,18 @@ def serve_artifact(artifact_dir: Path, host: str = "127.0.0.1", port: int = 8000
 def _read_data(path: Path, columns: list[str]) -> Any:
     """A table (Parquet/CSV), a Taobao-layout folder (clicks with the user / item vectors), or
     a MovieLens-1M/100K folder (with the presets' derived columns)."""
-    from training.data.tabular import read_table
+    from mdlora.training.data.tabular import read_table
 
     if path.is_dir() and any((path / f"clicks{s}").is_file() for s in (".parquet", ".csv")):
-        from training.data.taobao import taobao_feature_frame
+        from mdlora.training.data.taobao import taobao_feature_frame
 
         return taobao_feature_frame(path)
     if path.is_dir():
-        from training.data.presets import load_movielens
+        from mdlora.training.data.presets import load_movielens
 
         frame = load_movielens(path)
         if "age_group" in columns and "age_group" not in frame.columns:
-            from training.data.presets import MULTILORA_AGE_GROUPS
+            from mdlora.training.data.presets import MULTILORA_AGE_GROUPS
 
             groups = {c: g for g, codes in MULTILORA_AGE_GROUPS.items() for c in codes}
             frame["age_group"] = frame["age"].map(groups)
@@ -113,9 +113,9 @@ def register(app: typer.Typer) -> None:
         import redis
         from rich.console import Console
 
-        from mdlora.artifact import ArtifactError, error_text, read_manifest
-        from mdlora.encoder import FeatureEncoder
-        from service.features import detect_id_fields, publish_features
+        from mdlora.formats.artifact import ArtifactError, error_text, read_manifest
+        from mdlora.formats.encoder import FeatureEncoder
+        from mdlora.service.feature_store import detect_id_fields, publish_features
 
         console = Console()
         url = redis_url or os.environ.get("MDLORA_REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -54,10 +54,10 @@ def register(app: typer.Typer) -> None:
 
         Under ``torchrun --nproc_per_node N`` the phases run data-parallel (DDP).
         """
-        from training.config import ConfigError, load_config
-        from training.data.prepared import DataError
-        from training.distributed import init_from_env, shutdown
-        from training.methods import run_training
+        from mdlora.training.config import ConfigError, load_config
+        from mdlora.training.data.prepared import DataError
+        from mdlora.training.distributed import init_from_env, shutdown
+        from mdlora.training.run import run_training
 
         extra = list(overrides or [])
         if out is not None:
@@ -98,7 +98,7 @@ def register(app: typer.Typer) -> None:
         onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Also write model.onnx."),
     ) -> None:
         """Write the artifact directory (and ONNX scorer) of a finished training run."""
-        from training.export import export_run
+        from mdlora.training.export import export_run
 
         try:
             paths = export_run(run, out, onnx)
@@ -176,8 +176,8 @@ def register(app: typer.Typer) -> None:
         """Train one new domain's adapter with everything else frozen; write its package."""
         import torch
 
-        from mdlora.artifact import ArtifactError, error_text
-        from training.add_domain import AddDomainSettings, add_domain
+        from mdlora.formats.artifact import ArtifactError, error_text
+        from mdlora.training.add_domain import AddDomainSettings, add_domain
 
         if threads is not None:
             if threads < 1:
@@ -208,7 +208,7 @@ def register(app: typer.Typer) -> None:
         onnx: bool = typer.Option(False, "--onnx/--no-onnx", help="Also export model.onnx."),
     ) -> None:
         """Synthetic data -> Base and MLoRA trained -> table -> artifact -> service, in a minute."""
-        from training.quickstart import quickstart
+        from mdlora.training.quickstart import quickstart
 
         quickstart(out, onnx=onnx)
         if not serve:

@@ -47,7 +47,7 @@ REQUIRED_ENV = {
     "MDLORA_RUNTIME",
     "MDLORA_UNKNOWN_DOMAIN",
 }
-# The metrics the service exports (the contract with service/).
+# The metrics the service exports (the contract with mdlora/service/).
 KNOWN_METRICS = {
     "mdlora_requests_total",
     "mdlora_request_latency_seconds",
@@ -717,7 +717,7 @@ def test_dockerignore_excludes_local_state() -> None:
         "mdlora.egg-info",
     ]:
         assert _dockerignored(path, patterns), f".dockerignore does not exclude {path}"
-    for path in ["pyproject.toml", "mdlora/cli.py", "training/data/__init__.py"]:
+    for path in ["pyproject.toml", "mdlora/cli.py", "mdlora/training/data/__init__.py"]:
         assert not _dockerignored(path, patterns), f".dockerignore wrongly excludes {path}"
 
 

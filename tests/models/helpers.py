@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import torch
 
-from models.features import DenseField, EncodedBatch, FeatureSpec, MultiHotField, SparseField
-from models.model import Division, ModelConfig, MultiDomainModel
+from mdlora.models.features import DenseField, EncodedBatch, FeatureSpec, MultiHotField, SparseField
+from mdlora.models.model import Division, ModelConfig, MultiDomainModel
 
 SPEC = FeatureSpec(
     sparse=(SparseField("user", 60), SparseField("item", 40), SparseField("city", 7)),

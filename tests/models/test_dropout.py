@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.layers import Dropout, keep_mask
+from mdlora.models.layers import Dropout, keep_mask
 
 
 @pytest.mark.parametrize("p", [0.1, 0.25, 0.5, 0.9])

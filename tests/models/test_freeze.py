@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.freeze import (
+from mdlora.models.freeze import (
     phase_groups,
     phase_parameter_counts,
     set_trainable,
     trainable_parameter_count,
 )
-from models.model import MultiDomainModel
+from mdlora.models.model import MultiDomainModel
+from mdlora.training.loop import make_adam
 from tests.models.helpers import SPEC, make_batch, make_config, perturb
-from training.loop import make_adam
 
 
 def stage_for(phase: str) -> dict[str, object]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.backbones import BACKBONES
-from models.features import EncodedBatch
-from models.kernels import kernel_available
-from models.lora import ROUTING_STRATEGIES
-from models.model import MultiDomainModel
+from mdlora.models.backbones import BACKBONES
+from mdlora.models.features import EncodedBatch
+from mdlora.models.kernels import kernel_available
+from mdlora.models.lora import ROUTING_STRATEGIES
+from mdlora.models.model import MultiDomainModel
 from tests.models.helpers import METHODS, N_PRIMARY, make_batch, make_config, perturb
 
 
@@ -201,7 +201,7 @@ def _single_domain(batch: EncodedBatch, domain: int) -> EncodedBatch:
 def test_single_domain_batches_use_the_merged_layers(method: str) -> None:
     """A one-domain batch (a /predict request) runs W + A_d B_d as one GEMM per layer, and
     scores as the per-sample adapters do."""
-    from models.lora import Segments
+    from mdlora.models.lora import Segments
 
     model = perturb(MultiDomainModel(make_config("deepfm", method))).eval()
     batch = _single_domain(make_batch(), 2)
@@ -229,7 +229,7 @@ def test_merged_strategy_segments_match_and_fall_back(
         b.merge_limit = N_PRIMARY  # every domain of the batch as its own GEMM segment
     torch.testing.assert_close(score(model, batch), ref, atol=1e-5, rtol=0)
     # over the memory cap nothing is merged, and scores are the same
-    monkeypatch.setattr("models.lora.MERGED_MAX_BYTES", 16)
+    monkeypatch.setattr("mdlora.models.lora.MERGED_MAX_BYTES", 16)
     model.set_routing("merged")
     assert all(b.merge_limit == 0 and b.merged_w is None for b in model.inference_banks())
     torch.testing.assert_close(score(model, batch), ref, atol=1e-5, rtol=0)
@@ -277,7 +277,7 @@ def test_out_of_range_domain_ids_are_refused(method: str) -> None:
 
 
 def test_the_package_exports_the_entry_points() -> None:
-    import models
+    import mdlora.models as models
 
     assert models.MultiDomainModel is MultiDomainModel and models.EncodedBatch is EncodedBatch
     assert set(models.__all__) >= {"ModelConfig", "Division", "FeatureSpec", "SparseField"}
@@ -290,7 +290,7 @@ def test_segment_layout_runs_every_layer_as_one_batched_gemm(
     """``segment`` (and ``merged`` on CUDA) lays the batch out in one-domain blocks once and
     runs each layer as one baddbmm, whatever the domains present; scores match the
     per-sample reference for many domains, skewed counts and blocks of any fill."""
-    from models.lora import SegmentPlan
+    from mdlora.models.lora import SegmentPlan
 
     model = perturb(MultiDomainModel(make_config("deepfm", method))).eval().to(device)
     for n in range(2, 9):  # grow to 6 + 7 = 13 domains

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from models.norm import DomainBatchNorm
+from mdlora.models.norm import DomainBatchNorm
 
 
 def _step(norm: DomainBatchNorm, x: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.demo import build_demo_artifact
+from tests.service.demo import build_demo_artifact
 from tests.service.helpers import (
     SHARED_REDIS,
     copy_artifact,

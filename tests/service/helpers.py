@@ -21,9 +21,9 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import SecretStr
 
-from mdlora.artifact import AdapterPackage, adapter_package_bytes, load_artifact
-from mdlora.encoder import FeatureEncoder
-from models.features import EncodedBatch
+from mdlora.formats.artifact import AdapterPackage, adapter_package_bytes, load_artifact
+from mdlora.formats.encoder import FeatureEncoder
+from mdlora.models.features import EncodedBatch
 
 TOKEN = "test-admin-token"
 ADMIN_TOKEN = SecretStr(TOKEN)

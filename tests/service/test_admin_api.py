@@ -15,10 +15,15 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save as st_save
 
-from mdlora.artifact import AdapterPackage, adapter_package_bytes, load_artifact, sha256_bytes
-from service.app import create_app
-from service.demo import demo_adapter, demo_model
-from service.settings import ServiceSettings
+from mdlora.formats.artifact import (
+    AdapterPackage,
+    adapter_package_bytes,
+    load_artifact,
+    sha256_bytes,
+)
+from mdlora.service.app import create_app
+from mdlora.service.settings import ServiceSettings
+from tests.service.demo import demo_adapter, demo_model
 from tests.service.helpers import ADMIN_TOKEN, AUTH, TOKEN, upload_files
 
 PREDICT = {"domain": "25", "user": {"id": 5}, "item_ids": [3, 6, 9, 12]}
@@ -498,7 +503,7 @@ def test_a_stored_package_with_another_gate_scope_still_loads(
     """Registries written before the scope check could hold a package for an artifact domain
     that says gate_scope "own" (the demo helper wrote that): it loads as before, with its
     tensors, and only a new registration of such a package is refused."""
-    from service.registry import LocalRegistry, RegistryState, new_record, set_active
+    from mdlora.service.registry import LocalRegistry, RegistryState, new_record, set_active
 
     art = make_artifact("moe")
     pkg = demo_adapter(load_artifact(art).model, "gender", "F", seed=5)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from mdlora.artifact import AdapterPackage, load_artifact
-from service.app import create_app
-from service.demo import demo_adapter
-from service.settings import ServiceSettings
+from mdlora.formats.artifact import AdapterPackage, load_artifact
+from mdlora.service.app import create_app
+from mdlora.service.settings import ServiceSettings
+from tests.service.demo import demo_adapter
 from tests.service.helpers import ADMIN_TOKEN, AUTH, upload_files
 
 BIG = "1" + "0" * 400  # an integer no float can hold: float(10**400) raises OverflowError

@@ -17,10 +17,15 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from mdlora.artifact import AdapterPackage, apply_adapter, load_artifact, make_adapter_package
-from service.app import create_app
-from service.rollout import user_bucket
-from service.settings import ServiceSettings
+from mdlora.formats.artifact import (
+    AdapterPackage,
+    apply_adapter,
+    load_artifact,
+    make_adapter_package,
+)
+from mdlora.service.app import create_app
+from mdlora.service.rollout import user_bucket
+from mdlora.service.settings import ServiceSettings
 from tests.service.helpers import ADMIN_TOKEN, AUTH, upload_files
 
 DIV, DOM = "age", "25"
@@ -320,7 +325,7 @@ def test_bad_feedback_is_refused_and_changes_nothing(mlora: Path) -> None:
 def test_window_statistics_match_sklearn_and_the_guard_reads_them() -> None:
     from sklearn.metrics import log_loss, roc_auc_score
 
-    from service.feedback import guard_verdict, window_stats
+    from mdlora.service.feedback import guard_verdict, window_stats
 
     rng = np.random.default_rng(0)
     p = np.round(rng.random(5000), 2)  # many ties

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from mdlora.artifact import load_artifact
-from service.app import create_app
-from service.demo import demo_adapter
-from service.settings import ServiceSettings
+from mdlora.formats.artifact import load_artifact
+from mdlora.service.app import create_app
+from mdlora.service.settings import ServiceSettings
+from tests.service.demo import demo_adapter
 from tests.service.helpers import ADMIN_TOKEN, AUTH, upload_files
 
 CASES = {

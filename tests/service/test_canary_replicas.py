@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from fastapi.testclient import TestClient
 
-from service.app import create_app
+from mdlora.service.app import create_app
 from tests.service.helpers import AUTH, wait_until
 from tests.service.test_canary import (
     DIV,

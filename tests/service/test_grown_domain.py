@@ -12,12 +12,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from mdlora.artifact import GROWN_VOCAB, AdapterPackage, load_artifact, make_adapter_package
-from mdlora.encoder import FeatureEncoder
-from mdlora.grown import region_fields
-from models.rows import EMBEDDING_ROWS, domain_rows, grow_domain_rows, set_domain_rows
-from service.app import create_app
-from service.settings import ServiceSettings
+from mdlora.formats.artifact import GROWN_VOCAB, AdapterPackage, load_artifact, make_adapter_package
+from mdlora.formats.encoder import FeatureEncoder
+from mdlora.formats.grown import region_fields
+from mdlora.models.rows import EMBEDDING_ROWS, domain_rows, grow_domain_rows, set_domain_rows
+from mdlora.service.app import create_app
+from mdlora.service.settings import ServiceSettings
 from tests.service.helpers import ADMIN_TOKEN, AUTH, upload_files
 
 USERS = ["kid-1", "kid-2", "kid-3"]
@@ -45,7 +45,7 @@ def grown_package(
     pkg.config[GROWN_VOCAB] = values
     if art.model.gate is not None:
         pkg.config["gate_scope"] = "own"
-    from mdlora.grown import place
+    from mdlora.formats.grown import place
 
     place(enc, art.model)
     return pkg, replace(art, encoder=enc.to_dict())
@@ -113,7 +113,7 @@ def test_the_feature_store_serves_a_new_domains_users(
     import pandas as pd
     import redis
 
-    from service.features import publish_features
+    from mdlora.service.feature_store import publish_features
 
     art = make_artifact("mlora")
     pkg, reference = grown_package(art)
@@ -137,7 +137,7 @@ def test_replicas_follow_a_grown_domain_and_its_rollback(
 ) -> None:
     """Two replicas on one Redis: registering a package with grown rows, a version without
     them, a rollback and a removal reach the other replica, which scores like the first."""
-    from service.demo import demo_adapter
+    from tests.service.demo import demo_adapter
     from tests.service.helpers import wait_until
 
     art = make_artifact("mlora")

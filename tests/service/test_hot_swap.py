@@ -11,10 +11,10 @@ from typing import Any
 import httpx
 import numpy as np
 
-from mdlora.artifact import load_artifact
-from service.app import create_app
-from service.demo import demo_adapter
-from service.settings import ServiceSettings
+from mdlora.formats.artifact import load_artifact
+from mdlora.service.app import create_app
+from mdlora.service.settings import ServiceSettings
+from tests.service.demo import demo_adapter
 from tests.service.helpers import ADMIN_TOKEN, AUTH, live_server, upload_files
 
 REQUEST = {"domain": "25", "user": {"id": 8}, "item_ids": [3, 6, 9, 12, 15, 18, 21, 24]}

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from mdlora.artifact import load_artifact
-from service.app import create_app
-from service.demo import demo_adapter
-from service.settings import ServiceSettings
+from mdlora.formats.artifact import load_artifact
+from mdlora.service.app import create_app
+from mdlora.service.settings import ServiceSettings
+from tests.service.demo import demo_adapter
 from tests.service.helpers import ADMIN_TOKEN, AUTH, upload_files, wait_until
 
 pytest.importorskip("onnxruntime")
@@ -72,7 +72,7 @@ def test_onnx_scores_match_torch(make_artifact: Callable[[str], Path], method: s
 
 
 def test_the_artifacts_own_onnx_file_is_used(make_artifact: Callable[[str], Path]) -> None:
-    from mdlora.onnx_export import export_onnx
+    from mdlora.formats.onnx_export import export_onnx
 
     art = make_artifact("mlora")
     export_onnx(load_artifact(art).model, art / "model.onnx")  # what `mdlora export` ships

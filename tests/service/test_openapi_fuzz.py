@@ -20,9 +20,9 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from service.app import create_app
-from service.demo import build_demo_artifact
-from service.settings import ServiceSettings
+from mdlora.service.app import create_app
+from mdlora.service.settings import ServiceSettings
+from tests.service.demo import build_demo_artifact
 from tests.service.helpers import ADMIN_TOKEN, AUTH, live_server
 
 # The schema is the app's own; a lazily loaded one (schemathesis.pytest.from_fixture) does not

@@ -11,9 +11,9 @@ import orjson
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.demo import demo_frame
-from service.settings import ServiceSettings
+from mdlora.service.app import create_app
+from mdlora.service.settings import ServiceSettings
+from tests.service.demo import demo_frame
 from tests.service.helpers import core_scores
 
 ITEMS = [3, 6, 30, 123, 900, 424242]  # the last one is not in the vocabulary (OOV)

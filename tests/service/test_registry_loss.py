@@ -8,12 +8,12 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from mdlora.artifact import load_artifact
-from service.app import create_app
-from service.demo import demo_adapter
-from service.recovery import restorable, went_back
-from service.registry import RegistryState, new_record, set_active
-from service.settings import ServiceSettings
+from mdlora.formats.artifact import load_artifact
+from mdlora.service.app import create_app
+from mdlora.service.recovery import restorable, went_back
+from mdlora.service.registry import RegistryState, new_record, set_active
+from mdlora.service.settings import ServiceSettings
+from tests.service.demo import demo_adapter
 from tests.service.helpers import ADMIN_TOKEN, AUTH, upload_files, wait_until
 
 PREDICT = {"user": {"id": 8}, "item_ids": [3, 6, 9]}

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from mdlora.artifact import adapter_package_bytes, load_artifact
-from service.app import create_app
-from service.demo import demo_adapter
-from service.registry import RedisRegistry, RegistryState, new_record, set_active
-from service.settings import ServiceSettings
-from service.snapshot import ArtifactInfo
+from mdlora.formats.artifact import adapter_package_bytes, load_artifact
+from mdlora.service.app import create_app
+from mdlora.service.registry import RedisRegistry, RegistryState, new_record, set_active
+from mdlora.service.settings import ServiceSettings
+from mdlora.service.snapshot import ArtifactInfo
+from tests.service.demo import demo_adapter
 from tests.service.helpers import ADMIN_TOKEN, AUTH, upload_files, wait_until
 
 PREDICT = {"user": {"id": 8}, "item_ids": [3, 6, 9, 12, 15]}

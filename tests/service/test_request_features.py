@@ -12,11 +12,11 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from mdlora.encoder import FeatureEncoder
-from service.app import create_app
-from service.demo import demo_frame, demo_model
-from service.features import RequestEncoder, split_columns
-from service.settings import ServiceSettings
+from mdlora.formats.encoder import FeatureEncoder
+from mdlora.service.app import create_app
+from mdlora.service.feature_store import RequestEncoder, split_columns
+from mdlora.service.settings import ServiceSettings
+from tests.service.demo import demo_frame, demo_model
 
 FRAME = demo_frame()
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import typer
 from typer.testing import CliRunner
 
-from mdlora.artifact import adapter_package_bytes
 from mdlora.cli.service import register
-from service.app import create_app
-from service.settings import ServiceSettings
+from mdlora.formats.artifact import adapter_package_bytes
+from mdlora.service.app import create_app
+from mdlora.service.settings import ServiceSettings
 from tests.service.helpers import ADMIN_TOKEN, TOKEN, get_json, live_server
 from tests.service.test_canary import DIV, DOM, variant
 

@@ -108,7 +108,7 @@ def test_serve_names_an_invalid_setting_by_its_variable(demo_artifacts: dict[str
 
 
 def test_unknown_mdlora_variables_are_named_with_the_close_one() -> None:
-    from service.settings import unknown_variables
+    from mdlora.service.settings import unknown_variables
 
     env = {"MDLORA_REGISTY": "redis", "MDLORA_RUNTIME": "onnx", "MDLORA_DATA_DIR": "d", "X": "1"}
     assert unknown_variables(env) == ["MDLORA_REGISTY (did you mean MDLORA_REGISTRY?)"]

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from mdlora.artifact import ArtifactError
-from models.features import EncodedBatch
-from service.demo import demo_adapter
-from service.runtime import Rows, TorchRunner
-from service.snapshot import ArtifactBase, LoadedAdapter, Snapshot, cow_copy
+from mdlora.formats.artifact import ArtifactError
+from mdlora.models.features import EncodedBatch
+from mdlora.service.runtime import Rows, TorchRunner
+from mdlora.service.snapshot import ArtifactBase, LoadedAdapter, Snapshot, cow_copy
+from tests.service.demo import demo_adapter
 
 
 def rows_for(snapshot: Snapshot, domain_ids: list[int], n: int = 40) -> Rows:

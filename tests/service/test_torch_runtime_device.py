@@ -14,10 +14,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.demo import demo_adapter
-from service.settings import ServiceSettings
-from service.snapshot import ArtifactBase, LoadedAdapter
+from mdlora.service.app import create_app
+from mdlora.service.settings import ServiceSettings
+from mdlora.service.snapshot import ArtifactBase, LoadedAdapter
+from tests.service.demo import demo_adapter
 from tests.service.helpers import core_scores
 from tests.service.test_snapshot import rows_for, score
 

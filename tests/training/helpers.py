@@ -8,10 +8,10 @@ from typing import Any
 
 import pandas as pd
 
-from training.config import TrainConfig, config_from_dict
-from training.data.prepared import PreparedData
-from training.data.synthetic import make_synthetic, synthetic_schema
-from training.data.tabular import TableSchema, prepare_table
+from mdlora.training.config import TrainConfig, config_from_dict
+from mdlora.training.data.prepared import PreparedData
+from mdlora.training.data.synthetic import make_synthetic, synthetic_schema
+from mdlora.training.data.tabular import TableSchema, prepare_table
 
 #: synthetic data small enough for a unit test, with strong domain effects
 TINY = {"n_rows": 12_000, "n_domains": 3, "seed": 0, "n_users": 200, "n_items": 80}

@@ -11,16 +11,16 @@ import pandas as pd
 import pytest
 import torch
 
-from mdlora.artifact import apply_adapter, load_artifact, read_adapter_package
-from mdlora.encoder import FeatureEncoder, LabeledArrays
-from mdlora.grown import place
+from mdlora.formats.artifact import apply_adapter, load_artifact, read_adapter_package
+from mdlora.formats.encoder import FeatureEncoder, LabeledArrays
+from mdlora.formats.grown import place
+from mdlora.training.add_domain import AddDomainSettings, add_domain
+from mdlora.training.data.synthetic import make_synthetic, synthetic_schema
+from mdlora.training.data.tabular import prepare_table
+from mdlora.training.evaluate import compute_metrics
+from mdlora.training.loop import predict, to_batch
+from mdlora.training.run import run_training
 from tests.training.helpers import tiny_config
-from training.add_domain import AddDomainSettings, add_domain
-from training.data.synthetic import make_synthetic, synthetic_schema
-from training.data.tabular import prepare_table
-from training.evaluate import compute_metrics
-from training.loop import predict, to_batch
-from training.methods import run_training
 
 SETTINGS = AddDomainSettings(epochs=8, lr=0.005, batch_size=256, patience=3, progress=False)
 

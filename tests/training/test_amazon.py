@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from training.amazon import CellSettings, grid_cell, new_domain_cell, report
-from training.data.synthetic import make_amazon_like
+from mdlora.training.amazon import CellSettings, grid_cell, new_domain_cell, report
+from mdlora.training.data.synthetic import make_amazon_like
 
 SMALL = CellSettings(epochs=2, patience=1, batch_size=256, threads=1, add_epochs=3)
 
@@ -56,6 +56,6 @@ def test_moe_and_multilora_recipes_run_on_the_amazon_layout(
     cell = grid_cell(table, results, tmp_path / "work", recipe, 1, SMALL)
     assert set(cell["test"]["auc"]) == {"sports", "toys", "office"}
     assert cell["reference"] is not None
-    assert [p["name"] for p in cell["phases"]][0] == "backbone"
+    assert cell["phases"][0]["name"] == "backbone"
     assert len(cell["phases"]) > 1  # the adapter phases ran after the backbone
     assert f"| {recipe} | 1 |" in report(results)

@@ -10,10 +10,10 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from mdlora.artifact import load_artifact, read_adapter_package
 from mdlora.cli.training import register
+from mdlora.formats.artifact import load_artifact, read_adapter_package
+from mdlora.training.data.synthetic import make_synthetic
 from tests.training.helpers import TINY
-from training.data.synthetic import make_synthetic
 
 runner = CliRunner()
 

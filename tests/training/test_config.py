@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import ConfigError, apply_overrides, load_config
+from mdlora.training.config import ConfigError, apply_overrides, load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -78,7 +78,7 @@ def test_model_settings_out_of_range_are_refused(override: str, needle: str) -> 
 
 
 def test_the_python_api_spellings_still_load() -> None:
-    from training.config import config_from_dict
+    from mdlora.training.config import config_from_dict
 
     cfg = config_from_dict({"backbone": "DeepFM", "tower": (64, 32), "ranks": (4, 2),
                             "phase_lr": {"adapters": 0}})  # fmt: skip

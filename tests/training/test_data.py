@@ -15,9 +15,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DistributedSampler
 
-from mdlora.encoder import FeatureEncoder
-from models.features import EncodedBatch
-from training.data import (
+from mdlora.formats.encoder import FeatureEncoder
+from mdlora.models.features import EncodedBatch
+from mdlora.training.data import (
     ArrayDataset,
     DataError,
     TableSchema,
@@ -45,8 +45,8 @@ from training.data import (
     write_synthetic,
     write_synthetic_taobao,
 )
-from training.data.presets import ml100k_age_codes
-from training.data.tabular import validate_table
+from mdlora.training.data.presets import ml100k_age_codes
+from mdlora.training.data.tabular import validate_table
 
 SHARED_DATA = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data").resolve()
 ML1M = SHARED_DATA / "ml-1m"
@@ -366,7 +366,7 @@ def test_taobao_synthetic_layout(tmp_path: Path, fmt: str) -> None:
 
 
 def test_taobao_negatives_exclude_positives(tmp_path: Path) -> None:
-    from training.data.taobao import build_taobao_frame
+    from mdlora.training.data.taobao import build_taobao_frame
 
     folder = write_synthetic_taobao(tmp_path / "t", dim=4, seed=5)
     clicks = load_taobao(folder)["clicks"]
@@ -584,7 +584,7 @@ def test_empty_and_unreadable_files_name_the_file(tmp_path: Path) -> None:
 
 
 def test_taobao_feature_frame_and_data_errors(tmp_path: Path) -> None:
-    from training.data.taobao import taobao_feature_frame
+    from mdlora.training.data.taobao import taobao_feature_frame
 
     folder = write_synthetic_taobao(tmp_path / "t", n_themes=12, dim=4, seed=5)
     frame = taobao_feature_frame(folder)

@@ -14,8 +14,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from mdlora.training.distributed import DistContext, pick_device, weight_checksums
 from tests.training.helpers import TINY
-from training.distributed import DistContext, pick_device, weight_checksums
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
-from training.evaluate import SplitMetrics, compute_metrics, markdown_table
+from mdlora.training.evaluate import SplitMetrics, compute_metrics, markdown_table
 
 LABELS = np.array([1, 0, 1, 0, 0, 1, 1, 0, 0, 0, 1, 1], dtype=np.float32)
 PROBS = np.array([0.9, 0.2, 0.4, 0.5, 0.1, 0.8, 0.3, 0.35, 0.6, 0.05, 0.7, 0.2])

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from mdlora.artifact import load_artifact
-from mdlora.encoder import FeatureEncoder
+from mdlora.formats.artifact import load_artifact
+from mdlora.formats.encoder import FeatureEncoder
+from mdlora.training.export import export_onnx_file, export_run
+from mdlora.training.loop import predict, to_batch
+from mdlora.training.run import run_training
 from tests.training.helpers import tiny_config, tiny_prepared
-from training.export import export_onnx_file, export_run
-from training.loop import predict, to_batch
-from training.methods import run_training
 
 
 @pytest.mark.parametrize(
@@ -69,8 +69,8 @@ def test_onnx_failure_is_reported_not_raised(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
     device: torch.device,
 ) -> None:
-    pytest.importorskip("mdlora.onnx_export")
-    import mdlora.onnx_export as onnx_export
+    pytest.importorskip("mdlora.formats.onnx_export")
+    import mdlora.formats.onnx_export as onnx_export
 
     def broken(model: object, path: object) -> None:
         raise RuntimeError("no lowering for this operator")

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from mdlora.artifact import load_artifact
+from mdlora.formats.artifact import load_artifact
+from mdlora.training.export import ONNX_FILE
+from mdlora.training.loop import predict, to_batch
+from mdlora.training.run import run_training
 from tests.training.helpers import tiny_config, tiny_prepared
-from training.export import ONNX_FILE
-from training.loop import predict, to_batch
-from training.methods import run_training
 
-onnx_export = pytest.importorskip("mdlora.onnx_export")
+onnx_export = pytest.importorskip("mdlora.formats.onnx_export")
 
 
 def test_train_export_writes_an_onnx_scorer_that_matches_the_artifact(

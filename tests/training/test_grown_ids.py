@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mdlora.artifact import (
+from mdlora.formats.artifact import (
     GROWN_VOCAB,
     ArtifactError,
     apply_adapter,
@@ -19,15 +19,15 @@ from mdlora.artifact import (
     read_adapter_package,
     write_adapter_package,
 )
-from mdlora.encoder import FeatureEncoder
-from mdlora.grown import place
-from models.rows import EMBEDDING_ROWS, grown_regions
+from mdlora.formats.encoder import FeatureEncoder
+from mdlora.formats.grown import place
+from mdlora.models.rows import EMBEDDING_ROWS, grown_regions
+from mdlora.training.add_domain import AddDomainSettings, add_domain
+from mdlora.training.data.synthetic import make_new_domain, make_synthetic, synthetic_schema
+from mdlora.training.data.tabular import prepare_table
+from mdlora.training.evaluate import compute_metrics
+from mdlora.training.run import run_training
 from tests.training.helpers import tiny_config
-from training.add_domain import AddDomainSettings, add_domain
-from training.data.synthetic import make_new_domain, make_synthetic, synthetic_schema
-from training.data.tabular import prepare_table
-from training.evaluate import compute_metrics
-from training.methods import run_training
 
 SETTINGS = AddDomainSettings(epochs=8, lr=0.01, batch_size=256, patience=2, progress=False)
 
@@ -144,8 +144,8 @@ def test_grown_ids_encode_alike_on_both_paths_and_only_in_their_domain(root: Pat
     encoder = FeatureEncoder.from_dict(art.encoder or {})
     encoder.add_domain("domain", "d_new")
     art.model.add_domain("domain", "d_new")
-    from mdlora.grown import new_values, region_fields
-    from models.rows import grow_domain_rows
+    from mdlora.formats.grown import new_values, region_fields
+    from mdlora.models.rows import grow_domain_rows
 
     values = new_values(encoder, _new())
     encoder.set_grown("domain", "d_new", values)
@@ -168,7 +168,7 @@ def test_grown_ids_encode_alike_on_both_paths_and_only_in_their_domain(root: Pat
     start, n = grown_regions(art.model)[("domain", "d_new")]
     assert ((rows >= start) & (rows < start + n)).all()
     with torch.no_grad():  # and the model takes them
-        from models.features import EncodedBatch
+        from mdlora.models.features import EncodedBatch
 
         sparse, dense, domains = (torch.from_numpy(a[k]) for k in ("sparse", "dense", "domains"))
         assert a["multi_hot"] is not None

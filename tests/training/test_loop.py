@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import training.loop as loop
-from models.model import MultiDomainModel
+import mdlora.training.loop as loop
+from mdlora.models.model import MultiDomainModel
+from mdlora.training.loop import LoopSettings, Phase, to_batch, train_phase
+from mdlora.training.run import build_model, plan_phases, resolve_hparams
 from tests.training.helpers import tiny_config, tiny_prepared
-from training.loop import LoopSettings, Phase, to_batch, train_phase
-from training.methods import build_model, plan_phases, resolve_hparams
 
 
 def _increasing() -> Iterator[float]:
@@ -49,7 +49,7 @@ def _setup(
 
 def _expected_changes(model: MultiDomainModel, phase: Phase) -> dict[str, list[int] | None]:
     """Parameter name -> rows that may change (None: the whole tensor)."""
-    from models.freeze import _group_tensors
+    from mdlora.models.freeze import _group_tensors
 
     by_id = {id(p): n for n, p in model.named_parameters()}
     out: dict[str, list[int] | None] = {}

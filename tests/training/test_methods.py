@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from mdlora.training.run import RunResult, run_training
 from tests.training.helpers import domain_effect_prepared, tiny_config
-from training.methods import RunResult, run_training
 
 # what every run shares: data, backbone, tower, ranks, seed, epochs per phase
 COMMON = {"epochs": 6, "ranks": [8, 4], "lr": 0.003, "seed": 0}

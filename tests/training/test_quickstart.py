@@ -7,9 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import training.quickstart as qs
-from mdlora.artifact import load_artifact
-from training.config import load_config
+import mdlora.training.quickstart as qs
+from mdlora.formats.artifact import load_artifact
+from mdlora.training.config import load_config
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "synthetic-quickstart.yaml"
 

@@ -11,17 +11,17 @@ import pandas as pd
 import pytest
 import torch
 
-from mdlora.artifact import load_artifact
-from mdlora.encoder import FeatureEncoder, LabeledArrays
+from mdlora.formats.artifact import load_artifact
+from mdlora.formats.encoder import FeatureEncoder, LabeledArrays
+from mdlora.training.add_domain import AddDomainSettings, add_domain
+from mdlora.training.config import ConfigError
+from mdlora.training.data.prepared import PreparedData
+from mdlora.training.data.synthetic import synthetic_schema
+from mdlora.training.data.tabular import prepare_table
+from mdlora.training.loop import predict, to_batch
+from mdlora.training.recipes import PhaseRows, fresh_split
+from mdlora.training.run import run_training
 from tests.training.helpers import tiny_config, tiny_frame, tiny_prepared
-from training.add_domain import AddDomainSettings, add_domain
-from training.config import ConfigError
-from training.data.prepared import PreparedData
-from training.data.synthetic import synthetic_schema
-from training.data.tabular import prepare_table
-from training.loop import predict, to_batch
-from training.methods import run_training
-from training.recipes import PhaseRows, fresh_split
 
 
 def _domains_labels(prepared: PreparedData) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +141,7 @@ def joint_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Prep
     assert model is not None and model.config.method == "mlora"
     assert model.stage.name == "adapters"
     # backbone and adapters trained in the one phase
-    from models.freeze import set_trainable
+    from mdlora.models.freeze import set_trainable
 
     n_backbone = sum(p.numel() for p in set_trainable(model, ["backbone"]))
     n_experts = sum(p.numel() for p in set_trainable(model, ["experts"]))

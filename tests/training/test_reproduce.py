@@ -11,10 +11,8 @@ import typer
 from typer.testing import CliRunner
 
 from mdlora.cli.reproduce import register_reproduce
-from tests.training.helpers import tiny_config, tiny_prepared
-from training.data.synthetic import write_movielens_1m_like
-from training.methods import run_training, state_dict_cpu
-from training.reproduce import (
+from mdlora.training.data.synthetic import write_movielens_1m_like
+from mdlora.training.reproduce import (
     ReproduceError,
     Settings,
     Slice,
@@ -25,6 +23,8 @@ from training.reproduce import (
     significant,
     write_report,
 )
+from mdlora.training.run import run_training, state_dict_cpu
+from tests.training.helpers import tiny_config, tiny_prepared
 
 ML1M = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "ml-1m").resolve()
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from mdlora.training.config import ConfigError
+from mdlora.training.loop import predict, to_batch
+from mdlora.training.run import run_training
 from tests.training.helpers import tiny_config, tiny_prepared
-from training.config import ConfigError
-from training.loop import predict, to_batch
-from training.methods import run_training
 
 
 def test_resumed_run_matches_the_uninterrupted_one(

@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mdlora.training.data.prepared import DataError
+from mdlora.training.data.synthetic import synthetic_schema
+from mdlora.training.data.tabular import order_values, prepare_table
+from mdlora.training.run import load_data
 from tests.training.helpers import tiny_config, tiny_frame
-from training.data.prepared import DataError
-from training.data.synthetic import synthetic_schema
-from training.data.tabular import order_values, prepare_table
-from training.methods import load_data
 
 
 def _with_split(seed: int = 0) -> pd.DataFrame:

@@ -1,0 +1,475 @@
+"""Scoring runtimes (torch, ONNX Runtime) and the micro-batcher in front of them.
+
+A runner is attached to every :class:`~service.snapshot.Snapshot` when it is built (off the
+request path) and scores encoded rows with that snapshot's weights:
+
+* :class:`TorchRunner`: ``model.score_batch`` under ``torch.inference_mode`` on the snapshot's
+  device (CUDA when present);
+* :class:`OnnxRunner`: one ONNX Runtime session per artifact (``mdlora.formats.onnx_export``)
+fed each
+  snapshot's adapter banks as inputs, so a registration needs no re-export (MultiLoRA, whose
+  adapters are baked into its graph, is re-exported per snapshot, off the request path).
+
+:class:`MicroBatcher` runs every model call on one worker thread. Requests that arrive while a
+call is running are merged into the next call (a domain-mixed batch is what the core is built
+for), so concurrent requests share one call without any deliberate wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import shutil
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from mdlora.models.features import EncodedBatch
+from mdlora.models.model import MultiDomainModel
+from mdlora.service.metrics import ServiceMetrics
+from mdlora.service.snapshot import Snapshot
+
+log = logging.getLogger("mdlora.service")
+SHIPPED_ONNX = "model.onnx"  # what `mdlora export` writes next to the artifact
+
+
+@dataclass
+class Rows:
+    """Encoded rows of one request (or of several, concatenated).
+
+    ``domains`` holds ids of the snapshot's serving model; ``backbone`` marks rows to score
+    with the backbone alone where that needs a separate call (MultiLoRA), else None.
+    """
+
+    sparse: np.ndarray  # [n, n_sparse] int64
+    dense: np.ndarray  # [n, n_dense] float32
+    domains: np.ndarray  # [n, n_div] int64
+    multi_hot: np.ndarray | None = None  # [n, M, L] int64
+    backbone: np.ndarray | None = None  # [n] bool
+
+    def __len__(self) -> int:
+        return int(self.domains.shape[0])
+
+    @staticmethod
+    def concat(parts: Sequence[Rows]) -> Rows:
+        if len(parts) == 1:
+            return parts[0]
+        bb = None
+        if any(p.backbone is not None for p in parts):
+            bb = np.concatenate(
+                [p.backbone if p.backbone is not None else np.zeros(len(p), bool) for p in parts]
+            )
+        mh = None
+        if parts[0].multi_hot is not None:
+            mh = np.concatenate([p.multi_hot for p in parts if p.multi_hot is not None])
+        return Rows(
+            np.concatenate([p.sparse for p in parts]),
+            np.concatenate([p.dense for p in parts]),
+            np.concatenate([p.domains for p in parts]),
+            mh,
+            bb,
+        )
+
+    def take(self, index: np.ndarray) -> Rows:
+        return Rows(
+            self.sparse[index],
+            self.dense[index],
+            self.domains[index],
+            None if self.multi_hot is None else self.multi_hot[index],
+            None,
+        )
+
+
+class Runner(Protocol):
+    def score(self, rows: Rows) -> np.ndarray: ...
+
+
+def configure_thread(threads: int | None) -> None:
+    """Intra-op threads for model calls made from the calling thread.
+
+    torch's count is process-wide; numba's (the fused routing kernel) is per calling thread,
+    so every thread that runs the model calls this. Left at a parallel default on a small
+    machine, the kernel's threads fight the serving threads for the cores.
+
+    Order matters: starting numba's OpenMP layer resets OpenMP's thread count, which torch
+    reads, so numba is set (and started) first and torch last (measured: the other order left
+    torch at 2 threads and ``embedding_bag`` 70x slower on a busy 2-core machine).
+    """
+    if threads is None:
+        return
+    try:
+        import numba
+    except ImportError:
+        pass
+    else:
+        numba.set_num_threads(min(threads, int(getattr(numba.config, "NUMBA_NUM_THREADS", 1))))
+    torch.set_num_threads(threads)
+
+
+def synthetic_rows(model: MultiDomainModel, n: int, seed: int = 0) -> Rows:
+    """``n`` rows of random valid ids over every domain (for warm-up and routing timing)."""
+    gen = np.random.default_rng(seed)
+    cfg = model.config
+    spec = cfg.features
+    sparse = np.stack([gen.integers(0, f.vocab_size, n) for f in spec.sparse], 1)
+    multi_hot = None
+    if spec.multi_hot:
+        width = spec.max_multi_hot_len
+        multi_hot = np.stack(
+            [gen.integers(-1, m.vocab_size, (n, width)) for m in spec.multi_hot], 1
+        ).astype(np.int64)
+    domains = np.stack([gen.integers(0, len(d.domains), n) for d in cfg.divisions], 1)
+    return Rows(
+        sparse.reshape(n, len(spec.sparse)).astype(np.int64),
+        gen.random((n, len(spec.dense)), dtype=np.float32),
+        domains.astype(np.int64),
+        multi_hot,
+    )
+
+
+def choose_routing(model: MultiDomainModel, routing: str) -> list[str]:
+    """Apply the ``MDLORA_ROUTING`` setting: the artifact's strategy, one strategy, or the
+    fastest per layer timed on a synthetic mixed-domain batch (``auto``)."""
+    if routing == "artifact" or model.stage.name not in ("adapters", "gate"):
+        return model.routing
+    if routing != "auto":
+        model.set_routing(routing)
+        return model.routing
+    rows = synthetic_rows(model, 512)
+    batch = EncodedBatch.from_arrays(
+        rows.sparse, rows.dense, rows.domains, rows.multi_hot, device=model.device
+    )
+    return model.tune_routing(batch, repeats=10)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``name``, or CUDA when present, else CPU."""
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class TorchRunner:
+    """Scores rows with the snapshot's torch models on their device."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.model = snapshot.serving_model
+        self.backbone_model = snapshot.backbone_model
+        self.device = self.model.device
+
+    def _probs(self, model: MultiDomainModel, rows: Rows) -> np.ndarray:
+        dev = self.device
+        batch = EncodedBatch.from_arrays(
+            rows.sparse, rows.dense, rows.domains, rows.multi_hot, device=dev
+        )
+        with torch.inference_mode():  # ids come from the snapshot's own domain table
+            return model.score_batch(batch, check=dev.type == "cpu").float().cpu().numpy()
+
+    def score(self, rows: Rows) -> np.ndarray:
+        if rows.backbone is None or not rows.backbone.any() or self.backbone_model is None:
+            return self._probs(self.model, rows)
+        out = np.empty(len(rows), np.float32)
+        bb = rows.backbone
+        if (~bb).any():
+            out[~bb] = self._probs(self.model, rows.take(~bb))
+        out[bb] = self._probs(self.backbone_model, rows.take(bb))
+        return out
+
+
+class OnnxRuntime:
+    """The ONNX Runtime path: exports the artifact's scorer once, then serves every snapshot.
+
+    For MLoRA / MoE-MLoRA the graph takes the banks as inputs and one session serves every
+    snapshot; MultiLoRA graphs have their adapters baked in and are exported per snapshot.
+    """
+
+    def __init__(self, workdir: Path | None = None, threads: int | None = None) -> None:
+        self._owns_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="mdlora-onnx-"))
+        self.threads = threads
+        self._sessions: dict[str, Any] = {}
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def _export(self, model: MultiDomainModel, key: str | None) -> Any:
+        from mdlora.formats.onnx_export import OnnxScorer, export_onnx
+
+        with self._lock:
+            if key is not None and key in self._sessions:
+                return self._sessions[key]
+            self._count += 1
+            folder = self.workdir / f"scorer-{self._count}"
+        try:
+            folder.mkdir(parents=True)
+            path = export_onnx(model, folder / "scorer.onnx")
+            scorer = OnnxScorer(path, threads=self.threads)
+        finally:
+            # the session holds the graph (external data stays mapped while it lives), so the
+            # files go at once: a replica that re-exports on every change must not fill /tmp
+            shutil.rmtree(folder, ignore_errors=True)
+        if key is not None:
+            with self._lock:
+                baked = [k for k in self._sessions if k.startswith(("baked:", "grown:"))]
+                for old in baked[: max(0, len(baked) - 3)]:  # keep a few for rollbacks
+                    del self._sessions[old]
+                self._sessions[key] = scorer
+        return scorer
+
+    def close(self) -> None:
+        """Drop the sessions and the export folder this runtime made."""
+        with self._lock:
+            self._sessions.clear()
+        if self._owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _shipped(self, snapshot: Snapshot) -> Any:
+        """The artifact's own ``model.onnx`` (``mdlora export``), if it takes bank inputs and
+        was exported from this model in its serving stage."""
+        from mdlora.formats.artifact import model_signature
+        from mdlora.formats.onnx_export import OnnxScorer
+
+        path = snapshot.info.path / SHIPPED_ONNX
+        if not path.is_file():
+            return None
+        try:
+            scorer = OnnxScorer(path, threads=self.threads)
+        except Exception as exc:  # an unreadable file: export our own instead
+            log.warning("ignoring %s: %s", path, exc)
+            return None
+        meta = scorer.metadata
+        model = snapshot.model
+        if (
+            meta.get("mdlora.bank_inputs") != "true"
+            or meta.get("mdlora.model_signature") != model_signature(model.config)
+            or meta.get("mdlora.stage") != model.stage.name
+        ):
+            return None
+        return scorer
+
+    def runner(self, snapshot: Snapshot) -> OnnxRunner:
+        from mdlora.formats.onnx_export import banks_from_model, has_bank_inputs
+
+        model = snapshot.serving_model
+        versions = sorted((k, v.version, v.sha256) for k, v in snapshot.adapters.items())
+        versions += sorted(  # canaries are extra domains of the serving graph (service.rollout)
+            (k, -c.domain_id, c.loaded.sha256) for k, c in snapshot.canaries.items()
+        )
+        if has_bank_inputs(model) and model.grown:
+            # grown embedding rows are graph constants: one export per set of adapter versions
+            key = f"grown:{snapshot.info.model_id}:{hash(tuple(versions))}"
+            return OnnxRunner(self._export(model, key), banks_from_model(model))
+        if has_bank_inputs(model):
+            key = f"banked:{snapshot.info.model_id}"
+            with self._lock:
+                session = self._sessions.get(key)
+            if session is None:
+                session = self._shipped(snapshot) or self._export(model, key)
+                with self._lock:
+                    self._sessions[key] = session
+            return OnnxRunner(session, banks_from_model(model))
+        backbone = None
+        if snapshot.backbone_model is not None:
+            backbone = self._export(snapshot.backbone_model, f"backbone:{snapshot.info.model_id}")
+        # the adapters are constants of this graph: one export per set of adapter versions
+        key = f"baked:{snapshot.info.model_id}:{hash(tuple(versions))}"
+        return OnnxRunner(self._export(model, key), [], backbone)
+
+
+class OnnxRunner:
+    """Scores rows with an ONNX Runtime session and one snapshot's banks."""
+
+    def __init__(self, session: Any, banks: list[Any], backbone: Any = None) -> None:
+        self.session, self.banks, self.backbone = session, banks, backbone
+
+    def _probs(self, session: Any, rows: Rows, banks: list[Any]) -> np.ndarray:
+        return np.asarray(
+            session.score(rows.sparse, rows.dense, rows.domains, rows.multi_hot, banks),
+            dtype=np.float32,
+        )
+
+    def score(self, rows: Rows) -> np.ndarray:
+        if rows.backbone is None or not rows.backbone.any() or self.backbone is None:
+            return self._probs(self.session, rows, self.banks)
+        out = np.empty(len(rows), np.float32)
+        bb = rows.backbone
+        if (~bb).any():
+            out[~bb] = self._probs(self.session, rows.take(~bb), self.banks)
+        out[bb] = self._probs(self.backbone, rows.take(bb), [])
+        return out
+
+
+def warm_up(snapshot: Snapshot) -> None:
+    """Score a few rows so lazy state (folded inference banks) is built before the swap."""
+    rows = synthetic_rows(snapshot.serving_model, 4)
+    if snapshot.backbone_model is not None:
+        rows.backbone = np.array([False, True, False, True])
+    snapshot.runner.score(rows)
+
+
+PROBE_ROWS = 64
+
+
+def probe_problem(snapshot: Snapshot, division: str, domain: str) -> str | None:
+    """Score a probe batch in ``division/domain`` with ``snapshot`` (random ids, the
+    out-of-vocabulary ones and the ends of the dense range); what is wrong with the scores,
+    or None when every one is a finite probability."""
+    rows = synthetic_rows(snapshot.serving_model, PROBE_ROWS, seed=1)
+    rows.sparse[:4] = 0  # out-of-vocabulary rows
+    rows.dense[4:8] = 0.0
+    rows.dense[8:12] = 1.0
+    rows.domains[:, snapshot.divisions.index(division)] = snapshot.domain_ids[division][domain]
+    probs = np.asarray(snapshot.runner.score(rows), dtype=np.float64)
+    bad = int((~np.isfinite(probs)).sum())
+    if bad:
+        return (
+            f"its scores are not finite numbers for {bad} of {len(probs)} probe rows (weights "
+            "too large for float32 arithmetic?)"
+        )
+    return None
+
+
+@dataclass
+class _Job:
+    snapshot: Snapshot
+    rows: Rows
+    future: asyncio.Future[np.ndarray]
+    loop: asyncio.AbstractEventLoop
+
+
+def _resolve(fut: asyncio.Future[np.ndarray], value: np.ndarray | BaseException) -> None:
+    if fut.done():
+        return
+    if isinstance(value, BaseException):
+        fut.set_exception(value)
+    else:
+        fut.set_result(value)
+
+
+class MicroBatcher:
+    """Merges the requests that wait for the model into one model call.
+
+    Inline (default): model calls run on the event loop itself. A request queues its rows and
+    the first one schedules a flush for the next loop iteration; every request that reaches
+    the queue before then joins the same call. One thread does everything, so there is no
+    interpreter-lock contention between parsing and scoring (measured: on two cores with the
+    client on one, a scoring thread spent more time waiting for the lock than it saved).
+
+    ``thread=True``: model calls run on one worker thread, merging whatever queued while the
+    previous call ran (overlaps parsing with scoring where cores allow).
+
+    ``enabled=False``: one model call per request.
+    """
+
+    def __init__(
+        self,
+        metrics: ServiceMetrics | None = None,
+        max_rows: int = 4096,
+        enabled: bool = True,
+        threads: int | None = None,
+        thread: bool = False,
+    ) -> None:
+        self.metrics, self.max_rows, self.enabled = metrics, max_rows, enabled
+        self.threads, self.use_thread = threads, thread
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pending: list[_Job] = []
+        self._flush_scheduled = False
+        self._running = False
+
+    def start(self) -> None:
+        self._running = True
+        if self.use_thread and self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="mdlora-scorer", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._running = False
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    async def score(self, snapshot: Snapshot, rows: Rows) -> np.ndarray:
+        if not self._running:
+            raise RuntimeError("the scorer is not running (app not started?)")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[np.ndarray] = loop.create_future()
+        job = _Job(snapshot, rows, fut, loop)
+        if self.use_thread:
+            self._queue.put(job)
+        elif not self.enabled:
+            self._run([job], threadsafe=False)
+        else:
+            self._pending.append(job)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                loop.call_soon(self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        jobs, self._pending = self._pending, []
+        self._run_groups(jobs, threadsafe=False)
+
+    def _run_groups(self, jobs: list[_Job], threadsafe: bool) -> None:
+        """One call per snapshot (and per ``max_rows``), in arrival order."""
+        groups: dict[int, list[list[_Job]]] = {}
+        for job in jobs:
+            chunks = groups.setdefault(id(job.snapshot), [[]])
+            if chunks[-1] and sum(len(j.rows) for j in chunks[-1]) + len(job.rows) > self.max_rows:
+                chunks.append([])
+            chunks[-1].append(job)
+        for chunks in groups.values():
+            for chunk in chunks:
+                self._run(chunk, threadsafe)
+
+    def _work(self) -> None:
+        configure_thread(self.threads)
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            jobs = [first]
+            rows = len(first.rows)
+            while self.enabled and rows < self.max_rows:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                jobs.append(nxt)
+                rows += len(nxt.rows)
+            self._run_groups(jobs, threadsafe=True)
+
+    def _run(self, jobs: list[_Job], threadsafe: bool) -> None:
+        def deliver(job: _Job, value: np.ndarray | BaseException) -> None:
+            if threadsafe:
+                job.loop.call_soon_threadsafe(_resolve, job.future, value)
+            else:
+                _resolve(job.future, value)
+
+        try:
+            rows = Rows.concat([j.rows for j in jobs])
+            probs = jobs[0].snapshot.runner.score(rows)
+            if self.metrics is not None:
+                self.metrics.batch_rows.observe(len(rows))
+        except Exception as exc:  # every waiter gets the error; the scorer keeps going
+            log.exception("model call failed")
+            for j in jobs:
+                deliver(j, exc)
+            return
+        start = 0
+        for j in jobs:
+            n = len(j.rows)
+            deliver(j, probs[start : start + n])
+            start += n

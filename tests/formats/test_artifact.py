@@ -1,0 +1,201 @@
+"""The artifact format: exact round trip, and tampered files refused with a clear message."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mdlora.formats.artifact import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    ArtifactError,
+    apply_adapter,
+    load_artifact,
+    make_adapter_package,
+    read_adapter_package,
+    save_artifact,
+    sha256_bytes,
+    write_adapter_package,
+)
+from mdlora.models.model import MultiDomainModel
+from tests.models.helpers import make_batch, make_config, perturb
+
+
+def build(method: str, backbone: str = "deepfm") -> MultiDomainModel:
+    model = perturb(MultiDomainModel(make_config(backbone, method)))
+    model.train()
+    batch = make_batch()
+    model(batch.sparse, batch.dense, batch.domains, batch.multi_hot)  # touch norm statistics
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", ["base", "mlora", "moe3", "multilora"])
+def test_save_load_scores_identically(tmp_path: Path, method: str, device: torch.device) -> None:
+    model = build(method, "dcn")
+    cpu_batch = make_batch()
+    with torch.no_grad():
+        expected_cpu = model.score_batch(cpu_batch)
+    model.to(device)
+    batch = cpu_batch.to(device)
+    with torch.no_grad():
+        expected = model.score_batch(batch)
+    encoder = {"kind": "test-encoder", "vocab": {"user": ["a", "b"]}}
+    # saved from a model on ``device``, loaded onto the device asked for
+    save_artifact(model, tmp_path / "art", encoder=encoder, metrics={"wauc": 0.7})
+    art = load_artifact(tmp_path / "art", map_location=device)
+    assert art.model.device.type == device.type
+    with torch.no_grad():
+        assert torch.equal(art.model.score_batch(batch), expected)
+        on_cpu = load_artifact(tmp_path / "art").model  # the default: the CPU
+        assert on_cpu.device.type == "cpu"
+        assert torch.equal(on_cpu.score_batch(cpu_batch), expected_cpu)
+    assert art.encoder == encoder
+    assert art.manifest["metrics"] == {"wauc": 0.7}
+    assert not list(tmp_path.glob(".art*")), "no temporary directories left behind"
+    files = {p.name for p in (tmp_path / "art").rglob("*") if p.is_file()}
+    assert not any(f.endswith((".pt", ".pth", ".pkl", ".bin")) for f in files)
+
+
+def test_saving_over_an_existing_artifact_replaces_it(tmp_path: Path) -> None:
+    save_artifact(build("mlora"), tmp_path / "art")
+    model = build("moe1")
+    save_artifact(model, tmp_path / "art")
+    assert load_artifact(tmp_path / "art").model.config.method == "moe"
+
+
+def _rewrite(
+    path: Path, manifest_path: Path | None, change: Callable[[dict[str, torch.Tensor]], object]
+) -> None:
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path)
+    if manifest_path is not None:  # keep the checksum right so the shape check is what fires
+        manifest = json.loads(manifest_path.read_text())
+        manifest["files"][path.name]["sha256"] = sha256_bytes(path.read_bytes())
+        manifest_path.write_text(json.dumps(manifest))
+
+
+def test_wrong_shape_names_tensor_and_both_shapes(tmp_path: Path) -> None:
+    save_artifact(build("mlora"), tmp_path / "art")
+    art = tmp_path / "art"
+    _rewrite(art / "backbone.safetensors", art / "manifest.json",
+             lambda t: t.__setitem__("head.weight", torch.zeros(1, 7)))  # fmt: skip
+    with pytest.raises(ArtifactError, match=r"'head\.weight'.*\(1, 7\).*expected \(1, 16\)"):
+        load_artifact(art)
+
+
+def test_missing_tensor_is_named(tmp_path: Path) -> None:
+    save_artifact(build("moe3"), tmp_path / "art")
+    art = tmp_path / "art"
+    _rewrite(art / "gate.safetensors", art / "manifest.json", lambda t: t.pop("gate.proj.bias"))
+    with pytest.raises(ArtifactError, match=r"missing tensor\(s\) \['gate\.proj\.bias'\]"):
+        load_artifact(art)
+
+
+def test_changed_file_fails_its_checksum(tmp_path: Path) -> None:
+    save_artifact(build("mlora"), tmp_path / "art")
+    art = tmp_path / "art"
+    _rewrite(art / "backbone.safetensors", None,
+             lambda t: t.__setitem__("head.bias", t["head.bias"] + 1))  # fmt: skip
+    with pytest.raises(ArtifactError, match="checksum"):
+        load_artifact(art)
+
+
+def test_nan_in_adapter_is_refused(tmp_path: Path) -> None:
+    save_artifact(build("mlora"), tmp_path / "art")
+    pkg_dir = next((tmp_path / "art" / "adapters").glob("*/*/1"))
+    tensors = load_file(pkg_dir / ADAPTER_WEIGHTS)
+    tensors["tower.0.lora_B"][0, 0] = float("nan")
+    save_file(tensors, pkg_dir / ADAPTER_WEIGHTS)
+    config = json.loads((pkg_dir / ADAPTER_CONFIG).read_text())
+    config["sha256"] = sha256_bytes((pkg_dir / ADAPTER_WEIGHTS).read_bytes())
+    (pkg_dir / ADAPTER_CONFIG).write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match=r"'tower\.0\.lora_B' has NaN"):
+        read_adapter_package(pkg_dir)
+
+
+def test_pickle_and_truncated_files_are_refused(tmp_path: Path) -> None:
+    model = build("mlora")
+    pkg = make_adapter_package(model, "occupation", "occ0")
+    pkg_dir = write_adapter_package(pkg, tmp_path / "p")
+    weights = (pkg_dir / ADAPTER_WEIGHTS).read_bytes()
+    (pkg_dir / ADAPTER_WEIGHTS).write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ArtifactError, match="checksum"):
+        read_adapter_package(pkg_dir)
+    config = json.loads((pkg_dir / ADAPTER_CONFIG).read_text())
+    del config["sha256"]
+    (pkg_dir / ADAPTER_CONFIG).write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match="not a valid safetensors"):
+        read_adapter_package(pkg_dir)
+    torch.save({"x": torch.zeros(2)}, pkg_dir / ADAPTER_WEIGHTS)  # a pickle, renamed
+    with pytest.raises(ArtifactError, match="pickles are never loaded"):
+        read_adapter_package(pkg_dir)
+
+
+def test_adapter_for_another_backbone_is_refused(tmp_path: Path) -> None:
+    other = build("mlora", "wdl")
+    pkg = make_adapter_package(other, "occupation", "occ0")
+    with pytest.raises(ArtifactError, match="mlora/wdl model, this model is mlora/deepfm"):
+        apply_adapter(build("mlora"), pkg)
+
+
+def test_adapter_package_round_trip_adds_a_domain(tmp_path: Path) -> None:
+    source = build("moe3")
+    source.add_domain("occupation", "newcomer")
+    with torch.no_grad():
+        for p in source.tower.banks.parameters():  # type: ignore[union-attr]
+            p[-3:].normal_()
+    pkg_dir = write_adapter_package(
+        make_adapter_package(source, "occupation", "newcomer", 2), tmp_path / "pkg"
+    )
+    target = build("moe3")
+    target.load_state_dict(
+        {k: v for k, v in source.state_dict().items() if not k.startswith(("tower.banks", "gate"))},
+        strict=False,
+    )
+    with torch.no_grad():
+        pairs = [
+            *zip(target.tower.banks.parameters(), source.tower.banks.parameters(), strict=True),  # type: ignore[union-attr]
+            *zip(target.gate.parameters(), source.gate.parameters(), strict=True),  # type: ignore[union-attr]
+        ]
+        for tp, sp in pairs:
+            tp.copy_(sp[: tp.shape[0]])
+    batch = make_batch(200, n_primary=7)
+    new_id = apply_adapter(target, read_adapter_package(pkg_dir))
+    assert new_id == 6
+    with torch.no_grad():
+        torch.testing.assert_close(target.score_batch(batch), source.score_batch(batch))
+
+
+def test_an_artifact_scores_raw_records_like_the_core(tmp_path: Path, device: torch.device) -> None:
+    import pandas as pd
+
+    from mdlora.formats.encoder import FeatureEncoder
+    from mdlora.models.features import EncodedBatch
+    from tests.service.demo import build_demo_artifact
+    from tests.service.helpers import core_scores
+
+    art_dir = build_demo_artifact(tmp_path / "a", method="mlora", division="age")
+    records: list[dict[str, object]] = [
+        {"user_id": 5, "movie_id": 3, "age": 25, "gender": "F"},
+        {"user_id": 7, "movie_id": 9, "age": 56},
+        {"user_id": 999999, "movie_id": 12, "age": 18},
+    ]
+    art = load_artifact(art_dir, map_location=device)
+    got = art.score(records)
+    assert got.shape == (3,) and ((got > 0) & (got < 1)).all()
+    assert np.allclose(got, core_scores(art_dir, records), atol=1e-5)
+    # ... and like the training encoder's own transform of the same rows
+    enc = FeatureEncoder.from_dict(art.encoder or {})
+    arrays = enc.transform(pd.DataFrame(records))
+    batch = EncodedBatch(*(torch.from_numpy(arrays[k]) for k in ("sparse", "dense", "domains")))
+    with torch.inference_mode():
+        assert np.allclose(got, art.model.score_batch(batch.to(device)).cpu().numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="domain"):
+        art.score([{"user_id": 5, "movie_id": 3, "age": 99}])
