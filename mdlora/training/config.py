@@ -42,6 +42,11 @@ PHASE_KINDS = ("backbone", "adapters", "expert", "gate", "lora", "fusion", "fine
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+#: rank temperature where neither the config nor the data setting gives one (own data,
+#: synthetic data): ranks 16, 8, 4 for the default tower 256-128-64
+DEFAULT_ALPHA = 16.0
+
+
 class ConfigError(ValueError):
     """A config file or override is invalid; the message says which key and why."""
 
@@ -93,7 +98,9 @@ class TrainConfig:
     activation: str = "relu"
     tower_norm: str = "none"
     backbone_options: dict[str, Any] = field(default_factory=dict)
-    alpha: float | None = None  # MLoRA rank temperature (None: the published value)
+    # MLoRA rank temperature (ranks max(out / alpha, 1)); None: the data setting's published
+    # value for the backbone (MovieLens, Taobao presets), else DEFAULT_ALPHA
+    alpha: float | None = None
     ranks: list[int] | None = None  # explicit per-layer adapter ranks
     experts_per_domain: int = 1  # MoE-MLoRA
     gate_dim: int = 4  # MoE-MLoRA gate's domain embedding size

@@ -48,7 +48,13 @@ from mdlora.models.features import EncodedBatch
 from mdlora.models.freeze import phase_groups
 from mdlora.models.methods import method_of
 from mdlora.models.model import Division, ModelConfig, MultiDomainModel
-from mdlora.training.config import ConfigError, TrainConfig, resolve_path, save_config
+from mdlora.training.config import (
+    DEFAULT_ALPHA,
+    ConfigError,
+    TrainConfig,
+    resolve_path,
+    save_config,
+)
 from mdlora.training.data.prepared import PreparedData
 from mdlora.training.distributed import (
     SINGLE,
@@ -139,6 +145,7 @@ class Hparams:
     batch_size: int
     l2: float
     ranks: tuple[int, ...] | None
+    alpha: float  # the rank temperature when ``ranks`` is None
     fusion_rank: int
 
     def to_dict(self) -> dict[str, Any]:
@@ -171,8 +178,18 @@ def resolve_hparams(cfg: TrainConfig, prepared: PreparedData) -> Hparams:
         batch_size=int(pick(cfg.batch_size, "batch_size", 1024)),
         l2=float(pick(cfg.l2, "l2", 1e-5)),
         ranks=None if ranks is None else tuple(int(r) for r in ranks),
+        alpha=resolve_alpha(cfg, hp),
         fusion_rank=fusion_rank,
     )
+
+
+def resolve_alpha(cfg: TrainConfig, hp: dict[str, Any]) -> float:
+    """The config's alpha, else the data setting's published one for the backbone, else
+    ``DEFAULT_ALPHA`` (own data gets no other dataset's value)."""
+    if cfg.alpha is not None:
+        return float(cfg.alpha)
+    published = hp.get("alpha", {})
+    return float(published.get(cfg.backbone, DEFAULT_ALPHA))
 
 
 def build_model(cfg: TrainConfig, prepared: PreparedData, hp: Hparams) -> MultiDomainModel:
@@ -183,7 +200,7 @@ def build_model(cfg: TrainConfig, prepared: PreparedData, hp: Hparams) -> MultiD
             embed_dim=hp.embed_dim, tower=hp.tower, dropout=hp.dropout,
             activation=cfg.activation, tower_norm=cfg.tower_norm,
             backbone_options=dict(cfg.backbone_options), method=cfg.model_method,
-            alpha=cfg.alpha, ranks=hp.ranks, experts_per_domain=cfg.experts_per_domain,
+            alpha=hp.alpha, ranks=hp.ranks, experts_per_domain=cfg.experts_per_domain,
             gate_dim=cfg.gate_dim, fusion=cfg.fusion, fusion_rank=hp.fusion_rank,
         )  # fmt: skip
     except ValueError as e:  # the method's and the core's own checks, with the run's context

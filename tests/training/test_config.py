@@ -83,3 +83,26 @@ def test_the_python_api_spellings_still_load() -> None:
     cfg = config_from_dict({"backbone": "DeepFM", "tower": (64, 32), "ranks": (4, 2),
                             "phase_lr": {"adapters": 0}})  # fmt: skip
     assert (cfg.backbone, cfg.tower, cfg.ranks) == ("deepfm", [64, 32], [4, 2])
+
+
+@pytest.mark.parametrize(
+    ("backbone", "hparams", "alpha", "expected"),
+    [
+        ("deepfm", "movielens", None, 32.0),  # the published MovieLens value
+        ("deepfm", "taobao", None, 256.0),  # Taobao's, not MovieLens's
+        ("nfm", "taobao", None, 16.0),
+        ("deepfm", "own", None, 16.0),  # own data: the documented default, no dataset's value
+        ("deepfm", "taobao", 8.0, 8.0),  # the config wins
+    ],
+)
+def test_the_rank_temperature_comes_from_the_config_then_the_data_setting(
+    backbone: str, hparams: str, alpha: float | None, expected: float
+) -> None:
+    from mdlora.training.config import config_from_dict
+    from mdlora.training.data.presets import MLORA_HPARAMS
+    from mdlora.training.data.taobao import TAOBAO_HPARAMS
+    from mdlora.training.run import resolve_alpha
+
+    hp = {"movielens": MLORA_HPARAMS, "taobao": TAOBAO_HPARAMS, "own": {}}[hparams]
+    cfg = config_from_dict({"backbone": backbone, "alpha": alpha})
+    assert resolve_alpha(cfg, hp) == expected

@@ -37,6 +37,7 @@ from mdlora.training.data.splits import random_split, stratified_domain_split, s
 __all__ = [
     "MLORA_DIVISIONS",
     "MLORA_HPARAMS",
+    "MOVIELENS_ALPHA",
     "MULTILORA_AGE_GROUPS",
     "MULTILORA_HPARAMS",
     "PRESETS",
@@ -53,7 +54,14 @@ MLORA_DIVISIONS: dict[str, list[str]] = {
     "occupation": [str(i) for i in range(21)],
 }
 
+#: MLoRA's published rank temperatures alpha for MovieLens, per backbone (ALGORITHMS.md §3)
+MOVIELENS_ALPHA: dict[str, float] = {
+    "autoint": 4, "dcn": 16, "deepfm": 32, "fibinet": 32, "nfm": 4,
+    "pnn": 16, "wdl": 16, "xdeepfm": 32, "mlp": 16,
+}  # fmt: skip
+
 MLORA_HPARAMS: dict[str, Any] = {
+    "alpha": MOVIELENS_ALPHA,  # per backbone
     "embed_dim": 8,
     "tower": [256, 128, 64],
     "dropout": 0.5,
@@ -72,6 +80,7 @@ MULTILORA_AGE_GROUPS: dict[str, tuple[int, ...]] = {
 }
 
 MULTILORA_HPARAMS: dict[str, Any] = {
+    "alpha": MOVIELENS_ALPHA,  # MLoRA-style methods on this setting (MultiLoRA: lora_rank)
     "embed_dim": 16,
     "tower": [256, 128],
     "lora_rank": [8, 8],

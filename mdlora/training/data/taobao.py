@@ -36,6 +36,7 @@ from mdlora.training.data.prepared import DataError, PreparedData, encode_splits
 from mdlora.training.data.splits import stratified_domain_split, subsample
 
 __all__ = [
+    "TAOBAO_ALPHA",
     "TAOBAO_HPARAMS",
     "build_taobao_frame",
     "load_taobao",
@@ -44,7 +45,14 @@ __all__ = [
     "write_synthetic_taobao",
 ]
 
+#: MLoRA's published rank temperatures alpha for Taobao, per backbone (ALGORITHMS.md §3)
+TAOBAO_ALPHA: dict[str, float] = {
+    "autoint": 16, "dcn": 16, "deepfm": 256, "fibinet": 256, "nfm": 16,
+    "pnn": 16, "wdl": 16, "xdeepfm": 16, "mlp": 256,
+}  # fmt: skip
+
 TAOBAO_HPARAMS: dict[str, Any] = {
+    "alpha": TAOBAO_ALPHA,  # per backbone
     "embed_dim": 8,
     "tower": [256, 128, 64],
     "dropout": 0.5,
