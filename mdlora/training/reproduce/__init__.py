@@ -28,7 +28,7 @@ The wing, one job a module: ``grid`` (the papers' numbers, cells, settings), ``d
 loaded once, the held-out occupation), ``runner`` (one cell), ``cache`` (one JSON file a
 cell), ``schedule`` (walking the grid, group locks), ``stats`` (means over seeds), ``report``
 and ``summary`` (``docs/results.md``), ``plots`` (its PNGs), ``run`` (the entry point). This
-package re-exports their names, so ``from training.reproduce import ...`` keeps working.
+package re-exports their names, so ``from mdlora.training.reproduce import ...`` keeps working.
 """
 
 from __future__ import annotations
