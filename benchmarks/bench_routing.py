@@ -31,6 +31,7 @@ import torch
 
 from mdlora.models.features import EncodedBatch, FeatureSpec, SparseField
 from mdlora.models.model import Division, ModelConfig, MultiDomainModel
+from mdlora.training.data.presets import MOVIELENS_ALPHA
 
 BATCH = 1024
 STRATEGIES = ("bag", "fused_down", "kernel", "merged")
@@ -43,7 +44,7 @@ def make_model(backbone: str, method: str, n_domains: int, experts: int = 1) -> 
     div = Division("domain", tuple(f"d{i}" for i in range(n_domains)))
     cfg = ModelConfig(
         spec, (div,), backbone=backbone, method=method, embed_dim=8, tower=(256, 128, 64),
-        experts_per_domain=experts,
+        experts_per_domain=experts, alpha=MOVIELENS_ALPHA[backbone],  # MovieLens-shaped
     )  # fmt: skip
     model = MultiDomainModel(cfg)
     with torch.no_grad():  # trained-looking adapters (B starts at zero)

@@ -562,11 +562,26 @@ def read_manifest(directory: Path | str) -> dict[str, Any]:
     return manifest
 
 
+#: the rank temperatures that configs saved without ``alpha`` and ``ranks`` were built with
+#: (the core once defaulted to MLoRA's published MovieLens values; training now saves alpha)
+LEGACY_ALPHA: dict[str, float] = {
+    "autoint": 4, "dcn": 16, "deepfm": 32, "fibinet": 32, "nfm": 4,
+    "pnn": 16, "wdl": 16, "xdeepfm": 32, "mlp": 16,
+}  # fmt: skip
+
+
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    """A saved model config; one without ``alpha`` and ``ranks`` gets the ranks it had."""
+    if d.get("alpha") is None and d.get("ranks") is None:
+        d = {**d, "alpha": LEGACY_ALPHA.get(str(d.get("backbone")), 16)}
+    return ModelConfig.from_dict(d)
+
+
 def load_artifact(directory: Path | str, map_location: str | torch.device = "cpu") -> Artifact:
     """Rebuild the model of an artifact directory, checking every file against the manifest."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    config = ModelConfig.from_dict(manifest["model"])
+    config = model_config_from_dict(manifest["model"])
     model = MultiDomainModel(config)
     shared: dict[str, Tensor] = {}
     for name, info in manifest["files"].items():

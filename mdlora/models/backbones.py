@@ -23,13 +23,6 @@ from mdlora.models import layers
 
 Out = tuple[Tensor, Tensor | None, Tensor | None]
 
-# MLoRA's published rank temperatures alpha for MovieLens (ALGORITHMS.md §3).
-MOVIELENS_ALPHA = {
-    "autoint": 4, "dcn": 16, "deepfm": 32, "fibinet": 32, "nfm": 4,
-    "pnn": 16, "wdl": 16, "xdeepfm": 32, "mlp": 16,
-}  # fmt: skip
-
-
 class Interaction(nn.Module):
     uses_linear = False
     tower_in: int

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from mdlora.models.backbones import MOVIELENS_ALPHA, build_interaction
+from mdlora.models.backbones import build_interaction
 from mdlora.models.features import EncodedBatch, FeatureSpec, FieldEmbedding
 from mdlora.models.gate import DomainGate
 from mdlora.models.lora import (
@@ -67,7 +67,9 @@ class ModelConfig:
     tower_norm: str = "none"  # "none" or "batch" (shared batch norm in the tower)
     backbone_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"cross_layers": 2}
     method: str = "base"  # base, mlora, moe, multilora
-    alpha: float | None = None  # MLoRA rank temperature; None = the published MovieLens value
+    # MLoRA rank temperature: ranks max(floor(out / alpha), 1). A method with adapters needs
+    # alpha or ranks; the core has no dataset's default (training resolves it per data setting)
+    alpha: float | None = None
     ranks: tuple[int, ...] | None = None  # explicit per-layer ranks (override alpha)
     experts_per_domain: int = 1  # MoE-MLoRA: k experts per domain
     gate_dim: int = 4  # MoE-MLoRA: domain embedding size of the gate
@@ -79,6 +81,8 @@ class ModelConfig:
         if not self.divisions:
             raise ValueError("a model needs at least one division")
         method.check(self)
+        if method.adapted and self.ranks is None and self.alpha is None:
+            raise ValueError(f"method {self.method!r} needs adapter ranks: set ranks or alpha")
         if self.experts_per_domain < 1:
             raise ValueError("experts_per_domain must be >= 1")
         self.tower = tuple(self.tower)
@@ -90,8 +94,11 @@ class ModelConfig:
             if len(self.ranks) != len(self.tower):
                 raise ValueError(f"ranks {self.ranks} must have one entry per layer {self.tower}")
             return list(self.ranks)
-        alpha = self.alpha if self.alpha is not None else MOVIELENS_ALPHA.get(self.backbone, 16)
-        return [rank_from_alpha(o, alpha) for o in self.tower]
+        if self.alpha is None:
+            if not method_of(self.method).adapted:
+                return []  # nothing has a rank
+            raise ValueError(f"method {self.method!r} needs adapter ranks: set ranks or alpha")
+        return [rank_from_alpha(o, self.alpha) for o in self.tower]
 
     def division(self, name: str) -> Division:
         for d in self.divisions:

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from mdlora.formats.artifact import save_artifact
+from mdlora.formats.artifact import model_config_from_dict, save_artifact
 from mdlora.formats.fileio import share_tree
-from mdlora.models.model import ModelConfig, MultiDomainModel
+from mdlora.models.model import MultiDomainModel
 
 if TYPE_CHECKING:
     from mdlora.training.run import RunResult
@@ -82,7 +82,7 @@ def save_final(result: RunResult) -> Path:
 def load_model(weights: Path, meta: Path, device: str | torch.device = "cpu") -> MultiDomainModel:
     """A model from ``final/`` files (safetensors weights, JSON config and stage)."""
     info = json.loads(meta.read_text())
-    model = MultiDomainModel(ModelConfig.from_dict(info["config"]))
+    model = MultiDomainModel(model_config_from_dict(info["config"]))
     model.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
     stage = info["stage"]
     model.set_stage(stage["name"], expert=stage.get("expert"), division=stage.get("division"))

@@ -199,3 +199,26 @@ def test_an_artifact_scores_raw_records_like_the_core(tmp_path: Path, device: to
         assert np.allclose(got, art.model.score_batch(batch.to(device)).cpu().numpy(), atol=1e-6)
     with pytest.raises(ValueError, match="domain"):
         art.score([{"user_id": 5, "movie_id": 3, "age": 99}])
+
+
+def test_an_artifact_saved_without_alpha_or_ranks_loads_with_the_ranks_it_had(
+    tmp_path: Path,
+) -> None:
+    """Before training resolved alpha per data setting, configs were saved with neither alpha
+    nor ranks and the core filled in MovieLens's value; those artifacts still load alike."""
+    model = perturb(MultiDomainModel(make_config("deepfm", "mlora", ranks=None, alpha=32.0)))
+    model.eval()
+    path = save_artifact(model, tmp_path / "art")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["model"]["alpha"] = None
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    art = load_artifact(path)
+    assert art.model.config.lora_ranks() == model.config.lora_ranks()
+    batch = make_batch(16)
+    assert torch.equal(art.model.score_batch(batch), model.score_batch(batch))
+
+
+def test_a_method_with_adapters_needs_ranks_or_alpha() -> None:
+    with pytest.raises(ValueError, match="needs adapter ranks: set ranks or alpha"):
+        make_config("deepfm", "mlora", ranks=None)
+    assert make_config("deepfm", "base", ranks=None).lora_ranks() == []

@@ -126,6 +126,7 @@ def demo_model(
     enc = data.encoder
     divisions = tuple(Division(d, tuple(enc.domain_names(d))) for d in enc.divisions)
     torch.manual_seed(seed)
+    config = {"alpha": 32.0, **config}  # adapter ranks 2, 1 for the default tower
     cfg = ModelConfig(
         features=enc.feature_spec(),
         divisions=divisions,
