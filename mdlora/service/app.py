@@ -18,7 +18,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-import orjson
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -29,9 +28,10 @@ from starlette.routing import BaseRoute, Match
 
 from mdlora import __version__
 from mdlora.service.api import admin, feedback, health, predict, rollouts
+from mdlora.service.api.errors import error_response, not_allowed, status_of
 from mdlora.service.api.predict import PredictFastPath
 from mdlora.service.control import ControlPlane
-from mdlora.service.errors import ServiceError
+from mdlora.service.errors import Refused, ServiceError, TooLarge
 from mdlora.service.feature_store import FeatureStore, RequestEncoder, detect_id_fields
 from mdlora.service.feedback import FeedbackBatch, open_feedback
 from mdlora.service.metrics import ServiceMetrics
@@ -228,7 +228,7 @@ class BodyLimitMiddleware:
 
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
-                response = _error(413, {"detail": too_large(int(value))})
+                response = error_response(TooLarge(too_large(int(value))))
                 await response(scope, receive, send)
                 return
         received = 0
@@ -239,15 +239,12 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    # an HTTPException passes FastAPI's body parsing unchanged: answered as 413
-                    raise HTTPException(413, too_large(received))
+                    # an HTTPException passes FastAPI's body parsing unchanged (a ServiceError
+                    # would become its 400), answered as TooLarge's status
+                    raise HTTPException(status_of(TooLarge), too_large(received))
             return message
 
         await self.app(scope, limited, send)
-
-
-def _error(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status, headers=headers, media_type="application/json")
 
 
 HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
@@ -393,18 +390,13 @@ def create_app(
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:
-        return _error(exc.status, exc.body(), exc.headers)
+        return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code != 405:
             return await http_exception_handler(request, exc)
-        allowed = ", ".join(allowed_methods(app, request.scope))
-        return _error(
-            405,
-            {"detail": f"{request.method} is not allowed on {request.url.path}; use {allowed}"},
-            {"Allow": allowed},
-        )
+        return not_allowed(request.method, request.url.path, allowed_methods(app, request.scope))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
@@ -423,7 +415,7 @@ def create_app(
             msg = f"send {field} as a file part (curl -F {field}=@{field}.json style), not as text"
             if field == "adapter_model":
                 msg = msg.replace(".json", ".safetensors")
-        return _error(422, {"detail": f"invalid request at {where}: {msg}", "errors": errors})
+        return error_response(Refused(f"invalid request at {where}: {msg}", errors=errors))
 
     app.openapi = _openapi(app)  # type: ignore[method-assign]
     return app

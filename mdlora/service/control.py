@@ -16,7 +16,7 @@ A registry that went backwards (a Redis that lost its data) is never followed: s
 Removing a domain: a domain registered after training is removed (requests for it then
 follow ``MDLORA_UNKNOWN_DOMAIN``). A domain the artifact was trained with cannot lose its
 trained adapter: removing it drops its registered versions and it serves its artifact version
-again; when it already does, the removal is refused (409).
+again; when it already does, the removal is refused (a conflict).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from mdlora.formats.artifact import (
     parse_adapter_package,
 )
 from mdlora.models.state import TensorMismatchError, gate_scope_conflict
-from mdlora.service.errors import ServiceError
+from mdlora.service.errors import Conflict, NotFound, Refused, ServiceError, TooLarge, Unavailable
 from mdlora.service.metrics import ServiceMetrics
 from mdlora.service.recovery import HeldPackages, Recovery, RegistryDiverged
 from mdlora.service.registry import (
@@ -60,6 +60,7 @@ from mdlora.service.snapshot import ArtifactBase, LoadedAdapter, Snapshot, Snaps
 
 log = logging.getLogger("mdlora.service")
 T = TypeVar("T")
+E = TypeVar("E", bound=ServiceError)
 COMMIT_ATTEMPTS = 5
 
 
@@ -330,22 +331,18 @@ class ControlPlane:
             state = self.store.read_state()
         except RegistryUnavailable as exc:
             self._mark(exc)
-            raise ServiceError(
-                503, f"the registry is unavailable, nothing was changed: {exc}"
-            ) from None
+            raise Unavailable(f"the registry is unavailable, nothing was changed: {exc}") from None
         except RegistryError as exc:
-            raise ServiceError(503, str(exc)) from None
+            raise Unavailable(str(exc)) from None
         self._mark(None)
         try:
             return self.recovery.follow(self.known_state, state)
         except RegistryUnavailable as exc:
             self._mark(exc)
-            raise ServiceError(
-                503, f"the registry is unavailable, nothing was changed: {exc}"
-            ) from None
+            raise Unavailable(f"the registry is unavailable, nothing was changed: {exc}") from None
         except RegistryDiverged as exc:
             self._retry_soon()
-            raise ServiceError(503, f"nothing was changed: {exc}") from None
+            raise Unavailable(f"nothing was changed: {exc}") from None
 
     def _commit(
         self,
@@ -360,9 +357,7 @@ class ControlPlane:
             self.store.commit(state.version, new, package, event)
         except RegistryUnavailable as exc:
             self._mark(exc)
-            raise ServiceError(
-                503, f"the registry is unavailable, nothing was changed: {exc}"
-            ) from None
+            raise Unavailable(f"the registry is unavailable, nothing was changed: {exc}") from None
         self.known_state = new
         self._swap(snapshot)
         self._note_unloaded()
@@ -371,9 +366,10 @@ class ControlPlane:
         """What is wrong with ``snapshot``'s scores in ``key`` (None: finite probabilities)."""
         return probe_problem(snapshot, *key)
 
-    def _refuse(self, status: int, message: str) -> ServiceError:
+    def _refuse(self, error: E) -> E:
+        """``error``, counted as a refused adapter load."""
         self.metrics.adapter_loads.labels("refused").inc()
-        return ServiceError(status, message)
+        return error
 
     def register(
         self, config: bytes, weights: bytes, canary_percent: float | None = None
@@ -382,9 +378,10 @@ class ControlPlane:
         ``canary_percent``: as a canary rollout beside the active version (service.rollout)."""
         if len(weights) > self.max_adapter_bytes:
             raise self._refuse(
-                413,
-                f"adapter_model.safetensors is {len(weights)} bytes, over the "
-                f"{self.max_adapter_bytes}-byte limit (MDLORA_MAX_ADAPTER_BYTES)",
+                TooLarge(
+                    f"adapter_model.safetensors is {len(weights)} bytes, over the "
+                    f"{self.max_adapter_bytes}-byte limit (MDLORA_MAX_ADAPTER_BYTES)"
+                )
             )
         try:
             pkg = parse_adapter_package(config, weights, self.max_adapter_bytes)
@@ -396,7 +393,7 @@ class ControlPlane:
             if conflict:
                 raise ArtifactError(conflict)
         except ArtifactError as exc:
-            raise self._refuse(422, f"adapter refused: {exc}") from None
+            raise self._refuse(Refused(f"adapter refused: {exc}")) from None
         digest = package_digest(config, weights)
         for _ in range(COMMIT_ATTEMPTS):
             state = self._read()
@@ -429,11 +426,11 @@ class ControlPlane:
             try:
                 snapshot = current.with_adapters([(pkg, loaded)], state.version + 1)
             except (ArtifactError, TensorMismatchError, ValueError, KeyError) as exc:
-                raise self._refuse(422, f"adapter refused: {error_text(exc)}") from None
+                raise self._refuse(Refused(f"adapter refused: {error_text(exc)}")) from None
             self.prepare(snapshot)
             problem = self._probe(snapshot, key)
             if problem:
-                raise self._refuse(422, f"adapter refused: {problem}")
+                raise self._refuse(Refused(f"adapter refused: {problem}"))
             if canary_percent is None:
                 self.rollouts.refuse_change(state, key, "registration")
                 new = state.with_entry(
@@ -475,7 +472,7 @@ class ControlPlane:
                 "new_domain": new_domain,
                 "registry_version": new.version,
             }
-        raise ServiceError(503, "the registry kept changing under this registration; retry")
+        raise Unavailable("the registry kept changing under this registration; retry")
 
     def _change(self, key: DomainKey, action: str) -> dict[str, Any]:
         """Rollback or removal of ``key`` (runs on the builder thread)."""
@@ -483,8 +480,7 @@ class ControlPlane:
             state = self._read()
             current = self._sync(state)
             if key not in current.adapters:
-                raise ServiceError(
-                    404,
+                raise NotFound(
                     f"no adapter for {key[0]}/{key[1]}; known: "
                     f"{sorted('/'.join(k) for k in current.adapters)}",
                 )
@@ -494,8 +490,7 @@ class ControlPlane:
             active = entry.active if entry else None
             if action == "rollback":
                 if active is None:
-                    raise ServiceError(
-                        409,
+                    raise Conflict(
                         f"{key[0]}/{key[1]} serves its artifact version "
                         f"{artifact.version if artifact else '?'}: nothing to roll "
                         "back to",
@@ -503,15 +498,13 @@ class ControlPlane:
                 assert entry is not None
                 older = [r.version for r in entry.versions if r.version < active]
                 if not older and artifact is None:
-                    raise ServiceError(
-                        409,
+                    raise Conflict(
                         f"{key[0]}/{key[1]} has a single version; remove it with DELETE instead",
                     )
                 target: int | None = max(older) if older else None
             else:
                 if active is None:
-                    raise ServiceError(
-                        409,
+                    raise Conflict(
                         f"{key[0]}/{key[1]} was trained with the artifact and "
                         "serves that version; its trained adapter cannot be removed",
                     )
@@ -521,8 +514,7 @@ class ControlPlane:
             want = self.desired(new)
             snapshot = self._build(current, new, want)
             if key in want and snapshot.adapters.get(key) != want[key]:
-                raise ServiceError(
-                    409,
+                raise Conflict(
                     f"{key[0]}/{key[1]} cannot go back to v{want[key].version}: "
                     f"{self._load_errors.pop(key, 'its package cannot be loaded')}",
                 )
@@ -546,7 +538,7 @@ class ControlPlane:
                 "origin": served.origin if served else None,
                 "registry_version": new.version,
             }
-        raise ServiceError(503, "the registry kept changing under this change; retry")
+        raise Unavailable("the registry kept changing under this change; retry")
 
     def rollback(self, division: str, domain: str) -> dict[str, Any]:
         return self._change((division, domain), "rollback")
@@ -567,7 +559,7 @@ class ControlPlane:
         artifact = self.base.adapters.get(key)
         entry = state.domains.get(key)
         if served is None and entry is None:
-            raise ServiceError(404, f"no adapter for {key[0]}/{key[1]}")
+            raise NotFound(f"no adapter for {key[0]}/{key[1]}")
         versions = []
         if artifact is not None:
             versions.append(

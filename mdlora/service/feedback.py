@@ -10,13 +10,13 @@ event is counted as a duplicate, not twice) and appended to a sliding window of 
 gives counts, mean score, observed CTR, calibration (mean score over CTR), LogLoss and AUC.
 
 A batch is checked whole before anything is recorded: an unknown (or expired) request id, an
-item that answer did not score, a wrong type or too many events refuse the batch (4xx) and
+item that answer did not score, a wrong type or too many events refuse the batch and
 nothing changes.
 
 With Redis (``MDLORA_REGISTRY=redis``) the answers and the windows are shared: any replica
 joins feedback for any replica's answer, and the guard sees every replica's events. Answers
 are written by a background thread (the predict path only queues them), so feedback can reach
-another replica a few milliseconds before its answer does; it is refused then (404) and can
+another replica a few milliseconds before its answer does; it is refused then (not found) and can
 be sent again.
 
 The guard (:meth:`Feedback.check`): once both versions of a running rollout have
@@ -46,7 +46,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from mdlora.formats.encoder import canonical_value
-from mdlora.service.errors import ServiceError
+from mdlora.service.errors import NotFound, Refused, ServiceError, Unavailable
 from mdlora.service.registry import DomainKey
 from mdlora.service.rollout import Rollout, Served, rollout_of
 from mdlora.service.schemas import Id
@@ -267,8 +267,7 @@ class Feedback:
         limit = self.settings.feedback_max_events
         if len(events) > limit:
             self.metrics.feedback_events.labels("refused").inc(len(events))
-            raise ServiceError(
-                422,
+            raise Refused(
                 f"the batch has {len(events)} events, over the limit of {limit} "
                 "(MDLORA_FEEDBACK_MAX_EVENTS); split it",
             )
@@ -302,8 +301,7 @@ class Feedback:
             found.update(await self._shared(self._fetch_shared, missing))
             missing = sorted(ids - set(found))
         if missing:
-            raise ServiceError(
-                404,
+            raise NotFound(
                 f"{len(missing)} request id(s) unknown or expired, e.g. {missing[:5]}: feedback is "
                 "kept for answers of domains with a running rollout, for MDLORA_FEEDBACK_TTL_S; "
                 "nothing was recorded",
@@ -312,15 +310,15 @@ class Feedback:
         return found
 
     async def _shared(self, fn: Any, *args: Any) -> Any:
-        """``fn(*args)`` (Redis calls) on a worker thread; 503 when Redis fails."""
+        """``fn(*args)`` (Redis calls) on a worker thread; :class:`Unavailable` when Redis fails."""
         import redis
 
         try:
             return await asyncio.to_thread(fn, *args)
         except (redis.RedisError, OSError) as exc:
             self.metrics.feedback_events.labels("refused").inc()
-            raise ServiceError(
-                503, f"the shared feedback store (Redis) is unavailable: {exc}; send it again"
+            raise Unavailable(
+                f"the shared feedback store (Redis) is unavailable: {exc}; send it again"
             ) from None
 
     def _fetch_shared(self, ids: list[str]) -> dict[str, Answer]:
@@ -346,8 +344,7 @@ class Feedback:
                 seen.add((e.request_id, i))
                 out.append((e.request_id, i, e.clicked))
         if bad:
-            raise ServiceError(
-                422,
+            raise Refused(
                 f"{len(bad)} event(s) name an item their answer did not score (events "
                 f"{bad[:10]}): give the item's id or its 0-based position in that request; "
                 "nothing was recorded",

@@ -68,7 +68,7 @@ class RegistryError(RuntimeError):
 
 
 class RegistryUnavailable(RegistryError):
-    """The store cannot be reached or written (answered 503; serving continues)."""
+    """The store cannot be reached or written (refused as unavailable; serving continues)."""
 
 
 class RegistryConflict(RegistryError):

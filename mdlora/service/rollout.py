@@ -34,7 +34,7 @@ import numpy as np
 
 from mdlora.formats.artifact import GROWN_VOCAB, AdapterPackage, ArtifactError, error_text
 from mdlora.models.state import TensorMismatchError, install_adapter, split_rows
-from mdlora.service.errors import ServiceError
+from mdlora.service.errors import Conflict, NotFound, Refused, Unavailable
 from mdlora.service.registry import (
     DomainKey,
     RegistryConflict,
@@ -42,7 +42,7 @@ from mdlora.service.registry import (
     RegistryState,
     set_active,
 )
-from mdlora.service.runtime import PROBE_ROWS, synthetic_rows
+from mdlora.service.runtime import PROBE_ROWS, runner_of, synthetic_rows
 from mdlora.service.snapshot import Canary, LoadedAdapter, Snapshot, cow_copy
 
 if TYPE_CHECKING:
@@ -220,8 +220,7 @@ class Rollouts:
         """A registration, rollback or removal of a domain with a running rollout is refused."""
         rollout = rollout_of(state, key)
         if rollout is not None and rollout.running:
-            raise ServiceError(
-                409,
+            raise Conflict(
                 f"{key[0]}/{key[1]} has a canary rollout of v{rollout.version} running: promote "
                 f"or abort it (POST /v1/rollouts/{key[0]}/{key[1]}/promote or /abort) before "
                 f"this {action}",
@@ -230,24 +229,23 @@ class Rollouts:
     def check_start(
         self, current: Snapshot, state: RegistryState, key: DomainKey, percent: float
     ) -> None:
-        """Why a canary of ``key`` cannot start now (ServiceError), else nothing."""
+        """Why a canary of ``key`` cannot start now (a ServiceError), else nothing."""
         if not 0.0 <= percent <= 100.0:
-            raise ServiceError(422, f"percent must be between 0 and 100, got {percent}")
+            raise Refused(f"percent must be between 0 and 100, got {percent}")
         if key[0] not in current.adapted:
-            raise ServiceError(422, f"division {key[0]!r} has no adapters to roll out")
+            raise Refused(f"division {key[0]!r} has no adapters to roll out")
         if key not in current.adapters:
-            raise ServiceError(
-                409,
+            raise Conflict(
                 f"{key[0]}/{key[1]} serves no version yet: a new domain has nothing to compare a "
                 "canary with; register it without a canary",
             )
         if current.grown.get(key):
-            raise ServiceError(
-                409, f"{key[0]}/{key[1]}'s active version brings grown ids: no canary possible"
+            raise Conflict(
+                f"{key[0]}/{key[1]}'s active version brings grown ids: no canary possible"
             )
         problem = canary_problem(current, key)
         if problem:
-            raise ServiceError(409, problem)
+            raise Conflict(problem)
 
     def register_as_canary(
         self,
@@ -262,7 +260,7 @@ class Rollouts:
         self.refuse_change(state, key, "registration")
         self.check_start(current, state, key, percent)
         if pkg.config.get(GROWN_VOCAB):
-            raise ServiceError(409, "a version that brings grown ids cannot be a canary")
+            raise Conflict("a version that brings grown ids cannot be a canary")
         entry = state.domains.get(key)
         stable = current.adapters[key].version
         added = set_active(entry, entry.active if entry else None, record)
@@ -288,8 +286,7 @@ class Rollouts:
             record = entry.record(version) if entry else None
             if entry is None or record is None:
                 listed = [r.version for r in entry.versions] if entry else []
-                raise ServiceError(
-                    404,
+                raise NotFound(
                     f"{key[0]}/{key[1]} has no registered version {version} (registered: "
                     f"{listed}); register it with POST /v1/adapters (canary_percent) first",
                 )
@@ -297,26 +294,25 @@ class Rollouts:
             running = Rollout.from_dict(entry.rollout)
             if running is not None and running.running:
                 if running.version != version:
-                    raise ServiceError(
-                        409,
+                    raise Conflict(
                         f"{key[0]}/{key[1]} has a rollout of v{running.version} running: "
                         "promote or abort it first",
                     )
                 rollout = replace(running, percent=float(percent)).to_dict()
             elif version == stable:
-                raise ServiceError(409, f"v{version} is already the active version")
+                raise Conflict(f"v{version} is already the active version")
             else:
                 rollout = self._new(version, stable, percent)
             new = state.with_entry(key, replace(entry, rollout=rollout))
             snapshot = attach(control, current.with_registry_version(new.version), new)
             canary = snapshot.canaries.get(key)
             if canary is None or canary.loaded.version != version:
-                raise ServiceError(
-                    409, f"{key[0]}/{key[1]} v{version} cannot be loaded as a canary (see logs)"
+                raise Conflict(
+                    f"{key[0]}/{key[1]} v{version} cannot be loaded as a canary (see logs)"
                 )
             problem = _probe(snapshot, key, canary)
             if problem:
-                raise ServiceError(422, f"canary refused: {problem}")
+                raise Refused(f"canary refused: {problem}")
             try:
                 control._commit(
                     state, new, snapshot, None,
@@ -327,7 +323,7 @@ class Rollouts:
             control.metrics.rollout_decisions.labels("start", "admin").inc()
             log.info("rollout %s/%s v%d at %s%%", key[0], key[1], version, percent)
             return self.describe(key)
-        raise ServiceError(503, "the registry kept changing under this change; retry")
+        raise Unavailable("the registry kept changing under this change; retry")
 
     def decide(
         self,
@@ -347,13 +343,12 @@ class Rollouts:
             entry = state.domains.get(key)
             rollout = Rollout.from_dict(entry.rollout if entry else None)
             if entry is None or rollout is None or not rollout.running:
-                raise ServiceError(
-                    409 if rollout is not None else 404,
+                raise (Conflict if rollout is not None else NotFound)(
                     f"{key[0]}/{key[1]} has no running rollout"
                     + (f" (its last one was {rollout.state})" if rollout else ""),
                 )
             if rollout_id is not None and rollout.id != rollout_id:
-                raise ServiceError(409, "the rollout changed meanwhile")
+                raise Conflict("the rollout changed meanwhile")
             done = replace(
                 rollout,
                 state=PROMOTED if decision == "promote" else ABORTED,
@@ -366,7 +361,7 @@ class Rollouts:
             if decision == "promote":
                 snapshot = control._build(current, new, control.desired(new))
                 if snapshot.adapters.get(key) != control.desired(new).get(key):
-                    raise ServiceError(409, f"v{rollout.version} cannot be loaded (see logs)")
+                    raise Conflict(f"v{rollout.version} cannot be loaded (see logs)")
             else:
                 snapshot = current.with_registry_version(new.version)
             try:
@@ -382,7 +377,7 @@ class Rollouts:
                 f": {reason}" if reason else "",
             )  # fmt: skip
             return self.describe(key)
-        raise ServiceError(503, "the registry kept changing under this change; retry")
+        raise Unavailable("the registry kept changing under this change; retry")
 
     def describe(self, key: DomainKey) -> dict[str, Any]:
         """The rollout of ``key`` as the registry holds it, and what this replica serves."""
@@ -391,8 +386,8 @@ class Rollouts:
         rollout = rollout_of(control.known_state, key)
         if rollout is None:
             if key not in snap.adapters:
-                raise ServiceError(404, f"no adapter for {key[0]}/{key[1]}")
-            raise ServiceError(404, f"{key[0]}/{key[1]} has had no rollout")
+                raise NotFound(f"no adapter for {key[0]}/{key[1]}")
+            raise NotFound(f"{key[0]}/{key[1]} has had no rollout")
         canary = snap.canaries.get(key)
         served = snap.adapters.get(key)
         return {
@@ -414,7 +409,7 @@ def _probe(snapshot: Snapshot, key: DomainKey, canary: Canary) -> str | None:
     rows = synthetic_rows(snapshot.serving_model, PROBE_ROWS, seed=1)
     rows.sparse[:4] = 0
     rows.domains[:, snapshot.divisions.index(key[0])] = canary.domain_id
-    probs = np.asarray(snapshot.runner.score(rows), dtype=np.float64)
+    probs = np.asarray(runner_of(snapshot).score(rows), dtype=np.float64)
     bad = int((~np.isfinite(probs)).sum())
     return f"its scores are not finite for {bad} of {len(probs)} probe rows" if bad else None
 

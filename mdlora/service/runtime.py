@@ -91,6 +91,14 @@ class Runner(Protocol):
     def score(self, rows: Rows) -> np.ndarray: ...
 
 
+def runner_of(snapshot: Snapshot) -> Runner:
+    """``snapshot``'s runner (the runtime attaches one before the snapshot serves)."""
+    runner = snapshot.runner
+    if runner is None:
+        raise RuntimeError("this snapshot has no runner yet: the runtime prepares it first")
+    return runner
+
+
 def configure_thread(threads: int | None) -> None:
     """Intra-op threads for model calls made from the calling thread.
 
@@ -310,7 +318,7 @@ def warm_up(snapshot: Snapshot) -> None:
     rows = synthetic_rows(snapshot.serving_model, 4)
     if snapshot.backbone_model is not None:
         rows.backbone = np.array([False, True, False, True])
-    snapshot.runner.score(rows)
+    runner_of(snapshot).score(rows)
 
 
 PROBE_ROWS = 64
@@ -325,7 +333,7 @@ def probe_problem(snapshot: Snapshot, division: str, domain: str) -> str | None:
     rows.dense[4:8] = 0.0
     rows.dense[8:12] = 1.0
     rows.domains[:, snapshot.divisions.index(division)] = snapshot.domain_ids[division][domain]
-    probs = np.asarray(snapshot.runner.score(rows), dtype=np.float64)
+    probs = np.asarray(runner_of(snapshot).score(rows), dtype=np.float64)
     bad = int((~np.isfinite(probs)).sum())
     if bad:
         return (
@@ -460,7 +468,7 @@ class MicroBatcher:
 
         try:
             rows = Rows.concat([j.rows for j in jobs])
-            probs = jobs[0].snapshot.runner.score(rows)
+            probs = runner_of(jobs[0].snapshot).score(rows)
             if self.metrics is not None:
                 self.metrics.batch_rows.observe(len(rows))
         except Exception as exc:  # every waiter gets the error; the scorer keeps going

@@ -22,7 +22,7 @@ import numpy as np
 
 from mdlora.formats.encoder import canonical_value
 from mdlora.models.features import OOV_ID
-from mdlora.service.errors import ServiceError
+from mdlora.service.errors import ModelFault, NotFound, Refused, ServiceError
 from mdlora.service.feature_store import FeatureStore, RequestEncoder
 from mdlora.service.metrics import UNKNOWN_DOMAIN_LABEL, ServiceMetrics
 from mdlora.service.rollout import Served, route
@@ -85,8 +85,7 @@ class Predictor:
         user: dict[str, Any] = dict(req.user.features)
         if req.user.id is not None:
             if self.user_field is None:
-                raise ServiceError(
-                    422,
+                raise Refused(
                     "this model has no user-id field: send user.features "
                     "(or set MDLORA_USER_ID_FIELD)",
                 )
@@ -118,16 +117,14 @@ class Predictor:
 
     def _item_field(self) -> str:
         if self.item_field is None:
-            raise ServiceError(
-                422,
+            raise Refused(
                 "this model has no item-id field: send items[].features "
                 "(or set MDLORA_ITEM_ID_FIELD)",
             )
         return self.item_field
 
-    def _too_many(self, n: int) -> ServiceError:
-        return ServiceError(
-            422,
+    def _too_many(self, n: int) -> Refused:
+        return Refused(
             f"the request has {n} items, over the limit of {self.max_items} per request "
             "(MDLORA_MAX_ITEMS); split it into several requests",
         )
@@ -181,8 +178,7 @@ class Predictor:
         primary = snap.divisions[0]
         for div, name in req.domains.items():
             if div not in snap.divisions:
-                raise ServiceError(
-                    422,
+                raise Refused(
                     f"unknown division {div!r} in domains; this model's "
                     f"divisions are {snap.divisions}",
                 )
@@ -190,8 +186,8 @@ class Predictor:
         if req.domain is not None:
             domain = str(req.domain)
             if names.get(primary, domain) != domain:
-                raise ServiceError(
-                    422, f"domain {domain!r} and domains[{primary!r}] {names[primary]!r} disagree"
+                raise Refused(
+                    f"domain {domain!r} and domains[{primary!r}] {names[primary]!r} disagree"
                 )
             names[primary] = domain
         for div in snap.divisions:
@@ -199,15 +195,14 @@ class Predictor:
                 names[div] = canonical_value(user[div]) or ""
         missing = [d for d in snap.adapted if d not in names]
         if missing:
-            raise ServiceError(
-                422,
+            raise Refused(
                 f"no domain for division(s) {missing}: give 'domain' (the primary division "
                 f"{primary!r}), 'domains': {{division: name}}, or the user's feature of that name",
             )
         return names
 
     def prepare(self, req: PredictRequest, snap: Snapshot, g: Gathered) -> Prepared:
-        """Encode one request for ``snap`` (raises :class:`ServiceError` for 4xx answers)."""
+        """Encode one request for ``snap`` (raises a :class:`ServiceError` for what it refuses)."""
         names = self._domain_names(req, snap, g.user)
         ids = []
         unknown = []
@@ -219,8 +214,7 @@ class Predictor:
         backbone = bool(unknown)
         if backbone and self.unknown_domain == "refuse":
             div = unknown[0]
-            raise ServiceError(
-                404,
+            raise NotFound(
                 f"unknown domain {names[div]!r} in division {div!r}; known domains: "
                 f"{snap.domains(div)} (register an adapter for it, or set "
                 "MDLORA_UNKNOWN_DOMAIN=backbone to score unknown domains with the backbone alone)",
@@ -332,8 +326,7 @@ class Predictor:
                 "non-finite scores for %d of %d items in %s (adapters %s)",
                 bad.size, len(probs), p.domains, p.adapter_versions,
             )  # fmt: skip
-            raise ServiceError(
-                500,
+            raise ModelFault(
                 f"the model produced no valid score (NaN or infinite) for item(s) "
                 f"{bad[:20].tolist()} of {len(probs)} in domain(s) {p.domains} with adapter "
                 f"version(s) {p.adapter_versions}: a fault of the served adapter, not of the "
@@ -375,9 +368,7 @@ class Predictor:
                     raise g
                 prepared.append(self.prepare(r, snap, g))
             except ServiceError as exc:
-                raise ServiceError(
-                    exc.status, f"requests[{i}]: {exc.message}", index=i, **exc.extra
-                ) from None
+                raise exc.within(f"requests[{i}]", index=i) from None
         probs = await self.batcher.score(snap, Rows.concat([p.rows for p in prepared]))
         out, start = [], 0
         for i, (r, p) in enumerate(zip(reqs, prepared, strict=True)):
@@ -385,9 +376,7 @@ class Predictor:
             try:
                 out.append(self.answer(r, snap, p, probs[start : start + n]))
             except ServiceError as exc:
-                raise ServiceError(
-                    exc.status, f"requests[{i}]: {exc.message}", index=i, **exc.extra
-                ) from None
+                raise exc.within(f"requests[{i}]", index=i) from None
             start += n
         labels = {p.label for p in prepared}
         return out, labels.pop() if len(labels) == 1 else "(mixed)"

@@ -50,7 +50,7 @@ class ServiceSettings(BaseSettings):
     ] = "artifact"
     unknown_domain: Annotated[
         Literal["refuse", "backbone"],
-        F("unknown domain: 404 with the known domains, or the backbone alone"),
+        F("unknown domain: refused as not found (naming the known domains), or the backbone alone"),
     ] = "refuse"
     feature_store: Annotated[
         Literal["auto", "redis", "off"],

@@ -26,7 +26,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -44,6 +44,9 @@ from mdlora.formats.grown import count as grown_count
 from mdlora.models.model import MultiDomainModel
 from mdlora.models.rows import grown_regions
 from mdlora.models.state import copy_on_write
+
+if TYPE_CHECKING:  # runtime imports this module
+    from mdlora.service.runtime import Runner
 
 #: the reserved primary-division domain of the zero adapter (``\x00`` can never be a real name:
 #: adapter packages with it cannot be written to a path, and the API refuses it)
@@ -221,7 +224,8 @@ class Snapshot:
             self.backbone_model.set_stage("backbone")
         #: canary versions served beside the active ones (set by service.rollout.attach)
         self.canaries: Mapping[DomainKey, Canary] = {}
-        self.runner: Any = None  # set by the runtime (service.runtime) before the snapshot serves
+        #: what scores its rows: set by the runtime (service.runtime) before the snapshot serves
+        self.runner: Runner | None = None
 
     @property
     def info(self) -> ArtifactInfo:

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFil
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from mdlora.service.api.deps import get_service
-from mdlora.service.errors import ServiceError
+from mdlora.service.errors import Forbidden, ServiceError, TooLarge, Unauthenticated
 from mdlora.service.schemas import AdapterChange, AdapterInfo, AdapterList, ErrorBody
 
 bearer = HTTPBearer(auto_error=False, description="MDLORA_ADMIN_TOKEN")
@@ -28,18 +28,15 @@ def require_admin(
     if settings.admin_token is None:
         if settings.dev_mode:
             return
-        raise ServiceError(
-            403,
+        raise Forbidden(
             "the admin API is disabled: set MDLORA_ADMIN_TOKEN "
             "(or MDLORA_DEV_MODE=true on a development machine)",
         )
     expected = settings.admin_token.get_secret_value().encode()
     given = credentials.credentials.encode() if credentials is not None else b""
     if credentials is None or not hmac.compare_digest(given, expected):
-        raise ServiceError(
-            401,
-            "missing or wrong admin token: send 'Authorization: Bearer <MDLORA_ADMIN_TOKEN>'",
-            headers={"WWW-Authenticate": "Bearer"},
+        raise Unauthenticated(
+            "missing or wrong admin token: send 'Authorization: Bearer <MDLORA_ADMIN_TOKEN>'"
         )
 
 
@@ -57,7 +54,7 @@ router = APIRouter(
 async def _read_upload(upload: UploadFile, limit: int, what: str) -> bytes:
     data = await upload.read(limit + 1)
     if len(data) > limit:
-        raise ServiceError(413, f"{what} is over the {limit}-byte limit (MDLORA_MAX_ADAPTER_BYTES)")
+        raise TooLarge(f"{what} is over the {limit}-byte limit (MDLORA_MAX_ADAPTER_BYTES)")
     return data
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from mdlora.service.errors import ServiceError
+from mdlora.service.errors import Refused, Unavailable
 
 if TYPE_CHECKING:
     from mdlora.service.app import Service
@@ -20,7 +20,7 @@ def get_service(request: Request) -> Service:
     """The app's running service (set by the lifespan; replaceable in tests)."""
     service = getattr(request.app.state, "service", None)
     if service is None:
-        raise ServiceError(503, "the service is starting: no model loaded yet")
+        raise Unavailable("the service is starting: no model loaded yet")
     return service
 
 
@@ -32,7 +32,8 @@ def set_domain_label(request: Request, label: str) -> None:
 
 
 def parse_body(model: type[M], body: bytes) -> M:
-    """Validate a JSON body; 422 with pydantic's errors (location, message) otherwise."""
+    """Validate a JSON body; otherwise :class:`Refused` with pydantic's errors (location,
+    message)."""
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
@@ -46,7 +47,7 @@ def parse_body(model: type[M], body: bytes) -> M:
             if union
             else f"invalid request body at {where}: {msg}{_hint(errors[0] if errors else None)}"
         )
-        raise ServiceError(422, detail, errors=_jsonable(errors)) from None
+        raise Refused(detail, errors=_jsonable(errors)) from None
 
 
 _KINDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true/false"}

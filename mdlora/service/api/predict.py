@@ -21,7 +21,8 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from mdlora.service.api.deps import get_service, parse_body, set_domain_label
-from mdlora.service.errors import ServiceError
+from mdlora.service.api.errors import headers_of, status_of
+from mdlora.service.errors import BadRequest, NotFound, Refused, ServiceError, TooLarge, Unavailable
 from mdlora.service.feedback import FeedbackBatch
 from mdlora.service.metrics import UNKNOWN_DOMAIN_LABEL, ServiceMetrics
 from mdlora.service.schemas import (
@@ -41,38 +42,40 @@ PREDICT, BATCH = "/predict", "/predict/batch"
 FEEDBACK = "/feedback"  # answered here too (service.api.feedback documents it)
 
 
-async def answer(service: Service, path: str, body: bytes) -> tuple[int, bytes, str]:
-    """``(status, JSON body, metrics domain label)`` for a predict or batch body."""
+Headers = dict[str, str] | None
+
+
+async def answer(service: Service, path: str, body: bytes) -> tuple[int, bytes, str, Headers]:
+    """``(status, JSON body, metrics domain label, extra headers)`` for a predict or batch
+    body."""
     label = ""
     try:
         if path == PREDICT:
             req = parse_body(PredictRequest, body)
             result, label = await service.predictor.predict(req, service.control.current)
-            return 200, orjson.dumps(result), label
+            return 200, orjson.dumps(result), label, None
         batch = parse_body(BatchPredictRequest, body)
         _check_batch(service, batch)
         results, label = await service.predictor.predict_many(
             batch.requests, service.control.current
         )
-        return 200, orjson.dumps({"results": results}), label
+        return 200, orjson.dumps({"results": results}), label, None
     except ServiceError as exc:
-        if exc.status == 404:
+        if isinstance(exc, NotFound):
             label = UNKNOWN_DOMAIN_LABEL
-        return exc.status, orjson.dumps(exc.body()), label
+        return status_of(exc), orjson.dumps(exc.body()), label, headers_of(exc)
 
 
 def _check_batch(service: Service, batch: BatchPredictRequest) -> None:
     settings = service.settings
     if len(batch.requests) > settings.max_batch_requests:
-        raise ServiceError(
-            422,
+        raise Refused(
             f"the batch has {len(batch.requests)} requests, over the limit of "
             f"{settings.max_batch_requests} (MDLORA_MAX_BATCH_REQUESTS)",
         )
     total = sum(len(r.items or r.item_ids or ()) for r in batch.requests)
     if total > settings.max_batch_items:
-        raise ServiceError(
-            422,
+        raise Refused(
             f"the batch has {total} items in all, over the limit of "
             f"{settings.max_batch_items} (MDLORA_MAX_BATCH_ITEMS)",
         )
@@ -93,21 +96,26 @@ class PredictFastPath:
         start = time.perf_counter()
         service = self.fastapi_app.state.service
         label = ""
+        extra: Headers = None
         try:
             if service is None:
-                raise ServiceError(503, "the service is starting: no model loaded yet")
+                raise Unavailable("the service is starting: no model loaded yet")
             if path == FEEDBACK:
                 status, payload = await answer_feedback(service, scope, receive)
             else:
                 body = await _read(scope, receive, service.settings.max_body_bytes)
-                status, payload, label = await answer(service, path, body)
+                status, payload, label, extra = await answer(service, path, body)
         except ServiceError as exc:
-            status, payload = exc.status, orjson.dumps(exc.body())
+            status, payload, extra = status_of(exc), orjson.dumps(exc.body()), headers_of(exc)
         except Exception:  # never leave the client without an answer
             log.exception("predict failed")
             status, payload = 500, orjson.dumps({"detail": "internal error (see the logs)"})
         headers = [(b"content-type", b"application/json"),
                    (b"content-length", str(len(payload)).encode())]  # fmt: skip
+        if extra:
+            headers += [
+                (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()
+            ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
         self.metrics.observe(path, label, status, time.perf_counter() - start)
@@ -121,11 +129,8 @@ async def answer_feedback(service: Service, scope: Any, receive: Any) -> tuple[i
     limit = service.settings.feedback_max_body_bytes
     try:
         body = await _read(scope, receive, limit)
-    except ServiceError as exc:
-        if exc.status != 413:
-            raise
-        raise ServiceError(
-            413,
+    except TooLarge:
+        raise TooLarge(
             f"request body is over the limit of {limit} bytes (MDLORA_FEEDBACK_MAX_BODY_BYTES); "
             "send fewer events per call",
         ) from None
@@ -133,7 +138,7 @@ async def answer_feedback(service: Service, scope: Any, receive: Any) -> tuple[i
 
 
 async def _read(scope: Any, receive: Any, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it passes ``limit`` bytes."""
+    """The whole body, refused (:class:`TooLarge`) as soon as it passes ``limit`` bytes."""
     for name, value in scope["headers"]:
         if name == b"content-length" and value.isdigit() and int(value) > limit:
             raise _too_large(int(value), limit)
@@ -141,7 +146,7 @@ async def _read(scope: Any, receive: Any, limit: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise ServiceError(400, "the client went away before sending the whole body")
+            raise BadRequest("the client went away before sending the whole body")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -151,9 +156,8 @@ async def _read(scope: Any, receive: Any, limit: int) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _too_large(size: int, limit: int) -> ServiceError:
-    return ServiceError(
-        413,
+def _too_large(size: int, limit: int) -> TooLarge:
+    return TooLarge(
         f"request body is {size} bytes or more, over the limit of {limit} bytes "
         "(MDLORA_MAX_BODY_BYTES); send fewer items per request",
     )
@@ -179,9 +183,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 async def _route(request: Request, path: str) -> Response:
     service = get_service(request)
     body = await _read(request.scope, request.receive, service.settings.max_body_bytes)
-    status, payload, label = await answer(service, path, body)
+    status, payload, label, headers = await answer(service, path, body)
     set_domain_label(request, label)
-    return Response(payload, status, media_type="application/json")
+    return Response(payload, status, headers=headers, media_type="application/json")
 
 
 @router.post(

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from mdlora.service.api.admin import ERRORS, require_admin
 from mdlora.service.api.deps import get_service, parse_body
-from mdlora.service.errors import ServiceError
+from mdlora.service.errors import Refused
 
 router = APIRouter(
     prefix="/v1/rollouts",
@@ -48,7 +48,7 @@ async def _body(request: Request, model: type[Any], required: bool) -> Any:
     body = await request.body()
     if not body.strip():
         if required:
-            raise ServiceError(422, 'a JSON body is required: {"version": N, "percent": P}')
+            raise Refused('a JSON body is required: {"version": N, "percent": P}')
         return model()
     return parse_body(model, body)
 
