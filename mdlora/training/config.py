@@ -56,11 +56,13 @@ class DataConfig:
     """Where the rows come from.
 
     ``source``: ``preset`` (``preset`` names one of ``mdlora.training.data.presets.PRESETS``,
-    ``path``
-    is its data folder), ``synthetic`` (``mdlora.training.data.synthetic.synthetic_setting``), or
-    ``table`` (the user's Parquet/CSV at ``path`` with ``schema``, a ``TableSchema`` dict).
-    ``options`` go to the preparing function as keyword arguments (e.g. ``max_rows``,
-    ``sample_frac``, ``n_rows``, ``n_domains``, ``split``).
+    ``path`` is its data folder), ``synthetic``
+    (``mdlora.training.data.synthetic.synthetic_setting``), or ``table`` (the user's
+    Parquet/CSV at ``path`` with ``schema``, a ``TableSchema`` dict). ``options`` go to the
+    preparing function as keyword arguments (e.g. ``max_rows``, ``sample_frac``, ``n_rows``,
+    ``n_domains``, ``split``, ``split_column``); for a table, ``streaming: true`` (and
+    ``batch_rows``) reads a file larger than memory chunk by chunk
+    (``mdlora.training.data.streaming``).
     """
 
     source: str = "synthetic"

@@ -110,7 +110,20 @@ def load_data(cfg: TrainConfig) -> PreparedData:
     assert d.schema is not None
     if cfg.adapt_order is not None:
         opts["order_column"] = cfg.adapt_order
-    return prepare_table(path, TableSchema.from_dict(d.schema), **opts)
+    schema = TableSchema.from_dict(d.schema)
+    streaming = opts.pop("streaming", False)
+    if streaming not in (True, False):
+        raise ConfigError(f"data.options.streaming must be true or false, got {streaming!r}")
+    if streaming:  # a file larger than memory: read chunk by chunk, keep only encoded arrays
+        from mdlora.training.data.streaming import prepare_table_stream
+
+        sampled = [k for k in ("max_rows", "sample_frac") if opts.get(k) is not None]
+        if sampled:
+            raise ConfigError(
+                f"data.options.streaming reads every row: drop {sampled} or streaming"
+            )
+        return prepare_table_stream(path, schema, progress=cfg.progress, **opts)
+    return prepare_table(path, schema, **opts)
 
 
 def label_column(cfg: TrainConfig) -> str:

@@ -5,35 +5,24 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DistributedSampler
 
-from mdlora.formats.encoder import FeatureEncoder
-from mdlora.models.features import EncodedBatch
 from mdlora.training.data import (
-    ArrayDataset,
     DataError,
     TableSchema,
-    concat_arrays,
-    fit_stream,
-    iter_batches,
-    iter_parquet_batches,
     labels_from,
     load_movielens_1m,
     load_movielens_100k,
     load_taobao,
-    make_loader,
     make_synthetic,
     mlora_setting,
     multilora_setting,
-    num_batches,
     prepare_preset,
     prepare_table,
     random_split,
@@ -457,82 +446,43 @@ def test_tabular_csv_keeps_text_ids_and_prepares(tmp_path: Path) -> None:
     assert set(np.unique(prep.train["labels"])) == {0.0, 1.0}
 
 
-def test_parquet_streaming_matches_in_memory(tmp_path: Path) -> None:
+def test_streaming_a_table_matches_in_memory(tmp_path: Path) -> None:
+    """Parquet (a list column too) and CSV, read chunk by chunk, give the in-memory data."""
+    from mdlora.training.data.streaming import prepare_table_stream
+
     df = make_synthetic(20_000, seed=9)
     df["tag_list"] = df["tags"].str.split("|")  # a real Parquet list column
     path = tmp_path / "big.parquet"
     df.to_parquet(path, row_group_size=3_000)
     schema = synthetic_schema()
     schema.multi_hot = ["tags", "tag_list"]
-    in_memory = schema.make_encoder().fit(read_table(path, schema))
-    streamed = fit_stream(path, schema, batch_rows=2_500)
-    assert streamed.to_dict() == in_memory.to_dict()
-    chunks = list(iter_parquet_batches(path, schema, streamed, batch_rows=2_500))
-    assert len(chunks) > 1 and max(len(c["labels"]) for c in chunks) <= 2_500
-    whole = concat_arrays(chunks)
-    direct: dict[str, Any] = dict(in_memory.transform(read_table(path, schema)))
-    for key in ("sparse", "multi_hot", "dense", "domains"):
-        assert np.array_equal(whole[key], direct[key]), key
-    assert np.array_equal(whole["labels"], df["label"].to_numpy(np.float32))
-    mh = whole["multi_hot"]
+    in_memory = prepare_table(path, schema, seed=4)
+    streamed = prepare_table_stream(path, schema, seed=4, batch_rows=2_500, progress=False)
+    assert streamed.encoder.to_dict() == in_memory.encoder.to_dict()
+    for part in ("train", "val", "test"):
+        for key in ("sparse", "multi_hot", "dense", "domains", "labels"):
+            a, b = getattr(in_memory, part)[key], getattr(streamed, part)[key]
+            assert np.array_equal(a, b), (part, key)
+    mh = streamed.train["multi_hot"]
+    assert mh is not None
     assert np.array_equal(mh[:, 0], mh[:, 1])  # "a|b" strings == Parquet lists
     # CSV streams the same way
     csv = tmp_path / "big.csv"
     df.drop(columns=["tag_list"]).to_csv(csv, index=False)
     schema.multi_hot = ["tags"]
-    enc_csv = fit_stream(csv, schema, batch_rows=4_000)
-    whole_csv = concat_arrays(list(iter_parquet_batches(csv, schema, enc_csv, 4_000)))
-    assert np.array_equal(whole_csv["sparse"], whole["sparse"])
+    csv_streamed = prepare_table_stream(csv, schema, seed=4, batch_rows=4_000, progress=False)
+    assert np.array_equal(csv_streamed.train["sparse"], streamed.train["sparse"])
 
 
-# ------------------------------------------------------------------ batches
-
-
-def _arrays(n: int = 1003) -> dict[str, np.ndarray]:
-    enc = FeatureEncoder(
-        sparse=["user_id", "item_id"], multi_hot=["tags"], dense=["price"], divisions=["domain"]
-    )
-    df = make_synthetic(n, seed=0)
-    out = dict(enc.fit(df).transform(df))
-    out["labels"] = df["label"].to_numpy(np.float32)
-    return out  # type: ignore[return-value]
-
-
-def test_iter_batches_cover_rows_once_and_types() -> None:
-    arrays = _arrays()
-    batches = list(iter_batches(arrays, 100, shuffle=True, seed=1))
-    assert len(batches) == num_batches(1003, 100) == 11
-    b0 = batches[0]
-    assert isinstance(b0, EncodedBatch) and len(b0) == 100
-    assert b0.sparse.dtype == torch.int64 and b0.dense.dtype == torch.float32
-    assert b0.multi_hot is not None and b0.multi_hot.shape == (100, 1, 3)  # longest tag list
-    assert b0.labels is not None and b0.labels.dtype == torch.float32
-    # every row exactly once: compare sorted (row content) against the source
-    seen = torch.cat([b.sparse for b in batches]).numpy()
-    assert np.array_equal(
-        seen[np.lexsort(seen.T[::-1])], arrays["sparse"][np.lexsort(arrays["sparse"].T[::-1])]
-    )
-    again = list(iter_batches(arrays, 100, shuffle=True, seed=1))
-    assert all(torch.equal(a.sparse, b.sparse) for a, b in zip(batches, again, strict=True))
-    other = next(iter(iter_batches(arrays, 100, shuffle=True, seed=1, epoch=1)))
-    assert not torch.equal(other.sparse, b0.sparse)
-    plain = list(iter_batches(arrays, 100, drop_last=True))
-    assert len(plain) == 10 and torch.equal(
-        plain[0].sparse, torch.from_numpy(arrays["sparse"][:100])
-    )
-    dom0 = np.flatnonzero(arrays["domains"][:, 0] == 0)
-    sub = list(iter_batches(arrays, 64, rows=dom0))
-    assert all((b.domains[:, 0] == 0).all() for b in sub)
-    assert sum(len(b) for b in sub) == dom0.size
+# ------------------------------------------------------------------ sharding
 
 
 @pytest.mark.parametrize(("shuffle", "drop_last"), [(True, False), (False, False), (True, True)])
 def test_sharding_matches_distributed_sampler(shuffle: bool, drop_last: bool) -> None:
     n, ws = 1003, 4
-    arrays = _arrays(n)
     for rank in range(ws):
-        sampler: DistributedSampler[EncodedBatch] = DistributedSampler(
-            ArrayDataset(arrays),
+        sampler: DistributedSampler[int] = DistributedSampler(
+            range(n),  # type: ignore[arg-type]
             num_replicas=ws,
             rank=rank,
             shuffle=shuffle,
@@ -544,22 +494,8 @@ def test_sharding_matches_distributed_sampler(shuffle: bool, drop_last: bool) ->
             n, shuffle=shuffle, seed=11, epoch=2, rank=rank, world_size=ws, drop_last=drop_last
         )
         assert ours.tolist() == list(sampler)
-    sizes = [
-        sum(len(b) for b in iter_batches(arrays, 64, shuffle=True, rank=r, world_size=ws))
-        for r in range(ws)
-    ]
+    sizes = [len(shard_indices(n, shuffle=True, rank=r, world_size=ws)) for r in range(ws)]
     assert sizes == [251] * ws  # padded like DistributedSampler: equal work per rank
-
-
-def test_make_loader_yields_encoded_batches() -> None:
-    arrays = _arrays(500)
-    loader = make_loader(arrays, 128)
-    batches = list(loader)
-    assert [len(b) for b in batches] == [128, 128, 128, 116]
-    direct = list(iter_batches(arrays, 128))
-    assert all(torch.equal(a.sparse, b.sparse) for a, b in zip(batches, direct, strict=True))
-    dist = list(make_loader(arrays, 100, shuffle=True, rank=1, world_size=2, seed=3))
-    assert sum(len(b) for b in dist) == 250
 
 
 def test_dense_columns_with_text_or_infinities_are_refused() -> None:

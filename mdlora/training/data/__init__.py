@@ -1,16 +1,11 @@
-"""The data layer: loaders, named settings, splits, synthetic data and batch iteration.
+"""The data layer: loaders, named settings, splits, synthetic data, streaming of large tables.
 
 The feature encoder itself lives in :mod:`mdlora.formats.encoder` (shared with the service).
 """
 
 from mdlora.formats.encoder import EncodedArrays, FeatureEncoder, LabeledArrays, MultiHotColumn
 from mdlora.training.data.dataset import (
-    ArrayDataset,
-    batch_from_arrays,
     concat_arrays,
-    iter_batches,
-    make_loader,
-    num_batches,
     shard_indices,
 )
 from mdlora.training.data.movielens import load_movielens_1m, load_movielens_100k
@@ -25,9 +20,7 @@ from mdlora.training.data.synthetic import (
 )
 from mdlora.training.data.tabular import (
     TableSchema,
-    fit_stream,
     iter_frames,
-    iter_parquet_batches,
     prepare_table,
     read_table,
     validate_table,
@@ -36,7 +29,6 @@ from mdlora.training.data.taobao import load_taobao, taobao_setting, write_synth
 
 __all__ = [
     "PRESETS",
-    "ArrayDataset",
     "DataError",
     "EncodedArrays",
     "FeatureEncoder",
@@ -44,22 +36,16 @@ __all__ = [
     "MultiHotColumn",
     "PreparedData",
     "TableSchema",
-    "batch_from_arrays",
     "concat_arrays",
     "encode_splits",
-    "fit_stream",
-    "iter_batches",
     "iter_frames",
-    "iter_parquet_batches",
     "labels_from",
     "load_movielens_1m",
     "load_movielens_100k",
     "load_taobao",
-    "make_loader",
     "make_synthetic",
     "mlora_setting",
     "multilora_setting",
-    "num_batches",
     "prepare_preset",
     "prepare_table",
     "random_split",

@@ -1,9 +1,8 @@
 """The user's own data: a Parquet or CSV table with a declared :class:`TableSchema`.
 
 In memory: :func:`read_table` + :func:`prepare_table` (split, fit on train only, encode).
-Larger than memory: :func:`fit_stream` fits the encoder chunk by chunk and
-:func:`iter_parquet_batches` streams encoded chunks (pyarrow ``ParquetFile.iter_batches``; CSV
-files are streamed with pandas ``chunksize``).
+Larger than memory: :mod:`mdlora.training.data.streaming` reads the file in chunks
+(:func:`iter_frames`: pyarrow ``ParquetFile.iter_batches``, pandas ``chunksize`` for CSV).
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import pyarrow.parquet as pq
 
 from mdlora.formats.encoder import (
     FeatureEncoder,
-    LabeledArrays,
     MultiHotColumn,
     canonical_value,
     natural_order,
@@ -32,9 +30,7 @@ from mdlora.training.data.splits import random_split, stratified_domain_split, s
 
 __all__ = [
     "TableSchema",
-    "fit_stream",
     "iter_frames",
-    "iter_parquet_batches",
     "prepare_table",
     "read_table",
     "validate_table",
@@ -261,6 +257,16 @@ def split_from_column(values: pd.Series, column: str) -> tuple[np.ndarray, ...]:
     Accepted (any case): ``train``, ``val`` / ``valid`` / ``validation``, ``test``; anything
     else, missing values included, is refused naming the values found.
     """
+    codes = split_codes(values, column)
+    out = tuple(np.flatnonzero(codes == k).astype(np.int64) for k in range(3))
+    if out[0].size == 0:
+        raise DataError(f"split column {column!r} marks no row as train")
+    return out
+
+
+def split_codes(values: pd.Series, column: str) -> np.ndarray:
+    """Each row's part (0 train, 1 validation, 2 test) from a split column (see
+    :func:`split_from_column`)."""
     text = values.astype("string").str.strip().str.lower()
     part = text.map(SPLIT_VALUES)
     bad = part.isna().to_numpy()
@@ -270,11 +276,7 @@ def split_from_column(values: pd.Series, column: str) -> tuple[np.ndarray, ...]:
             f"split column {column!r}: {int(bad.sum())} row(s) with value(s) {found} that are "
             f"not one of {sorted(SPLIT_VALUES)} (any case)"
         )
-    codes = part.to_numpy(dtype=np.int64)
-    out = tuple(np.flatnonzero(codes == k).astype(np.int64) for k in range(3))
-    if out[0].size == 0:
-        raise DataError(f"split column {column!r} marks no row as train")
-    return out
+    return part.to_numpy(dtype=np.int64)
 
 
 def order_values(values: pd.Series, column: str) -> np.ndarray:
@@ -376,65 +378,22 @@ def prepare_table(
 
 
 def iter_frames(
-    path: str | Path, schema: TableSchema, batch_rows: int = 65_536
+    path: str | Path, schema: TableSchema, batch_rows: int = 65_536, extra: Sequence[str] = ()
 ) -> Iterator[pd.DataFrame]:
     """Stream a Parquet (pyarrow ``iter_batches``) or CSV (``chunksize``) file as DataFrames
-    holding only the schema's columns."""
+    holding only the schema's columns (and the ``extra`` ones, e.g. a split column)."""
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"table not found: {p}")
-    _check_file_columns(p, schema)
+    _check_file_columns(p, schema, extra)
+    columns = list(dict.fromkeys([*schema.columns, *extra]))
     if _is_parquet(p):
         pf = pq.ParquetFile(p)
-        for rb in pf.iter_batches(batch_size=batch_rows, columns=schema.columns):
+        for rb in pf.iter_batches(batch_size=batch_rows, columns=columns):
             yield rb.to_pandas()
     else:
         yield from pd.read_csv(
-            p, usecols=schema.columns, dtype=_csv_dtypes(schema), chunksize=batch_rows
-        )
-
-
-def fit_stream(
-    path: str | Path,
-    schema: TableSchema,
-    batch_rows: int = 65_536,
-    domain_order: Mapping[str, Sequence[Any]] | None = None,
-) -> FeatureEncoder:
-    """Fit an encoder on a (training) file chunk by chunk, never holding it all in memory.
-
-    Gives the same encoder as ``schema.make_encoder(domain_order).fit(read_table(path))``.
-    """
-    encoder = schema.make_encoder(domain_order)
-
-    def frames() -> Iterator[pd.DataFrame]:
-        for i, df in enumerate(iter_frames(path, schema, batch_rows)):
-            validate_table(df, schema, f"{path} (batch {i})")
-            yield df
-
-    return encoder.fit_stream(frames())
-
-
-def iter_parquet_batches(
-    path: str | Path,
-    schema: TableSchema,
-    encoder: FeatureEncoder,
-    batch_rows: int = 65_536,
-) -> Iterator[LabeledArrays]:
-    """Stream a file through a fitted encoder: one :class:`LabeledArrays` per chunk.
-
-    For Parquet, chunks follow pyarrow's ``ParquetFile.iter_batches`` (at most ``batch_rows``
-    rows each); CSV files are accepted too. Concatenating the chunks equals encoding the
-    whole table at once.
-    """
-    for i, df in enumerate(iter_frames(path, schema, batch_rows)):
-        labels = validate_table(df, schema, f"{path} (batch {i})")
-        arr = encoder.transform(df)
-        yield LabeledArrays(
-            sparse=arr["sparse"],
-            multi_hot=arr["multi_hot"],
-            dense=arr["dense"],
-            domains=arr["domains"],
-            labels=labels,
+            p, usecols=columns, dtype=_csv_dtypes(schema), chunksize=batch_rows
         )

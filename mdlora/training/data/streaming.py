@@ -1,0 +1,177 @@
+"""Tables larger than memory: ``data.options.streaming: true`` reads a Parquet or CSV file chunk
+by chunk and keeps only the encoded arrays, never the raw frame (whose Python strings are what
+takes the memory: a user id as text costs tens of bytes, encoded it costs eight).
+
+Three passes over the file, each holding one chunk of raw rows at a time:
+
+1. labels, the split (a split column, or the same stratified / random split as
+   :func:`~mdlora.training.data.tabular.prepare_table` computed from per-row domain ids and
+   labels), the order column and every division's values;
+2. the encoder, fitted on the training rows only (``FeatureEncoder.fit_stream``);
+3. every chunk encoded, each row placed where ``prepare_table`` puts it.
+
+The result equals ``prepare_table`` on the whole table (``tests/training/test_streaming.py``),
+so a run gives the same numbers either way; only the peak memory differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from mdlora.formats.encoder import LabeledArrays
+from mdlora.formats.keys import canonical_value, natural_order
+from mdlora.training.data.dataset import concat_arrays
+from mdlora.training.data.prepared import DataError, PreparedData
+from mdlora.training.data.splits import random_split, stratified_domain_split
+from mdlora.training.data.tabular import (
+    TableSchema,
+    iter_frames,
+    order_values,
+    split_codes,
+    validate_table,
+)
+
+DEFAULT_BATCH_ROWS = 262_144
+
+
+def _chunks(
+    path: Path, schema: TableSchema, batch_rows: int, extra: Sequence[str], what: str, show: bool
+) -> Iterator[tuple[int, pd.DataFrame]]:
+    """``(first row, chunk)`` of the file, with a progress bar over rows."""
+    start = 0
+    with tqdm(desc=f"{path.name}: {what}", unit="rows", unit_scale=True, disable=not show,
+              leave=False) as bar:  # fmt: skip
+        for df in iter_frames(path, schema, batch_rows, extra):
+            yield start, df.reset_index(drop=True)
+            start += len(df)
+            bar.update(len(df))
+
+
+def prepare_table_stream(
+    path: str | Path,
+    schema: TableSchema,
+    *,
+    split: Sequence[float] = (0.6, 0.2, 0.2),
+    stratified: bool = True,
+    split_column: str | None = None,
+    order_column: str | None = None,
+    seed: int = 2024,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    name: str | None = None,
+    hparams: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> PreparedData:
+    """:func:`~mdlora.training.data.tabular.prepare_table` for a file read chunk by chunk
+    (same arguments, less ``max_rows`` / ``sample_frac``: a stream reads every row)."""
+    p = Path(path)
+    extra = [c for c in (split_column, order_column) if c]
+    declared = schema.domain_order or {}
+    primary = schema.divisions[0]
+    seen: dict[str, set[str]] = {d: set() for d in schema.divisions if d not in declared}
+    labels_l: list[np.ndarray] = []
+    parts_l: list[np.ndarray] = []
+    order_l: list[np.ndarray] = []
+    prim_l: list[np.ndarray] = []  # primary-division values as ids into prim_names
+    prim_ids: dict[str, int] = {}
+    for start, df in _chunks(p, schema, batch_rows, extra, "reading labels and splits", progress):
+        labels_l.append(validate_table(df, schema, f"{p} (rows from {start})"))
+        for div, names in seen.items():
+            names.update(c for v in pd.unique(df[div]) if (c := canonical_value(v)) is not None)
+        if split_column is not None:
+            parts_l.append(split_codes(df[split_column], split_column).astype(np.int8))
+        if order_column is not None:
+            order_l.append(order_values(df[order_column], order_column))
+        if split_column is None and stratified:
+            codes, uniques = pd.factorize(df[primary].to_numpy(dtype=object))
+            local = np.array(
+                [prim_ids.setdefault(str(canonical_value(u)), len(prim_ids)) for u in uniques],
+                np.int64,
+            )
+            mapped = local[np.maximum(codes, 0)] if len(local) else -1
+            prim_l.append(np.where(codes >= 0, mapped, -1))
+    if not labels_l:
+        raise DataError(f"{p} has no rows")
+    labels = np.concatenate(labels_l)
+    n = len(labels)
+    domain_order = {d: natural_order(names) for d, names in seen.items()}
+    encoder = schema.make_encoder(domain_order)
+
+    if split_column is not None:
+        part = np.concatenate(parts_l)
+        splits = tuple(np.flatnonzero(part == k).astype(np.int64) for k in range(3))
+        if splits[0].size == 0:
+            raise DataError(f"split column {split_column!r} marks no row as train")
+    elif stratified:
+        order = encoder.domain_order[primary]
+        index = pd.Index(order, dtype=object)
+        by_temp = index.get_indexer(pd.Index(list(prim_ids), dtype=object))  # temp id -> id
+        temp = np.concatenate(prim_l)  # -1: a missing value
+        dom = np.where(temp >= 0, by_temp[np.maximum(temp, 0)] if len(by_temp) else -1, -1)
+        if (dom < 0).any():
+            bad: list[Any] = sorted(k for k, i in prim_ids.items() if by_temp[i] < 0)[:5]
+            bad += [None] if (temp < 0).any() else []
+            raise DataError(
+                f"division {primary!r}: values {bad} are not in the declared domain_order"
+            )
+        splits = tuple(stratified_domain_split(dom, labels, split, seed))
+    else:
+        splits = tuple(random_split(n, split, seed))
+    part = np.full(n, -1, np.int8)
+    position = np.zeros(n, np.int64)  # a row's place in its part, as prepare_table orders it
+    for k, idx in enumerate(splits):
+        part[idx] = k
+        position[idx] = np.arange(len(idx))
+
+    def train_frames() -> Iterator[pd.DataFrame]:
+        for start, df in _chunks(p, schema, batch_rows, (), "fitting the encoder", progress):
+            yield df[part[start : start + len(df)] == 0]
+
+    encoder.fit_stream(train_frames())
+
+    pieces: list[list[dict[str, Any]]] = [[], [], []]
+    places: list[list[np.ndarray]] = [[], [], []]
+    for start, df in _chunks(p, schema, batch_rows, (), "encoding", progress):
+        rows = slice(start, start + len(df))
+        arr = encoder.transform(df)
+        for k in range(3):
+            mask = part[rows] == k
+            if not mask.any():
+                continue
+            pieces[k].append({key: None if v is None else np.asarray(v)[mask]
+                              for key, v in arr.items()})  # fmt: skip
+            pieces[k][-1]["labels"] = np.ascontiguousarray(labels[rows][mask], np.float32)
+            places[k].append(position[rows][mask])
+    out = []
+    for k in range(3):
+        if not pieces[k]:
+            raise DataError(f"{p}: the {('train', 'validation', 'test')[k]} part has no rows")
+        merged = concat_arrays(pieces[k])
+        inverse = np.argsort(np.concatenate(places[k]), kind="stable")
+        out.append(LabeledArrays(**{  # type: ignore[typeddict-item]
+            key: None if v is None else np.ascontiguousarray(v[inverse])
+            for key, v in merged.items()
+        }))  # fmt: skip
+    info: dict[str, Any] = {"schema": schema.to_dict(), "seed": seed, "streaming": batch_rows}
+    if split_column is not None:
+        info["split_column"] = split_column
+    if order_column is not None:
+        info["order_column"] = order_column
+    ranks = None if order_column is None else np.concatenate(order_l)
+    return PreparedData(
+        name=name or p.stem,
+        encoder=encoder,
+        train=out[0],
+        val=out[1],
+        test=out[2],
+        divisions=list(schema.divisions),
+        domain_names={d: encoder.domain_names(d) for d in schema.divisions},
+        hparams=dict(hparams or {}),
+        info=info,
+        train_order=None if ranks is None else ranks[splits[0]],
+    )
