@@ -87,8 +87,10 @@ def register(app: typer.Typer) -> None:
         directory = artifact or os.environ.get("MDLORA_ARTIFACT_DIR")
         if not directory:
             raise typer.BadParameter("give --artifact DIR or set MDLORA_ARTIFACT_DIR")
-        if not (Path(directory) / "manifest.json").is_file():
-            raise typer.BadParameter(f"{directory} is not an artifact (no manifest.json)")
+        from mdlora.formats.artifact import MANIFEST
+
+        if not (Path(directory) / MANIFEST).is_file():
+            raise typer.BadParameter(f"{directory} is not an artifact (no {MANIFEST})")
         try:
             serve_artifact(Path(directory), host, port)
         except ValueError as exc:  # settings, or an artifact the service cannot use

@@ -50,7 +50,12 @@ from mdlora.models.state import (
 )
 
 SCHEMA_VERSION = 1
+#: the file names of an artifact and of an adapter package (the one place they are spelt)
 MANIFEST = "manifest.json"
+BACKBONE_WEIGHTS = "backbone.safetensors"
+GATE_WEIGHTS = "gate.safetensors"
+ENCODER = "encoder.json"
+ONNX_MODEL = "model.onnx"  # written next to the artifact by ``mdlora export --onnx``
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 GATE_PREFIXES = ("gate.", "tower.fusions.", "tower.domain_norms.cell.")
@@ -492,13 +497,13 @@ def save_artifact(
         gate = {k: v for k, v in shared.items() if k.startswith(GATE_PREFIXES)}
         backbone = {k: v for k, v in shared.items() if k not in gate}
         files: dict[str, Any] = {}
-        for name, tensors in (("backbone.safetensors", backbone), ("gate.safetensors", gate)):
+        for name, tensors in ((BACKBONE_WEIGHTS, backbone), (GATE_WEIGHTS, gate)):
             if not tensors:
                 continue
             data = _backbone_bytes(tensors)
             (tmp / name).write_bytes(data)
             files[name] = {"sha256": sha256_bytes(data), "tensors": _describe(tensors)}
-        digest = files.get("backbone.safetensors", {}).get("sha256")
+        digest = files.get(BACKBONE_WEIGHTS, {}).get("sha256")
         adapters = []
         cfg = model.config
         adapted = model.method.adapted
@@ -515,7 +520,7 @@ def save_artifact(
                     "sha256": sha256_bytes((path / ADAPTER_WEIGHTS).read_bytes()),
                 })  # fmt: skip
         if encoder is not None:
-            (tmp / "encoder.json").write_text(json.dumps(encoder))
+            (tmp / ENCODER).write_text(json.dumps(encoder))
         manifest = {
             "format": "mdlora-artifact",
             "schema_version": SCHEMA_VERSION,
@@ -524,7 +529,7 @@ def save_artifact(
             "stage": {"name": model.stage.name, "division": model.stage.division},
             "routing": model.routing,
             "files": files,
-            "encoder": "encoder.json" if encoder is not None else None,
+            "encoder": ENCODER if encoder is not None else None,
             "adapters": adapters,
             "metrics": metrics or {},
             **(extra or {}),

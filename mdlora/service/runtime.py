@@ -31,13 +31,14 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from mdlora.formats.artifact import ONNX_MODEL
 from mdlora.models.features import EncodedBatch
 from mdlora.models.model import MultiDomainModel
 from mdlora.service.metrics import ServiceMetrics
 from mdlora.service.snapshot import Snapshot
 
 log = logging.getLogger("mdlora.service")
-SHIPPED_ONNX = "model.onnx"  # what `mdlora export` writes next to the artifact
+SHIPPED_ONNX = ONNX_MODEL  # what `mdlora export` writes next to the artifact
 
 
 @dataclass

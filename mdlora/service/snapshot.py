@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mdlora.formats.artifact import (
+    BACKBONE_WEIGHTS,
     GROWN_VOCAB,
     AdapterPackage,
     Artifact,
@@ -99,7 +100,7 @@ class ArtifactInfo:
     @classmethod
     def from_artifact(cls, artifact: Artifact) -> ArtifactInfo:
         files = artifact.manifest.get("files", {})
-        digest = files.get("backbone.safetensors", {}).get("sha256") or str(
+        digest = files.get(BACKBONE_WEIGHTS, {}).get("sha256") or str(
             artifact.manifest.get("model_signature", "unknown")
         )
         gate = files.get("gate.safetensors", {}).get("sha256", "")
@@ -123,7 +124,7 @@ class ArtifactBase:
                 "encoder the model was trained with (save_artifact(..., encoder=enc.to_dict()))"
             )
         self.info = ArtifactInfo.from_artifact(artifact)
-        backbone_file = artifact.manifest.get("files", {}).get("backbone.safetensors", {})
+        backbone_file = artifact.manifest.get("files", {}).get(BACKBONE_WEIGHTS, {})
         self.backbone_sha256: str | None = backbone_file.get("sha256")
         self.model = artifact.model.to(device).eval()
         self.device = torch.device(device)

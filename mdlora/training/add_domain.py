@@ -39,6 +39,8 @@ import pandas as pd
 import torch
 
 from mdlora.formats.artifact import (
+    BACKBONE_WEIGHTS,
+    ENCODER,
     GROWN_VOCAB,
     ArtifactError,
     adapter_dir,
@@ -421,14 +423,14 @@ def add_domain(
         "grown": result.grown, "warnings": result.warnings(),
     }  # fmt: skip
     values = encoder.grown.get(division, {}).get(domain)
-    backbone_sha = art.manifest.get("files", {}).get("backbone.safetensors", {}).get("sha256")
+    backbone_sha = art.manifest.get("files", {}).get(BACKBONE_WEIGHTS, {}).get("sha256")
     pkg = make_adapter_package(
         model, division, domain, version, backbone_sha, gate_scope=settings.gate_scope,
         metrics=metrics, **({GROWN_VOCAB: values} if values else {}),
         trained_from=str(run_cfg.get("name", artifact.name)),
     )  # fmt: skip
     write_adapter_package(pkg, out)
-    (out / "encoder.json").write_text(json.dumps(encoder.to_dict()))
+    (out / ENCODER).write_text(json.dumps(encoder.to_dict()))
     result.package_dir, result.version = out, version
     if artifact_out is not None:
         save_artifact(

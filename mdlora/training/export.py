@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from mdlora.formats.artifact import model_config_from_dict, save_artifact
+from mdlora.formats.artifact import ENCODER, ONNX_MODEL, model_config_from_dict, save_artifact
 from mdlora.formats.fileio import share_tree
 from mdlora.models.model import MultiDomainModel
 
 if TYPE_CHECKING:
     from mdlora.training.run import RunResult
 
-ONNX_FILE = "model.onnx"
+ONNX_FILE = ONNX_MODEL
 FINAL = "final"
 
 
@@ -63,7 +63,7 @@ def save_final(result: RunResult) -> Path:
         save_file(state_dict_cpu(model), str(final / f"{stem}.safetensors"))
         (final / f"{stem}.json").write_text(json.dumps(_model_meta(model), indent=2))
         index.append({"domain_id": d, "stem": stem})
-    (final / "encoder.json").write_text(json.dumps(result.prepared.encoder.to_dict()))
+    (final / ENCODER).write_text(json.dumps(result.prepared.encoder.to_dict()))
     info = {
         "models": index,
         "metrics": result.metrics_dict(),
@@ -139,7 +139,7 @@ def export_final(final: Path, out: Path, onnx: bool = True) -> list[Path]:
             f"{final} has no run.json: point --run at a folder written by `mdlora train`"
         )
     info = json.loads((final / "run.json").read_text())
-    encoder = json.loads((final / "encoder.json").read_text())
+    encoder = json.loads((final / ENCODER).read_text())
     metrics = _metrics_summary(info["metrics"])
     extra = {"training": info["training"]}
     models = info["models"]

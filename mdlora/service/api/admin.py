@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from mdlora.formats.artifact import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from mdlora.service.api.deps import get_service
 from mdlora.service.errors import Forbidden, ServiceError, TooLarge, Unauthenticated
 from mdlora.service.schemas import AdapterChange, AdapterInfo, AdapterList, ErrorBody
@@ -79,8 +80,8 @@ async def _read_upload(upload: UploadFile, limit: int, what: str) -> bytes:
 async def register_adapter(
     request: Request,
     response: Response,
-    adapter_config: UploadFile = File(description="adapter_config.json"),
-    adapter_model: UploadFile = File(description="adapter_model.safetensors"),
+    adapter_config: UploadFile = File(description=ADAPTER_CONFIG),
+    adapter_model: UploadFile = File(description=ADAPTER_WEIGHTS),
     canary_percent: float | None = Form(
         None,
         ge=0,
@@ -92,8 +93,8 @@ async def register_adapter(
     service = get_service(request)
     limit = service.settings.max_adapter_bytes
     try:
-        config = await _read_upload(adapter_config, 1 << 20, "adapter_config.json")
-        weights = await _read_upload(adapter_model, limit, "adapter_model.safetensors")
+        config = await _read_upload(adapter_config, 1 << 20, ADAPTER_CONFIG)
+        weights = await _read_upload(adapter_model, limit, ADAPTER_WEIGHTS)
     except ServiceError:
         service.control.metrics.adapter_loads.labels("refused").inc()
         raise
