@@ -69,7 +69,8 @@ from service_load import (  # noqa: E402
     server_p99_ms,
 )
 
-from mdlora.formats.artifact import adapter_package_bytes, load_artifact, save_artifact  # noqa: E402
+from mdlora.formats.adapter_package import adapter_package_bytes  # noqa: E402
+from mdlora.formats.artifact import load_artifact, save_artifact  # noqa: E402
 from mdlora.formats.encoder import FeatureEncoder  # noqa: E402
 from mdlora.models.features import EncodedBatch  # noqa: E402
 from mdlora.service.runtime import configure_thread, resolve_device  # noqa: E402

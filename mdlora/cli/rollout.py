@@ -85,7 +85,10 @@ def start(
 ) -> None:
     """Start a canary (a registered --version, or a --package registered as the canary), or
     change a running rollout's share."""
-    from mdlora.formats.artifact import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from mdlora.formats.files import (
+        ADAPTER_CONFIG,
+        ADAPTER_WEIGHTS,
+    )
 
     if (version is None) == (package is None):
         _fail("give exactly one of --version (registered) or --package (to register)")

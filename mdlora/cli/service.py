@@ -87,7 +87,7 @@ def register(app: typer.Typer) -> None:
         directory = artifact or os.environ.get("MDLORA_ARTIFACT_DIR")
         if not directory:
             raise typer.BadParameter("give --artifact DIR or set MDLORA_ARTIFACT_DIR")
-        from mdlora.formats.artifact import MANIFEST
+        from mdlora.formats.files import MANIFEST
 
         if not (Path(directory) / MANIFEST).is_file():
             raise typer.BadParameter(f"{directory} is not an artifact (no {MANIFEST})")
@@ -115,8 +115,12 @@ def register(app: typer.Typer) -> None:
         import redis
         from rich.console import Console
 
-        from mdlora.formats.artifact import ArtifactError, error_text, read_manifest
+        from mdlora.formats.artifact import read_manifest
         from mdlora.formats.encoder import FeatureEncoder
+        from mdlora.formats.files import (
+            ArtifactError,
+            error_text,
+        )
         from mdlora.service.feature_store import detect_id_fields, publish_features
 
         console = Console()

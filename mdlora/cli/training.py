@@ -176,7 +176,10 @@ def register(app: typer.Typer) -> None:
         """Train one new domain's adapter with everything else frozen; write its package."""
         import torch
 
-        from mdlora.formats.artifact import ArtifactError, error_text
+        from mdlora.formats.files import (
+            ArtifactError,
+            error_text,
+        )
         from mdlora.training.add_domain import AddDomainSettings, add_domain
 
         if threads is not None:

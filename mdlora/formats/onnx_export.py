@@ -51,8 +51,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mdlora.formats.artifact import model_signature
 from mdlora.formats.fileio import staging_dir
+from mdlora.formats.files import model_signature
 from mdlora.models.lora import InferenceBank
 from mdlora.models.model import MultiDomainModel
 

@@ -29,13 +29,15 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from mdlora.formats.artifact import (
+from mdlora.formats.adapter_package import (
     AdapterPackage,
-    ArtifactError,
     check_adapter_fits,
+    parse_adapter_package,
+)
+from mdlora.formats.files import (
+    ArtifactError,
     error_text,
     package_digest,
-    parse_adapter_package,
 )
 from mdlora.models.state import TensorMismatchError, gate_scope_conflict
 from mdlora.service.errors import Conflict, NotFound, Refused, ServiceError, TooLarge, Unavailable

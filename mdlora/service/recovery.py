@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 
-from mdlora.formats.artifact import AdapterPackage
+from mdlora.formats.adapter_package import AdapterPackage
 from mdlora.service.metrics import ServiceMetrics
 from mdlora.service.registry import (
     DomainKey,

@@ -41,15 +41,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mdlora.formats.artifact import (
+from mdlora.formats.artifact import adapter_dir
+from mdlora.formats.fileio import atomic_write
+from mdlora.formats.files import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     ArtifactError,
-    adapter_dir,
     package_digest,
     sha256_bytes,
 )
-from mdlora.formats.fileio import atomic_write
 
 log = logging.getLogger("mdlora.service")
 

@@ -32,7 +32,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mdlora.formats.artifact import GROWN_VOCAB, AdapterPackage, ArtifactError, error_text
+from mdlora.formats.adapter_package import AdapterPackage
+from mdlora.formats.files import (
+    GROWN_VOCAB,
+    ArtifactError,
+    error_text,
+)
 from mdlora.models.state import TensorMismatchError, install_adapter, split_rows
 from mdlora.service.errors import Conflict, NotFound, Refused, Unavailable
 from mdlora.service.registry import (

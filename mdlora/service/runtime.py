@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from mdlora.formats.artifact import ONNX_MODEL
+from mdlora.formats.files import ONNX_MODEL
 from mdlora.models.features import EncodedBatch
 from mdlora.models.model import MultiDomainModel
 from mdlora.service.metrics import ServiceMetrics
@@ -241,7 +241,7 @@ class OnnxRuntime:
     def _shipped(self, snapshot: Snapshot) -> Any:
         """The artifact's own ``model.onnx`` (``mdlora export``), if it takes bank inputs and
         was exported from this model in its serving stage."""
-        from mdlora.formats.artifact import model_signature
+        from mdlora.formats.files import model_signature
         from mdlora.formats.onnx_export import OnnxScorer
 
         path = snapshot.info.path / SHIPPED_ONNX

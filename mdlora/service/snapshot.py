@@ -30,16 +30,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mdlora.formats.artifact import (
-    BACKBONE_WEIGHTS,
-    GROWN_VOCAB,
+from mdlora.formats.adapter_package import (
     AdapterPackage,
-    Artifact,
     apply_adapter,
-    load_artifact,
     make_adapter_package,
 )
+from mdlora.formats.artifact import (
+    Artifact,
+    load_artifact,
+)
 from mdlora.formats.encoder import FeatureEncoder
+from mdlora.formats.files import (
+    BACKBONE_WEIGHTS,
+    GROWN_VOCAB,
+)
 from mdlora.formats.grown import GrownLookup, GrownValues, check_values
 from mdlora.formats.grown import count as grown_count
 from mdlora.models.model import MultiDomainModel
@@ -246,9 +250,8 @@ class Snapshot:
         """A new snapshot with ``packages`` installed on a copy of this one's model.
 
         Every package is validated against the model before anything is installed in the copy
-        (``mdlora.formats.artifact.apply_adapter``); on error this snapshot is untouched and the
-        copy is
-        dropped, so nothing is ever half-applied.
+        (``mdlora.formats.adapter_package.apply_adapter``); on error this snapshot is untouched
+        and the copy is dropped, so nothing is ever half-applied.
         """
         model = cow_copy(self.model)
         adapters = dict(self.adapters)

@@ -38,18 +38,22 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mdlora.formats.adapter_package import (
+    make_adapter_package,
+    write_adapter_package,
+)
 from mdlora.formats.artifact import (
+    adapter_dir,
+    load_artifact,
+    save_artifact,
+)
+from mdlora.formats.encoder import FeatureEncoder, LabeledArrays, canonical_value
+from mdlora.formats.files import (
     BACKBONE_WEIGHTS,
     ENCODER,
     GROWN_VOCAB,
     ArtifactError,
-    adapter_dir,
-    load_artifact,
-    make_adapter_package,
-    save_artifact,
-    write_adapter_package,
 )
-from mdlora.formats.encoder import FeatureEncoder, LabeledArrays, canonical_value
 from mdlora.formats.grown import new_values, place, region_fields
 from mdlora.models.model import MultiDomainModel
 from mdlora.models.rows import grow_domain_rows

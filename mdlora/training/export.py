@@ -22,8 +22,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from mdlora.formats.artifact import ENCODER, ONNX_MODEL, model_config_from_dict, save_artifact
+from mdlora.formats.artifact import (
+    model_config_from_dict,
+    save_artifact,
+)
 from mdlora.formats.fileio import share_tree
+from mdlora.formats.files import (
+    ENCODER,
+    ONNX_MODEL,
+)
 from mdlora.models.model import MultiDomainModel
 
 if TYPE_CHECKING:

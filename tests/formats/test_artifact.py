@@ -11,17 +11,21 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mdlora.formats.adapter_package import (
+    apply_adapter,
+    make_adapter_package,
+    read_adapter_package,
+    write_adapter_package,
+)
 from mdlora.formats.artifact import (
+    load_artifact,
+    save_artifact,
+)
+from mdlora.formats.files import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     ArtifactError,
-    apply_adapter,
-    load_artifact,
-    make_adapter_package,
-    read_adapter_package,
-    save_artifact,
     sha256_bytes,
-    write_adapter_package,
 )
 from mdlora.models.model import MultiDomainModel
 from tests.models.helpers import make_batch, make_config, perturb

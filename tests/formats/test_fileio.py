@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mdlora.formats.artifact import save_artifact, write_adapter_package
+from mdlora.formats.adapter_package import write_adapter_package
+from mdlora.formats.artifact import save_artifact
 from mdlora.formats.fileio import atomic_write, share_tree, staging_dir
 from tests.service.demo import demo_adapter, demo_model
 

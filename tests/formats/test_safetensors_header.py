@@ -9,7 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from mdlora.formats.artifact import ArtifactError, load_safetensors_bytes
+from mdlora.formats.files import (
+    ArtifactError,
+    load_safetensors_bytes,
+)
 from mdlora.formats.safetensors_header import header_problem
 
 GOOD = save({"a": torch.zeros(2, 3), "b": torch.ones(4)})  # a: bytes 0-24, b: 24-40

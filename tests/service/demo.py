@@ -19,7 +19,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mdlora.formats.artifact import AdapterPackage, make_adapter_package, save_artifact
+from mdlora.formats.adapter_package import (
+    AdapterPackage,
+    make_adapter_package,
+)
+from mdlora.formats.artifact import save_artifact
 from mdlora.formats.encoder import FeatureEncoder, MultiHotColumn
 from mdlora.models.lora import AdapterBank
 from mdlora.models.model import Division, ModelConfig, MultiDomainModel

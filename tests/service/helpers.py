@@ -21,7 +21,11 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import SecretStr
 
-from mdlora.formats.artifact import AdapterPackage, adapter_package_bytes, load_artifact
+from mdlora.formats.adapter_package import (
+    AdapterPackage,
+    adapter_package_bytes,
+)
+from mdlora.formats.artifact import load_artifact
 from mdlora.formats.encoder import FeatureEncoder
 from mdlora.models.features import EncodedBatch
 

@@ -15,12 +15,12 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save as st_save
 
-from mdlora.formats.artifact import (
+from mdlora.formats.adapter_package import (
     AdapterPackage,
     adapter_package_bytes,
-    load_artifact,
-    sha256_bytes,
 )
+from mdlora.formats.artifact import load_artifact
+from mdlora.formats.files import sha256_bytes
 from mdlora.service.app import create_app
 from mdlora.service.settings import ServiceSettings
 from tests.service.demo import demo_adapter, demo_model

@@ -11,7 +11,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from mdlora.formats.artifact import AdapterPackage, load_artifact
+from mdlora.formats.adapter_package import AdapterPackage
+from mdlora.formats.artifact import load_artifact
 from mdlora.service.app import create_app
 from mdlora.service.settings import ServiceSettings
 from tests.service.demo import demo_adapter

@@ -17,12 +17,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from mdlora.formats.artifact import (
+from mdlora.formats.adapter_package import (
     AdapterPackage,
     apply_adapter,
-    load_artifact,
     make_adapter_package,
 )
+from mdlora.formats.artifact import load_artifact
 from mdlora.service.app import create_app
 from mdlora.service.rollout import user_bucket
 from mdlora.service.settings import ServiceSettings

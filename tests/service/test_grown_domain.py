@@ -12,8 +12,13 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from mdlora.formats.artifact import GROWN_VOCAB, AdapterPackage, load_artifact, make_adapter_package
+from mdlora.formats.adapter_package import (
+    AdapterPackage,
+    make_adapter_package,
+)
+from mdlora.formats.artifact import load_artifact
 from mdlora.formats.encoder import FeatureEncoder
+from mdlora.formats.files import GROWN_VOCAB
 from mdlora.formats.grown import region_fields
 from mdlora.models.rows import EMBEDDING_ROWS, domain_rows, grow_domain_rows, set_domain_rows
 from mdlora.service.app import create_app

@@ -17,7 +17,8 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from mdlora.formats.artifact import adapter_package_bytes, load_artifact
+from mdlora.formats.adapter_package import adapter_package_bytes
+from mdlora.formats.artifact import load_artifact
 from mdlora.service.app import create_app
 from mdlora.service.registry import RedisRegistry, RegistryState, new_record, set_active
 from mdlora.service.settings import ServiceSettings

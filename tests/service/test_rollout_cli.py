@@ -10,7 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from mdlora.cli.service import register
-from mdlora.formats.artifact import adapter_package_bytes
+from mdlora.formats.adapter_package import adapter_package_bytes
 from mdlora.service.app import create_app
 from mdlora.service.settings import ServiceSettings
 from tests.service.helpers import ADMIN_TOKEN, TOKEN, get_json, live_server

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mdlora.formats.artifact import ArtifactError
+from mdlora.formats.files import ArtifactError
 from mdlora.models.features import EncodedBatch
 from mdlora.service.runtime import Rows, TorchRunner
 from mdlora.service.snapshot import ArtifactBase, LoadedAdapter, Snapshot, cow_copy

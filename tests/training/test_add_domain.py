@@ -11,7 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-from mdlora.formats.artifact import apply_adapter, load_artifact, read_adapter_package
+from mdlora.formats.adapter_package import (
+    apply_adapter,
+    read_adapter_package,
+)
+from mdlora.formats.artifact import load_artifact
 from mdlora.formats.encoder import FeatureEncoder, LabeledArrays
 from mdlora.formats.grown import place
 from mdlora.training.add_domain import AddDomainSettings, add_domain

@@ -11,7 +11,8 @@ import yaml
 from typer.testing import CliRunner
 
 from mdlora.cli.training import register
-from mdlora.formats.artifact import load_artifact, read_adapter_package
+from mdlora.formats.adapter_package import read_adapter_package
+from mdlora.formats.artifact import load_artifact
 from mdlora.training.data.synthetic import make_synthetic
 from tests.training.helpers import TINY
 

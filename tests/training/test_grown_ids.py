@@ -11,15 +11,17 @@ import pandas as pd
 import pytest
 import torch
 
-from mdlora.formats.artifact import (
-    GROWN_VOCAB,
-    ArtifactError,
+from mdlora.formats.adapter_package import (
     apply_adapter,
-    load_artifact,
     read_adapter_package,
     write_adapter_package,
 )
+from mdlora.formats.artifact import load_artifact
 from mdlora.formats.encoder import FeatureEncoder
+from mdlora.formats.files import (
+    GROWN_VOCAB,
+    ArtifactError,
+)
 from mdlora.formats.grown import place
 from mdlora.models.rows import EMBEDDING_ROWS, grown_regions
 from mdlora.training.add_domain import AddDomainSettings, add_domain

@@ -14,7 +14,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from mdlora.formats.artifact import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from mdlora.formats.files import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+)
 from mdlora.service.api.deps import get_service
 from mdlora.service.errors import Forbidden, ServiceError, TooLarge, Unauthenticated
 from mdlora.service.schemas import AdapterChange, AdapterInfo, AdapterList, ErrorBody
