@@ -137,8 +137,7 @@ class Stage:
 
 class MultiDomainModel(nn.Module):
     # Gradient hooks of row-group freezing; set (and replaced) by
-    # ``mdlora.models.freeze.set_trainable``,
-    # absent until it first runs.
+    # ``mdlora.models.freeze.set_trainable``, absent until it first runs.
     _row_hooks: list[RemovableHandle]
 
     def __init__(self, config: ModelConfig) -> None:

@@ -5,10 +5,10 @@ request path) and scores encoded rows with that snapshot's weights:
 
 * :class:`TorchRunner`: ``model.score_batch`` under ``torch.inference_mode`` on the snapshot's
   device (CUDA when present);
-* :class:`OnnxRunner`: one ONNX Runtime session per artifact (``mdlora.formats.onnx_export``)
-fed each
-  snapshot's adapter banks as inputs, so a registration needs no re-export (MultiLoRA, whose
-  adapters are baked into its graph, is re-exported per snapshot, off the request path).
+* :class:`OnnxRunner`: one ONNX Runtime session per artifact
+  (``mdlora.formats.onnx_export``) fed each snapshot's adapter banks as inputs, so a
+  registration needs no re-export (MultiLoRA, whose adapters are baked into its graph, is
+  re-exported per snapshot, off the request path).
 
 :class:`MicroBatcher` runs every model call on one worker thread. Requests that arrive while a
 call is running are merged into the next call (a domain-mixed batch is what the core is built

@@ -317,8 +317,7 @@ def train_new_domain(
     With ``settings.grow``, values of the domain's training rows that the export never saw
     (new users, items, ...) get vocabulary entries scoped to the domain and embedding rows
     that train with its adapter (``mdlora.formats.grown``, ``mdlora.models.rows``). Works on the
-    objects
-    given (the caller holds copies it can drop on failure).
+    objects given (the caller holds copies it can drop on failure).
     """
     cfg = model.config
     div_i = cfg.division_index(division)

@@ -2,8 +2,7 @@
 
 The model is built in-process (no training): MovieLens-shaped synthetic users and items, a
 fitted :class:`~mdlora.formats.encoder.FeatureEncoder`, and random (non-zero) adapter weights so
-that
-domains really score differently. :func:`demo_adapter` makes the adapter package a trained
+that domains really score differently. :func:`demo_adapter` makes the adapter package a trained
 ``mdlora add-domain`` would write, with random weights.
 """
 
