@@ -25,6 +25,12 @@ import yaml
 #: that the adapters of ``adapt_rows: fresh`` train on (finetune_fresh)
 METHODS = ("base", "single", "finetune", "mlora", "moe", "multilora", "singlelora",
            "mlora_joint", "finetune_fresh")  # fmt: skip
+#: how reports and summaries name each training method (the one table of labels)
+METHOD_LABELS = {
+    "base": "Base", "single": "Single", "finetune": "Fine-tune", "mlora": "MLoRA",
+    "moe": "MoE-MLoRA", "multilora": "MultiLoRA", "singlelora": "SingleLoRA",
+    "mlora_joint": "MLoRA (joint)", "finetune_fresh": "Fine-tune (fresh rows)",
+}  # fmt: skip
 #: ModelConfig.method each training method builds
 MODEL_METHOD = {
     "base": "base", "single": "base", "finetune": "base", "mlora": "mlora", "moe": "moe",

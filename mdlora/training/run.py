@@ -50,6 +50,7 @@ from mdlora.models.methods import method_of
 from mdlora.models.model import Division, ModelConfig, MultiDomainModel
 from mdlora.training.config import (
     DEFAULT_ALPHA,
+    METHOD_LABELS,
     ConfigError,
     TrainConfig,
     resolve_path,
@@ -66,12 +67,6 @@ from mdlora.training.distributed import (
 from mdlora.training.evaluate import SplitMetrics, compute_metrics, markdown_table, print_summary
 from mdlora.training.loop import LoopSettings, Phase, PhaseResult, predict, to_batch, train_phase
 from mdlora.training.recipes import PhaseRows, finetune_fresh_phase, joint_phase, trajectory_table
-
-METHOD_LABELS = {
-    "base": "Base", "single": "Single", "finetune": "Fine-tune", "mlora": "MLoRA",
-    "moe": "MoE-MLoRA", "multilora": "MultiLoRA", "singlelora": "SingleLoRA",
-    "mlora_joint": "MLoRA (joint)", "finetune_fresh": "Fine-tune (fresh rows)",
-}  # fmt: skip
 
 
 def method_label(cfg: TrainConfig) -> str:

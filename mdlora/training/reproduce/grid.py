@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mdlora.models.methods import method_of
-from mdlora.training.config import MODEL_METHOD, REPO_ROOT
+from mdlora.training.config import METHOD_LABELS, MODEL_METHOD, REPO_ROOT
 
 DEFAULT_RESULTS = REPO_ROOT / "results" / "reproduce"
 DEFAULT_WORK = REPO_ROOT / "runs" / "reproduce"
@@ -38,11 +38,8 @@ ALL_METHODS = (
     "multilora-avg",
 )  # fmt: skip
 
-LABELS = {
-    "base": "Base", "mlora": "MLoRA", "moe": "MoE-MLoRA", "single": "Single",
-    "finetune": "Fine-tune", "singlelora": "SingleLoRA", "multilora": "MultiLoRA",
-    "multilora-add": "MultiLoRA-add", "multilora-avg": "MultiLoRA-avg",
-}  # fmt: skip
+#: the grid's method names: the training methods' labels, and MultiLoRA's fusion ablations
+LABELS = {**METHOD_LABELS, **{f"multilora-{f}": f"MultiLoRA-{f}" for f in ("add", "avg")}}
 BACKBONE_LABELS = {
     "wdl": "WDL", "nfm": "NFM", "autoint": "AutoInt", "pnn": "PNN", "dcn": "DCN",
     "fibinet": "FiBiNET", "deepfm": "DeepFM", "xdeepfm": "xDeepFM", "mlp": "MLP",
