@@ -44,7 +44,7 @@ def test_grid_cell_reports_each_recipe_against_its_own_backbone(
     assert set(cell["test"]["auc"]) == {"sports", "toys", "office"}
     assert cell["reference"] is not None and cell["reference"]["wauc"] is not None
     assert cell["adapt_rows"]  # the fresh slice is recorded
-    assert "| mlora_fresh | 1 |" in report(results)
+    assert "| deepfm | mlora_fresh | 1 |" in report(results)
 
 
 @pytest.mark.parametrize("recipe", ["moe", "multilora_fresh"])
@@ -58,4 +58,4 @@ def test_moe_and_multilora_recipes_run_on_the_amazon_layout(
     assert cell["reference"] is not None
     assert cell["phases"][0]["name"] == "backbone"
     assert len(cell["phases"]) > 1  # the adapter phases ran after the backbone
-    assert f"| {recipe} | 1 |" in report(results)
+    assert f"| deepfm | {recipe} | 1 |" in report(results)
