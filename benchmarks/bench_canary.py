@@ -4,8 +4,10 @@ On the server the other phases ran against: registers a new version of the busie
 a canary (``POST /v1/adapters`` with ``canary_percent``), then drives an open loop at the
 given rate over requests whose users are all distinct (the same domain mix), in rounds that
 alternate a canary slice (the rollout running; every answer of the canary's domain is read
-and answered with a feedback batch of 10 of its items, clicks drawn from the served scores,
-on a separate connection pool) and a steady slice (the rollout aborted, no feedback). It
+and 10 of its items get a feedback event, clicks drawn from the served scores, sent on a
+separate connection pool) and a steady slice (the rollout aborted, no feedback). Events are
+sent as a front end's click logger sends them: batched, one ``POST /feedback`` every
+``feedback_every`` seconds (0: one call per answer, the harshest case). It
 reports the predict latencies of both (counted from when each request was due), the feedback
 latencies, errors, the observed canary share among the domain's distinct users, and whether
 any user was answered by both versions. The rollout is aborted at the end.
@@ -14,6 +16,7 @@ any user was answered by both versions. The rollout is aborted at the end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -71,6 +74,7 @@ async def measure_canary(
     percent: float = 10.0,
     rounds: int = 4,
     send_feedback: bool = True,
+    feedback_every: float = 0.1,
 ) -> dict[str, Any]:
     """Rounds alternating steady slices (no rollout) and canary slices (the rollout running,
     feedback sent), ``seconds`` of each in all, over the same requests: both see the same
@@ -101,11 +105,15 @@ async def measure_canary(
     idle: list[Conn] = [await open_conn() for _ in range(8)]
     fb_idle: list[Conn] = [await open_conn() for _ in range(4)]
     fb_tasks: list[asyncio.Task[None]] = []
+    pending: list[dict[str, Any]] = []  # events not sent yet (batched mode)
+    fb_events = 0
 
     def fail(what: str) -> None:
         failures[what] = failures.get(what, 0) + 1
 
     async def feedback(events: list[dict[str, Any]]) -> None:
+        nonlocal fb_events
+        fb_events += len(events)
         data = orjson.dumps({"events": events})
         conn = fb_idle.pop() if fb_idle else await open_conn()
         t0 = time.perf_counter()
@@ -143,11 +151,29 @@ async def measure_canary(
             {"request_id": out["request_id"], "item_index": k, "clicked": bool(c)}
             for k, c in enumerate(clicks)
         ]
-        if send_feedback:
+        if not send_feedback:
+            return
+        if feedback_every > 0:
+            pending.extend(events)
+        else:
             fb_tasks.append(asyncio.create_task(feedback(events)))
+
+    def flush() -> None:
+        while pending:  # at most 1000 events a call (MDLORA_FEEDBACK_MAX_EVENTS' default)
+            batch = pending[:1000]
+            del pending[:1000]
+            fb_tasks.append(asyncio.create_task(feedback(batch)))
+
+    async def flusher(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), feedback_every)
+            flush()
 
     async def open_loop(first: int, n: int, canary: bool) -> None:
         tasks = []
+        stop = asyncio.Event()
+        logger = asyncio.create_task(flusher(stop)) if feedback_every > 0 else None
         start = time.perf_counter()
         for k in range(n):
             due = start + k / rate
@@ -156,6 +182,9 @@ async def measure_canary(
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(first + k, due, canary)))
         await asyncio.gather(*tasks)
+        stop.set()
+        if logger is not None:
+            await logger
         await asyncio.gather(*fb_tasks)
 
     n = max(1, int(rate * seconds / rounds))
@@ -192,6 +221,8 @@ async def measure_canary(
         "steady_p99_ms": pct(latencies[False], 99),
         "feedback_p99_ms": pct(fb_latencies, 99),
         "feedback_calls": len(fb_latencies),
+        "feedback_events": fb_events,
+        "feedback_every_s": feedback_every,
         "requests": len(latencies[True]) + len(latencies[False]),
         "domain_users": users,
         "canary_share": share,

@@ -17,8 +17,10 @@ What it does (bounded in time: about ``5 * --seconds`` plus a minute of set-up):
    counted from the time a request was due (no coordinated omission); the service's own
    histogram gives the in-service p99 for comparison;
 5. canary phase (``bench_canary.py``): the busiest domain's new version as a 10% canary, the
-   same open loop over distinct users, and a feedback batch for every answer of that domain,
-   in rounds alternating with steady rounds (no rollout) that it is compared with.
+   same open loop over distinct users, and feedback events for every answer of that domain
+   (sent batched every ``--feedback-every`` seconds, as a front end's click logger would; 0:
+   one call per answer), in rounds alternating with steady rounds (no rollout) that it is
+   compared with.
 
 Targets on a 2-core machine: service >= 60% of in-process; p99 <= 20 ms at half load; p99
 while adapters swap <= 1.5x steady; p99 of the canary phase (with its feedback traffic) <= 1.2x
@@ -275,8 +277,9 @@ async def measure_canary_phase(
         return await Connection.open(port)
 
     out = await measure_canary(
-        open_conn, requests, domain, "occupation", package, TOKEN, rate, args.seconds
-    )
+        open_conn, requests, domain, "occupation", package, TOKEN, rate, args.seconds,
+        feedback_every=args.feedback_every,
+    )  # fmt: skip
     return {**out, "domain": domain}
 
 
@@ -289,6 +292,10 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=100, help="items per request")
     parser.add_argument("--pool", type=int, default=512, help="distinct pre-encoded requests")
     parser.add_argument("--quick", action="store_true", help="short phases (a smoke run)")
+    parser.add_argument(
+        "--feedback-every", type=float, default=0.1,
+        help="seconds between the canary phase's feedback calls (0: one call per answer)",
+    )  # fmt: skip
     parser.add_argument("--no-micro-batch", action="store_true", help="one model call per request")
     parser.add_argument("--scorer-thread", action="store_true", help="model calls on a thread")
     parser.add_argument("--threads", type=int, default=1, help="the service's torch threads")
@@ -372,7 +379,8 @@ def main() -> None:
     print(f"admin calls: {', '.join(half['log'])}")
     print(
         f"canary phase, rounds alternating with steady ones (10% canary of domain "
-        f"{canary['domain']} plus {canary['feedback_calls']} feedback calls): p50 "
+        f"{canary['domain']} plus {canary['feedback_events']} feedback events in "
+        f"{canary['feedback_calls']} calls): p50 "
         f"{canary['p50_ms']:.2f} ms, p99 {canary['p99_ms']:.2f} ms; steady rounds p50 "
         f"{canary['steady_p50_ms']:.2f} ms, p99 {canary['steady_p99_ms']:.2f} ms; "
         f"feedback p99 {canary['feedback_p99_ms']:.2f} ms; canary share "
@@ -415,6 +423,8 @@ def main() -> None:
         "canary_domain_users": canary["domain_users"],
         "canary_users_on_both_versions": canary["users_on_both_versions"],
         "feedback_calls": canary["feedback_calls"],
+        "feedback_events": canary["feedback_events"],
+        "feedback_every_s": canary["feedback_every_s"],
         "feedback_p99_ms": round(canary["feedback_p99_ms"], 3),
         "errors": int(half["errors"]) + int(canary["errors"]),
         "load_average": round(os.getloadavg()[0], 2),
