@@ -5,7 +5,6 @@ The feature encoder itself lives in :mod:`mdlora.formats.encoder` (shared with t
 
 from mdlora.formats.encoder import EncodedArrays, FeatureEncoder, LabeledArrays, MultiHotColumn
 from mdlora.training.data.dataset import (
-    concat_arrays,
     shard_indices,
 )
 from mdlora.training.data.movielens import load_movielens_1m, load_movielens_100k
@@ -36,7 +35,6 @@ __all__ = [
     "MultiHotColumn",
     "PreparedData",
     "TableSchema",
-    "concat_arrays",
     "encode_splits",
     "iter_frames",
     "labels_from",

@@ -1,4 +1,4 @@
-"""Row sharding for distributed training and concatenation of encoded chunks.
+"""Row sharding for distributed training.
 
 Sharding follows ``torch.utils.data.DistributedSampler`` exactly (same permutation for the same
 ``seed + epoch``, padded by wrapping around so every rank gets the same number of rows, then
@@ -9,15 +9,11 @@ training loop indexes whole device-resident splits with these indices (no DataLo
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["concat_arrays", "shard_indices"]
-
-_KEYS = ("sparse", "multi_hot", "dense", "domains", "labels")
+__all__ = ["shard_indices"]
 
 
 def shard_indices(
@@ -62,22 +58,3 @@ def shard_indices(
     else:
         indices = indices[:total]
     return indices[rank:total:world_size]
-
-
-def concat_arrays(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Concatenate encoded chunks (e.g. of ``mdlora.training.data.streaming``) row-wise."""
-    if not parts:
-        raise ValueError("nothing to concatenate")
-    out: dict[str, Any] = {}
-    for key in _KEYS:
-        vals = [p.get(key) for p in parts]
-        if all(v is None for v in vals):
-            if key in parts[0]:
-                out[key] = None
-            continue
-        if any(v is None for v in vals):
-            raise ValueError(f"{key!r} is present in some chunks and missing in others")
-        out[key] = np.concatenate([np.asarray(v) for v in vals], axis=0)
-    return out
-
-

@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 
 from mdlora.formats.encoder import LabeledArrays
 from mdlora.formats.keys import canonical_value, natural_order
-from mdlora.training.data.dataset import concat_arrays
 from mdlora.training.data.prepared import DataError, PreparedData
 from mdlora.training.data.splits import random_split, stratified_domain_split
 from mdlora.training.data.tabular import (
@@ -37,7 +36,7 @@ from mdlora.training.data.tabular import (
     validate_table,
 )
 
-DEFAULT_BATCH_ROWS = 262_144
+DEFAULT_BATCH_ROWS = 131_072
 
 
 def _chunks(
@@ -134,29 +133,32 @@ def prepare_table_stream(
 
     encoder.fit_stream(train_frames())
 
-    pieces: list[list[dict[str, Any]]] = [[], [], []]
-    places: list[list[np.ndarray]] = [[], [], []]
+    for k, idx in enumerate(splits):
+        if len(idx) == 0:
+            raise DataError(f"{p}: the {('train', 'validation', 'test')[k]} part has no rows")
+    # each part's arrays allocated once, at their final size; every encoded chunk is written
+    # straight to its rows' places (the peak: the encoded arrays plus one chunk)
+    parts_out: list[dict[str, np.ndarray | None]] = []
     for start, df in _chunks(p, schema, batch_rows, (), "encoding", progress):
         rows = slice(start, start + len(df))
-        arr = encoder.transform(df)
+        arr: dict[str, Any] = {**encoder.transform(df), "labels": labels[rows]}
+        if not parts_out:
+            parts_out = [
+                {key: None if v is None else np.empty((len(idx), *np.shape(v)[1:]),
+                                                     np.float32 if key == "labels" else v.dtype)
+                 for key, v in arr.items()}
+                for idx in splits
+            ]  # fmt: skip
         for k in range(3):
             mask = part[rows] == k
             if not mask.any():
                 continue
-            pieces[k].append({key: None if v is None else np.asarray(v)[mask]
-                              for key, v in arr.items()})  # fmt: skip
-            pieces[k][-1]["labels"] = np.ascontiguousarray(labels[rows][mask], np.float32)
-            places[k].append(position[rows][mask])
-    out = []
-    for k in range(3):
-        if not pieces[k]:
-            raise DataError(f"{p}: the {('train', 'validation', 'test')[k]} part has no rows")
-        merged = concat_arrays(pieces[k])
-        inverse = np.argsort(np.concatenate(places[k]), kind="stable")
-        out.append(LabeledArrays(**{  # type: ignore[typeddict-item]
-            key: None if v is None else np.ascontiguousarray(v[inverse])
-            for key, v in merged.items()
-        }))  # fmt: skip
+            at = position[rows][mask]
+            for key, v in arr.items():
+                target = parts_out[k][key]
+                if target is not None:
+                    target[at] = np.asarray(v)[mask]
+    out = [LabeledArrays(**arrays) for arrays in parts_out]  # type: ignore[typeddict-item]
     info: dict[str, Any] = {"schema": schema.to_dict(), "seed": seed, "streaming": batch_rows}
     if split_column is not None:
         info["split_column"] = split_column
