@@ -20,25 +20,47 @@ from typing import Any
 
 import yaml
 
+
+@dataclass(frozen=True)
+class Recipe:
+    """A training method: the model it builds (``models.methods``) and how it trains.
+
+    ``trainer`` names how its phases run (``mdlora.training.run.TRAINERS``): ``phased`` (the
+    model method's phases in order), ``per_domain`` (Single: a backbone per domain),
+    ``finetune`` (Mix, then a copy fine-tuned per domain), ``joint`` (backbone and adapters in
+    one phase, the public MLoRA code's recipe) or ``finetune_fresh`` (the backbone, then all of
+    it fine-tuned on the fresh rows; ``mdlora.training.recipes``).
+    """
+
+    label: str  # how reports and summaries name it (the one table of labels)
+    model_method: str
+    trainer: str = "phased"
+    fresh: bool = False  # its later phases can train on the fresh slice (adapt_rows: fresh)
+    always_fresh: bool = False  # what it is: its second phase on the fresh slice
+    natural_only: bool = False  # SingleLoRA: the natural division's LoRA set, no fusion
+
+
 #: training methods: baselines, the three methods, MultiLoRA's SingleLoRA ablation, the public
 #: MLoRA code's one-phase recipe (mlora_joint) and the backbone fine-tuned on the fresh rows
 #: that the adapters of ``adapt_rows: fresh`` train on (finetune_fresh)
-METHODS = ("base", "single", "finetune", "mlora", "moe", "multilora", "singlelora",
-           "mlora_joint", "finetune_fresh")  # fmt: skip
-#: how reports and summaries name each training method (the one table of labels)
-METHOD_LABELS = {
-    "base": "Base", "single": "Single", "finetune": "Fine-tune", "mlora": "MLoRA",
-    "moe": "MoE-MLoRA", "multilora": "MultiLoRA", "singlelora": "SingleLoRA",
-    "mlora_joint": "MLoRA (joint)", "finetune_fresh": "Fine-tune (fresh rows)",
+RECIPES: dict[str, Recipe] = {
+    "base": Recipe("Base", "base"),
+    "single": Recipe("Single", "base", trainer="per_domain"),
+    "finetune": Recipe("Fine-tune", "base", trainer="finetune"),
+    "mlora": Recipe("MLoRA", "mlora", fresh=True),
+    "moe": Recipe("MoE-MLoRA", "moe", fresh=True),
+    "multilora": Recipe("MultiLoRA", "multilora", fresh=True),
+    "singlelora": Recipe("SingleLoRA", "multilora", fresh=True, natural_only=True),
+    "mlora_joint": Recipe("MLoRA (joint)", "mlora", trainer="joint"),
+    "finetune_fresh": Recipe("Fine-tune (fresh rows)", "base", trainer="finetune_fresh",
+                             fresh=True, always_fresh=True),
 }  # fmt: skip
+METHODS = tuple(RECIPES)
+METHOD_LABELS = {name: r.label for name, r in RECIPES.items()}
 #: ModelConfig.method each training method builds
-MODEL_METHOD = {
-    "base": "base", "single": "base", "finetune": "base", "mlora": "mlora", "moe": "moe",
-    "multilora": "multilora", "singlelora": "multilora", "mlora_joint": "mlora",
-    "finetune_fresh": "base",
-}  # fmt: skip
+MODEL_METHOD = {name: r.model_method for name, r in RECIPES.items()}
 #: methods whose later phases can train on the fresh slice (``adapt_rows: fresh``)
-FRESH_METHODS = ("mlora", "moe", "multilora", "singlelora", "finetune_fresh")
+FRESH_METHODS = tuple(name for name, r in RECIPES.items() if r.fresh)
 ADAPT_ROWS = ("all", "fresh")
 DATA_SOURCES = ("preset", "synthetic", "table")
 #: phase kinds that ``phase_epochs`` / ``phase_lr`` may name
@@ -176,9 +198,9 @@ class TrainConfig:
         self.adapt_fraction = float(_number("adapt_fraction", self.adapt_fraction))
         if self.adapt_rows not in ADAPT_ROWS:
             raise ConfigError(f"adapt_rows must be one of {ADAPT_ROWS}, got {self.adapt_rows!r}")
-        if self.method == "finetune_fresh":
+        if self.recipe.always_fresh:
             self.adapt_rows = "fresh"  # what the method is: phase 2 on the fresh slice
-        if self.adapt_rows == "fresh" and self.method not in FRESH_METHODS:
+        if self.adapt_rows == "fresh" and not self.recipe.fresh:
             raise ConfigError(
                 f"adapt_rows: fresh needs a method with phases after the backbone "
                 f"{FRESH_METHODS}, got method {self.method!r}"
@@ -247,8 +269,12 @@ class TrainConfig:
                 raise ConfigError(f"phase_lr.{k} must be >= 0, got {v}")
 
     @property
+    def recipe(self) -> Recipe:
+        return RECIPES[self.method]
+
+    @property
     def model_method(self) -> str:
-        return MODEL_METHOD[self.method]
+        return self.recipe.model_method
 
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path("runs") / self.name

@@ -54,7 +54,8 @@ def _model_meta(model: MultiDomainModel) -> dict[str, Any]:
 
 def save_final(result: RunResult) -> Path:
     """Write the trained weights, encoder and metrics to ``<run>/final/``."""
-    from mdlora.training.run import label_column, positive_labels, state_dict_cpu
+    from mdlora.training.checkpoints import state_dict_cpu
+    from mdlora.training.run import label_column, positive_labels
 
     final = result.out_dir / FINAL
     if final.exists():

@@ -42,12 +42,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from mdlora.models.features import EncodedBatch
 from mdlora.models.freeze import phase_groups
 from mdlora.models.methods import method_of
 from mdlora.models.model import Division, ModelConfig, MultiDomainModel
+from mdlora.training.checkpoints import Checkpoints
 from mdlora.training.config import (
     DEFAULT_ALPHA,
     METHOD_LABELS,
@@ -73,7 +73,7 @@ def method_label(cfg: TrainConfig) -> str:
     label = METHOD_LABELS[cfg.method]
     if "fusion" in method_of(cfg.model_method).stages and cfg.fusion != "attention":
         label += f"-{cfg.fusion}"
-    if cfg.adapt_rows == "fresh" and cfg.method != "finetune_fresh":
+    if cfg.adapt_rows == "fresh" and not cfg.recipe.always_fresh:
         label += " (fresh rows)"
     return label
 
@@ -226,7 +226,7 @@ def plan_phases(model: MultiDomainModel, cfg: TrainConfig, hp: Hparams) -> list[
     phases: list[Phase] = []
     for name, groups in phase_groups(model).items():
         kind, _, rest = name.partition(":")
-        if cfg.method == "singlelora" and (kind == "fusion" or (kind == "lora" and rest != nat)):
+        if cfg.recipe.natural_only and (kind == "fusion" or (kind == "lora" and rest != nat)):
             continue
         ph = Phase(name=name, stage=kind, groups=list(groups))
         if kind == "expert":
@@ -245,62 +245,10 @@ def plan_phases(model: MultiDomainModel, cfg: TrainConfig, hp: Hparams) -> list[
 
 def final_stage(model: MultiDomainModel, cfg: TrainConfig) -> None:
     """Leave the model in the stage it is exported and scored with."""
-    if cfg.method == "singlelora":
+    if cfg.recipe.natural_only:
         model.set_stage("lora", division=model.config.divisions[0].name)
     else:
         model.set_stage(model.method.final_stage)
-
-
-# ------------------------------------------------------------------------ checkpoints
-class Checkpoints:
-    """Per-phase weights in ``<run>/checkpoints`` so an interrupted run can resume.
-
-    A phase whose checkpoint exists (and was made under the same config fingerprint) is
-    loaded instead of trained; each phase reseeds from the config seed, so a resumed run
-    ends with the same weights as an uninterrupted one.
-    """
-
-    def __init__(self, directory: Path, fingerprint: str, resume: bool, write: bool) -> None:
-        self.dir, self.fingerprint, self.resume, self.write = directory, fingerprint, resume, write
-
-    def paths(self, tag: str, index: int, phase: str) -> tuple[Path, Path]:
-        """The weights and metadata files of phase ``index`` (named ``phase``) of ``tag``.
-
-        Public so that a driver running several methods can share a phase (e.g. the
-        backbone) between their run folders by copying these two files.
-        """
-        stem = f"{tag}-{index:02d}-{phase.replace(':', '_')}"
-        return self.dir / f"{stem}.safetensors", self.dir / f"{stem}.json"
-
-    def run(
-        self, model: MultiDomainModel, tag: str, index: int, phase: Phase,
-        train: Callable[[], PhaseResult],
-    ) -> PhaseResult:  # fmt: skip
-        weights, meta = self.paths(tag, index, phase.name)
-        if self.resume and weights.is_file() and meta.is_file():
-            info = json.loads(meta.read_text())
-            if info.get("fingerprint") != self.fingerprint:
-                raise ConfigError(
-                    f"{meta} was written under a different config; use another out folder "
-                    "or remove its checkpoints/ to start over"
-                )
-            state = load_file(weights, device=str(model.device))
-            model.load_state_dict(state, strict=True)
-            model.set_stage(phase.stage, expert=phase.expert, division=phase.division)
-            result = PhaseResult(**info["result"])
-            print(f"resumed phase {phase.name} from {weights}")
-            return result
-        result = train()
-        if self.write:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            save_file(state_dict_cpu(model), str(weights))
-            meta.write_text(json.dumps({"fingerprint": self.fingerprint,
-                                        "result": result.to_dict()}, indent=2))  # fmt: skip
-        return result
-
-
-def state_dict_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
 # ------------------------------------------------------------------------------- runs
@@ -405,6 +353,100 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass
+class RecipeRun:
+    """What a recipe's trainer works with: one run's settings, data and phase runner."""
+
+    cfg: TrainConfig
+    hp: Hparams
+    prepared: PreparedData
+    test: EncodedBatch
+    names: list[str]  # the primary division's domains, in id order
+    run_phase: Callable[[MultiDomainModel, str, int, Phase], None]  # (model, tag, index, ph)
+    fresh_model: Callable[[], MultiDomainModel]
+
+    def evaluate(self, model: MultiDomainModel) -> dict[str, SplitMetrics]:
+        return evaluate_divisions(
+            TrainedModels(model), self.test, self.prepared, self.cfg.eval_batch_size
+        )
+
+
+#: what a trainer gives back: the trained models, and the reference (a phase-1 model) they are
+#: compared with in the report, with its label
+Trained = tuple[TrainedModels, dict[str, SplitMetrics] | None, str | None]
+
+
+def train_phased(r: RecipeRun) -> Trained:
+    """The model method's phases in order; the backbone alone is the reference when later
+    phases follow it."""
+    model, reference = r.fresh_model(), None
+    for i, ph in enumerate(plan_phases(model, r.cfg, r.hp)):
+        r.run_phase(model, "model", i, ph)
+        if ph.name == "backbone" and method_of(r.cfg.model_method).stages[1:]:
+            reference = r.evaluate(model)
+    final_stage(model, r.cfg)
+    return TrainedModels(model), reference, None if reference is None else "Base (phase 1)"
+
+
+def train_per_domain(r: RecipeRun) -> Trained:
+    """Single: one backbone per domain, each trained on its domain's rows only."""
+    trained = TrainedModels()
+    for d, name in enumerate(r.names):
+        model = r.fresh_model()
+        ph = Phase(f"single:{name}", "backbone", ["backbone"], domains=[d],
+                   epochs=r.cfg.phase_epochs.get("single", r.cfg.epochs),
+                   lr=r.cfg.phase_lr.get("single", r.hp.lr))  # fmt: skip
+        r.run_phase(model, f"domain{d}", 0, ph)
+        trained.per_domain[d] = model
+    return trained, None, None
+
+
+def train_finetune(r: RecipeRun) -> Trained:
+    """Fine-tune: the Mix backbone (the reference), then a copy fine-tuned per domain."""
+    mix = r.fresh_model()
+    (ph,) = plan_phases(mix, r.cfg, r.hp)
+    r.run_phase(mix, "model", 0, ph)
+    reference = r.evaluate(mix)
+    trained = TrainedModels()
+    for d, name in enumerate(r.names):
+        model = copy.deepcopy(mix)
+        ph = Phase(f"finetune:{name}", "backbone", ["backbone"], domains=[d],
+                   epochs=r.cfg.phase_epochs.get("finetune", r.cfg.epochs),
+                   lr=r.cfg.phase_lr.get("finetune", r.hp.lr))  # fmt: skip
+        r.run_phase(model, f"domain{d}", 1, ph)
+        trained.per_domain[d] = model
+    return trained, reference, "Mix"
+
+
+def train_joint(r: RecipeRun) -> Trained:
+    """Backbone and adapters together from scratch, in one phase (``recipes.joint_phase``)."""
+    model = r.fresh_model()
+    r.run_phase(model, "model", 0, joint_phase(r.cfg, r.hp.lr))
+    final_stage(model, r.cfg)
+    return TrainedModels(model), None, None
+
+
+def train_finetune_fresh(r: RecipeRun) -> Trained:
+    """The backbone (the reference), then all of it fine-tuned on the fresh rows."""
+    model = r.fresh_model()
+    (ph,) = plan_phases(model, r.cfg, r.hp)
+    r.run_phase(model, "model", 0, ph)
+    reference = r.evaluate(model)
+    r.run_phase(model, "model", 1, finetune_fresh_phase(r.cfg, r.hp.lr))
+    model.set_stage("backbone")
+    return TrainedModels(model), reference, "Base (phase 1)"
+
+
+#: ``Recipe.trainer`` -> how the recipe's phases run
+TRAINERS: dict[str, Callable[[RecipeRun], Trained]] = {
+    "phased": train_phased,
+    "per_domain": train_per_domain,
+    "finetune": train_finetune,
+    "joint": train_joint,
+    "finetune_fresh": train_finetune_fresh,
+}
+
+
 def run_training(
     cfg: TrainConfig,
     ctx: DistContext = SINGLE,
@@ -437,8 +479,6 @@ def run_training(
     )  # fmt: skip
     ckpt = Checkpoints(out / "checkpoints", cfg.fingerprint(), cfg.resume, ctx.is_main)
     results: list[PhaseResult] = []
-    reference: dict[str, SplitMetrics] | None = None
-    reference_label: str | None = None
     names = prepared.domain_names[prepared.divisions[0]]
 
     def run_phase(model: MultiDomainModel, tag: str, index: int, ph: Phase) -> None:
@@ -458,54 +498,8 @@ def run_training(
         torch.manual_seed(cfg.seed)
         return build_model(cfg, prepared, hp).to(device)
 
-    if cfg.method == "single":
-        trained = TrainedModels()
-        for d, name in enumerate(names):
-            model = fresh_model()
-            ph = Phase(f"single:{name}", "backbone", ["backbone"], domains=[d],
-                       epochs=cfg.phase_epochs.get("single", cfg.epochs),
-                       lr=cfg.phase_lr.get("single", hp.lr))  # fmt: skip
-            run_phase(model, f"domain{d}", 0, ph)
-            trained.per_domain[d] = model
-    elif cfg.method == "finetune":
-        mix = fresh_model()
-        (ph,) = plan_phases(mix, cfg, hp)
-        run_phase(mix, "model", 0, ph)
-        reference_label = "Mix"
-        reference = evaluate_divisions(TrainedModels(mix), test, prepared, cfg.eval_batch_size)
-        trained = TrainedModels()
-        for d, name in enumerate(names):
-            model = copy.deepcopy(mix)
-            ph = Phase(f"finetune:{name}", "backbone", ["backbone"], domains=[d],
-                       epochs=cfg.phase_epochs.get("finetune", cfg.epochs),
-                       lr=cfg.phase_lr.get("finetune", hp.lr))  # fmt: skip
-            run_phase(model, f"domain{d}", 1, ph)
-            trained.per_domain[d] = model
-    elif cfg.method == "mlora_joint":
-        model = fresh_model()
-        run_phase(model, "model", 0, joint_phase(cfg, hp.lr))
-        final_stage(model, cfg)
-        trained = TrainedModels(model)
-    elif cfg.method == "finetune_fresh":
-        model = fresh_model()
-        (ph,) = plan_phases(model, cfg, hp)
-        run_phase(model, "model", 0, ph)
-        reference_label = "Base (phase 1)"
-        reference = evaluate_divisions(TrainedModels(model), test, prepared, cfg.eval_batch_size)
-        run_phase(model, "model", 1, finetune_fresh_phase(cfg, hp.lr))
-        model.set_stage("backbone")
-        trained = TrainedModels(model)
-    else:
-        model = fresh_model()
-        for i, ph in enumerate(plan_phases(model, cfg, hp)):
-            run_phase(model, "model", i, ph)
-            if ph.name == "backbone" and method_of(cfg.model_method).stages[1:]:
-                reference_label = "Base (phase 1)"
-                reference = evaluate_divisions(
-                    TrainedModels(model), test, prepared, cfg.eval_batch_size
-                )
-        final_stage(model, cfg)
-        trained = TrainedModels(model)
+    run = RecipeRun(cfg, hp, prepared, test, names, run_phase, fresh_model)
+    trained, reference, reference_label = TRAINERS[cfg.recipe.trainer](run)
 
     for m in trained.models():
         m.eval()

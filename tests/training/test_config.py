@@ -106,3 +106,14 @@ def test_the_rank_temperature_comes_from_the_config_then_the_data_setting(
     hp = {"movielens": MLORA_HPARAMS, "taobao": TAOBAO_HPARAMS, "own": {}}[hparams]
     cfg = config_from_dict({"backbone": backbone, "alpha": alpha})
     assert resolve_alpha(cfg, hp) == expected
+
+
+def test_every_recipe_names_a_trainer_and_a_model_method() -> None:
+    from mdlora.models.methods import REGISTRY
+    from mdlora.training.config import RECIPES
+    from mdlora.training.run import TRAINERS
+
+    for name, recipe in RECIPES.items():
+        assert recipe.trainer in TRAINERS, name
+        assert recipe.model_method in REGISTRY, name
+        assert not recipe.always_fresh or recipe.fresh, name

@@ -11,6 +11,7 @@ import typer
 from typer.testing import CliRunner
 
 from mdlora.cli.reproduce import register_reproduce
+from mdlora.training.checkpoints import state_dict_cpu
 from mdlora.training.data.synthetic import write_movielens_1m_like
 from mdlora.training.reproduce import (
     ReproduceError,
@@ -23,7 +24,7 @@ from mdlora.training.reproduce import (
     significant,
     write_report,
 )
-from mdlora.training.run import run_training, state_dict_cpu
+from mdlora.training.run import run_training
 from tests.training.helpers import tiny_config, tiny_prepared
 
 ML1M = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "ml-1m").resolve()

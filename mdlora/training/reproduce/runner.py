@@ -44,7 +44,7 @@ def train_config(cell: Cell, settings: Settings, out: Path) -> TrainConfig:
 
 
 def _checkpoint_paths(run_dir: Path, fingerprint: str, index: int, phase: str) -> tuple[Path, Path]:
-    from mdlora.training.run import Checkpoints
+    from mdlora.training.checkpoints import Checkpoints
 
     return Checkpoints(run_dir / "checkpoints", fingerprint, True, True).paths(
         "model", index, phase
@@ -80,7 +80,8 @@ def seed_shared_phases(
     import torch
     from safetensors.torch import load_file, save_file
 
-    from mdlora.training.run import build_model, resolve_hparams, state_dict_cpu
+    from mdlora.training.checkpoints import state_dict_cpu
+    from mdlora.training.run import build_model, resolve_hparams
 
     best: tuple[int, Path, str] | None = None
     for donor_dir in sorted(group_dir.glob("*/")):
