@@ -11,13 +11,14 @@ import torch
 from mdlora.models.methods import REGISTRY, method_of
 from mdlora.models.model import MultiDomainModel
 from mdlora.models.state import adapter_tensors, install_adapter
+from mdlora.training.config import RECIPES
 from tests.models.helpers import make_config, perturb
 
 ROOT = Path(__file__).resolve().parents[2]
-#: a branch on a method's name: ``cfg.method == "moe"``, ``method in ("mlora", ...)``
-BRANCH = re.compile(
-    r"""method\s*(==|!=|in|not in)\s*[(\[{]?\s*["'](base|mlora|moe|multilora)["']"""
-)
+#: a branch on a model method's or a training recipe's name: ``cfg.method == "moe"``,
+#: ``method in ("mlora", ...)``, ``cfg.method == "singlelora"``
+NAMES = "|".join(sorted({*REGISTRY, *RECIPES}, key=len, reverse=True))
+BRANCH = re.compile(rf"""method\s*(==|!=|in|not in)\s*[(\[{{]?\s*["']({NAMES})["']""")
 
 
 def test_no_code_outside_the_method_room_branches_on_a_model_method_name() -> None:
@@ -29,7 +30,7 @@ def test_no_code_outside_the_method_room_branches_on_a_model_method_name() -> No
             for n, line in enumerate(path.read_text().splitlines(), 1):
                 if BRANCH.search(line):
                     offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
-    hint = "ask mdlora.models.methods.method_of(config) instead:\n"
+    hint = "ask method_of(config) or the recipe (cfg.recipe) instead:\n"
     assert not offenders, hint + "\n".join(offenders)
 
 
