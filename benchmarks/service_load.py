@@ -1,7 +1,7 @@
 """The service benchmark's load generator: a lean asyncio HTTP/1.1 client over keep-alive
 connections (closed and open loops, latency from the time a request was due), the server
-subprocess, the admin swapper and the /metrics scrapes. Used by ``bench_service.py`` and
-``bench_canary.py``."""
+subprocess, the admin swapper and the /metrics scrapes, for ``bench_service.py``
+(``bench_canary.py`` drives any connection with a ``send``, e.g. this module's)."""
 
 from __future__ import annotations
 

@@ -42,6 +42,7 @@ from mdlora.formats.artifact import (
 from mdlora.formats.encoder import FeatureEncoder
 from mdlora.formats.files import (
     BACKBONE_WEIGHTS,
+    GATE_WEIGHTS,
     GROWN_VOCAB,
 )
 from mdlora.formats.grown import GrownLookup, GrownValues, check_values
@@ -107,7 +108,7 @@ class ArtifactInfo:
         digest = files.get(BACKBONE_WEIGHTS, {}).get("sha256") or str(
             artifact.manifest.get("model_signature", "unknown")
         )
-        gate = files.get("gate.safetensors", {}).get("sha256", "")
+        gate = files.get(GATE_WEIGHTS, {}).get("sha256", "")
         model_id = (digest[:16] + gate[:8]) if gate else digest[:16]
         path = Path(artifact.path or ".")
         return cls(path, model_id, f"{path.name}@{model_id[:12]}", artifact.manifest)

@@ -47,7 +47,14 @@ class Checkpoints:
                     "or remove its checkpoints/ to start over"
                 )
             state = load_file(weights, device=str(model.device))
-            model.load_state_dict(state, strict=True)
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as exc:  # e.g. other adapter ranks than when it was written
+                raise ConfigError(
+                    f"{weights} does not fit this run's model ({str(exc).splitlines()[-1]}): "
+                    "its settings changed since (ranks, alpha, tower...); use another out "
+                    "folder or remove its checkpoints/ to start over"
+                ) from None
             model.set_stage(phase.stage, expert=phase.expert, division=phase.division)
             result = PhaseResult(**info["result"])
             print(f"resumed phase {phase.name} from {weights}")

@@ -32,10 +32,11 @@ module only orders them, attaches rows and epochs, and runs
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,8 @@ from mdlora.training.recipes import PhaseRows, finetune_fresh_phase, joint_phase
 
 def method_label(cfg: TrainConfig) -> str:
     label = METHOD_LABELS[cfg.method]
-    if "fusion" in method_of(cfg.model_method).stages and cfg.fusion != "attention":
+    has_fusion = "fusion" in method_of(cfg.model_method).stages and not cfg.recipe.natural_only
+    if has_fusion and cfg.fusion != "attention":
         label += f"-{cfg.fusion}"
     if cfg.adapt_rows == "fresh" and not cfg.recipe.always_fresh:
         label += " (fresh rows)"
@@ -88,7 +90,7 @@ def load_data(cfg: TrainConfig) -> PreparedData:
 
         if "split" in opts:
             opts["split"] = tuple(opts["split"])
-        return synthetic_setting(**opts)
+        return _with_options(synthetic_setting, "synthetic data", opts)
     assert d.path is not None
     path = resolve_path(d.path)
     if not path.exists():
@@ -99,7 +101,7 @@ def load_data(cfg: TrainConfig) -> PreparedData:
         from mdlora.training.data.presets import prepare_preset
 
         assert d.preset is not None
-        return prepare_preset(d.preset, path, **opts)
+        return _with_options(prepare_preset, f"preset {d.preset!r}", opts, d.preset, path)
     from mdlora.training.data.tabular import TableSchema, prepare_table
 
     assert d.schema is not None
@@ -117,8 +119,25 @@ def load_data(cfg: TrainConfig) -> PreparedData:
             raise ConfigError(
                 f"data.options.streaming reads every row: drop {sampled} or streaming"
             )
-        return prepare_table_stream(path, schema, progress=cfg.progress, **opts)
-    return prepare_table(path, schema, **opts)
+        opts.setdefault("progress", cfg.progress)
+        return _with_options(prepare_table_stream, "a streamed table", opts, path, schema)
+    return _with_options(prepare_table, "a table", opts, path, schema)
+
+
+def _with_options(
+    fn: Callable[..., PreparedData], what: str, opts: dict[str, Any], *args: Any
+) -> PreparedData:
+    """``fn(*args, **opts)``, refusing an option ``fn`` does not take, with the ones it does."""
+    params = inspect.signature(fn).parameters
+    known = sorted(
+        n for n, p in params.items() if p.kind is p.KEYWORD_ONLY or p.default is not p.empty
+    )
+    unknown = sorted(set(opts) - set(known))
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        also = " (a table also takes streaming: true)" if what == "a table" else ""
+        raise ConfigError(f"data.options {unknown} do not apply to {what}; its options: "
+                          f"{known}{also}")  # fmt: skip
+    return fn(*args, **opts)
 
 
 def label_column(cfg: TrainConfig) -> str:
@@ -196,8 +215,10 @@ def resolve_alpha(cfg: TrainConfig, hp: dict[str, Any]) -> float:
     ``DEFAULT_ALPHA`` (own data gets no other dataset's value)."""
     if cfg.alpha is not None:
         return float(cfg.alpha)
-    published = hp.get("alpha", {})
-    return float(published.get(cfg.backbone, DEFAULT_ALPHA))
+    published = hp.get("alpha", {})  # per backbone, or one value for every backbone
+    if isinstance(published, Mapping):
+        return float(published.get(cfg.backbone, DEFAULT_ALPHA))
+    return float(published)
 
 
 def build_model(cfg: TrainConfig, prepared: PreparedData, hp: Hparams) -> MultiDomainModel:

@@ -267,3 +267,16 @@ def test_missing_data_dir_is_a_clear_error(tmp_path: Path) -> None:
     ])  # fmt: skip
     assert res.exit_code == 2
     assert "MovieLens-1M not found" in res.output
+
+
+def test_every_grid_method_has_a_run_tag_a_label_and_a_training_method() -> None:
+    from mdlora.training.config import RECIPES
+    from mdlora.training.reproduce.grid import ALL_METHODS, Cell
+
+    for method in ALL_METHODS:
+        cell = Cell("multilora", "age-groups", "mlp", method, 1, experts=2)
+        assert cell.run_tag.startswith(method) and cell.label
+        assert cell.train_method in RECIPES
+    moe = Cell("figure2", "gender", "deepfm", "moe", 1, experts=3)
+    assert moe.run_tag == "moe-k3"  # k experts per domain are another model
+    assert Cell("table1", "gender", "deepfm", "mlora", 1, experts=3).run_tag == "mlora"

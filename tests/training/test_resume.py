@@ -46,3 +46,19 @@ def test_checkpoints_of_another_config_are_refused(tmp_path: Path) -> None:
     other = tiny_config(tmp_path, method="base", epochs=1, lr=0.01, resume=True)
     with pytest.raises(ConfigError, match="different config"):
         run_training(other, prepared=prepared)
+
+
+def test_a_checkpoint_that_no_longer_fits_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resume across a changed default (the rank temperature for own data) whose
+    checkpoint holds other adapter shapes is refused with a message, not a raw size error."""
+    import mdlora.training.run as run
+
+    prepared = tiny_prepared()
+    monkeypatch.setattr(run, "DEFAULT_ALPHA", 16.0)  # tower 32-16: ranks 2, 1
+    run_training(tiny_config(tmp_path, method="mlora", epochs=1, resume=True), prepared=prepared)
+    monkeypatch.setattr(run, "DEFAULT_ALPHA", 4.0)  # ranks 8, 4
+    with pytest.raises(ConfigError, match="does not fit this run's model"):
+        run_training(tiny_config(tmp_path, method="mlora", epochs=1, resume=True),
+                     prepared=prepared)  # fmt: skip

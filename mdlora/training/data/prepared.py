@@ -84,14 +84,18 @@ YAML_BOOL_WORDS = {True: ("true", "yes", "y", "on"), False: ("false", "no", "n",
 
 
 def labels_from(
-    values: pd.Series | np.ndarray, positive: Sequence[Any] | None = None
+    values: pd.Series | np.ndarray,
+    positive: Sequence[Any] | None = None,
+    require_positive: bool = True,
 ) -> np.ndarray:
     """0/1 labels as float32, rejecting anything else with a clear message.
 
     Accepted without a declaration: booleans, the numbers 0 and 1 (also as text), and the
     strings true/false in any case. ``positive`` declares the label values that mean a click
     (e.g. ``["yes"]`` or ``["click", "purchase"]``); every other value is then a non-click,
-    compared as stripped text, and missing values are refused.
+    compared as stripped text, and missing values are refused. ``require_positive=False``
+    accepts a part without any positive (one chunk of a streamed table; the caller checks the
+    whole).
     """
     arr = np.asarray(values)
     series = pd.Series(arr)
@@ -105,7 +109,7 @@ def labels_from(
         spelled = {w for v in positive if isinstance(v, bool) for w in YAML_BOOL_WORDS[v]}
         text = series.astype(str).str.strip()
         hit = (text.isin(wanted) | text.str.lower().isin(spelled)).to_numpy()
-        if not hit.any():
+        if require_positive and not hit.any():
             shown = list(pd.unique(series.astype(str)))[:5]
             raise DataError(
                 f"no label equals one of positive_labels {list(positive)}; values present, "

@@ -30,6 +30,7 @@ from mdlora.training.data.prepared import DataError, PreparedData
 from mdlora.training.data.splits import random_split, stratified_domain_split
 from mdlora.training.data.tabular import (
     TableSchema,
+    date_format_of,
     iter_frames,
     order_values,
     split_codes,
@@ -78,26 +79,33 @@ def prepare_table_stream(
     order_l: list[np.ndarray] = []
     prim_l: list[np.ndarray] = []  # primary-division values as ids into prim_names
     prim_ids: dict[str, int] = {}
+    date_format: str | None = None
     for start, df in _chunks(p, schema, batch_rows, extra, "reading labels and splits", progress):
-        labels_l.append(validate_table(df, schema, f"{p} (rows from {start})"))
+        labels_l.append(validate_table(df, schema, f"{p} (rows from {start})", whole=False))
         for div, names in seen.items():
             names.update(c for v in pd.unique(df[div]) if (c := canonical_value(v)) is not None)
         if split_column is not None:
             parts_l.append(split_codes(df[split_column], split_column).astype(np.int8))
         if order_column is not None:
-            order_l.append(order_values(df[order_column], order_column))
+            if not order_l:  # read every chunk's date text as the whole column would be
+                date_format = date_format_of(df[order_column])
+            order_l.append(order_values(df[order_column], order_column, date_format))
         if split_column is None and stratified:
             codes, uniques = pd.factorize(df[primary].to_numpy(dtype=object))
             local = np.array(
                 [prim_ids.setdefault(str(canonical_value(u)), len(prim_ids)) for u in uniques],
                 np.int64,
             )
-            mapped = local[np.maximum(codes, 0)] if len(local) else -1
-            prim_l.append(np.where(codes >= 0, mapped, -1))
+            prim_l.append(local[codes])
     if not labels_l:
         raise DataError(f"{p} has no rows")
     labels = np.concatenate(labels_l)
     n = len(labels)
+    if schema.positive_labels is not None and not labels.any():
+        raise DataError(
+            f"{p}: label column {schema.label!r}: no label equals one of positive_labels "
+            f"{list(schema.positive_labels)}"
+        )
     domain_order = {d: natural_order(names) for d, names in seen.items()}
     encoder = schema.make_encoder(domain_order)
 
@@ -110,11 +118,9 @@ def prepare_table_stream(
         order = encoder.domain_order[primary]
         index = pd.Index(order, dtype=object)
         by_temp = index.get_indexer(pd.Index(list(prim_ids), dtype=object))  # temp id -> id
-        temp = np.concatenate(prim_l)  # -1: a missing value
-        dom = np.where(temp >= 0, by_temp[np.maximum(temp, 0)] if len(by_temp) else -1, -1)
+        dom = by_temp[np.concatenate(prim_l)]  # (validate_table refused missing values)
         if (dom < 0).any():
-            bad: list[Any] = sorted(k for k, i in prim_ids.items() if by_temp[i] < 0)[:5]
-            bad += [None] if (temp < 0).any() else []
+            bad = sorted(k for k, i in prim_ids.items() if by_temp[i] < 0)[:5]
             raise DataError(
                 f"division {primary!r}: values {bad} are not in the declared domain_order"
             )
@@ -133,9 +139,6 @@ def prepare_table_stream(
 
     encoder.fit_stream(train_frames())
 
-    for k, idx in enumerate(splits):
-        if len(idx) == 0:
-            raise DataError(f"{p}: the {('train', 'validation', 'test')[k]} part has no rows")
     # each part's arrays allocated once, at their final size; every encoded chunk is written
     # straight to its rows' places (the peak: the encoded arrays plus one chunk)
     parts_out: list[dict[str, np.ndarray | None]] = []

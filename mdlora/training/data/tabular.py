@@ -190,15 +190,18 @@ def read_table(
         raise DataError(f"{p} cannot be read as {kind}: {exc}") from None
 
 
-def validate_table(df: pd.DataFrame, schema: TableSchema, source: str = "table") -> np.ndarray:
-    """Check the declared columns exist and the label is 0/1; return labels as float32."""
+def validate_table(
+    df: pd.DataFrame, schema: TableSchema, source: str = "table", whole: bool = True
+) -> np.ndarray:
+    """Check the declared columns exist and the label is 0/1; return labels as float32.
+    ``whole=False``: ``df`` is one chunk of a table (it may hold no positive label)."""
     missing = [c for c in schema.columns if c not in df.columns]
     if missing:
         raise DataError(
             f"{source}: declared column(s) {missing} not found; columns present: {list(df.columns)}"
         )
     try:
-        labels = labels_from(df[schema.label], schema.positive_labels)
+        labels = labels_from(df[schema.label], schema.positive_labels, require_positive=whole)
     except DataError as e:
         raise DataError(f"{source}: label column {schema.label!r}: {e}") from None
     for div in schema.divisions:
@@ -279,10 +282,27 @@ def split_codes(values: pd.Series, column: str) -> np.ndarray:
     return part.to_numpy(dtype=np.int64)
 
 
-def order_values(values: pd.Series, column: str) -> np.ndarray:
-    """An order column (numbers, or datetimes / date text) as float64 ranks-to-be."""
+def date_format_of(values: pd.Series) -> str | None:
+    """The strftime format pandas infers for date text from its first value (None: numbers,
+    dates already, or no format found). A streamed table passes it to every chunk, so each
+    one is read the way the whole column would be."""
+    if pd.api.types.is_datetime64_any_dtype(values.dtype) or pd.api.types.is_numeric_dtype(
+        values.dtype
+    ):
+        return None
+    first = values.dropna()
+    if first.empty:
+        return None
+    from pandas.tseries.api import guess_datetime_format
+
+    return guess_datetime_format(str(first.iloc[0]))
+
+
+def order_values(values: pd.Series, column: str, date_format: str | None = None) -> np.ndarray:
+    """An order column (numbers, or datetimes / date text) as float64 ranks-to-be (dates as
+    nanoseconds). ``date_format``: the format of date text (default: inferred)."""
     if pd.api.types.is_datetime64_any_dtype(values.dtype):
-        out = values.astype("int64").to_numpy(np.float64)
+        out = values.dt.as_unit("ns").astype("int64").to_numpy(np.float64)
         missing = values.isna().to_numpy()
     elif pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(
         values.dtype
@@ -292,14 +312,14 @@ def order_values(values: pd.Series, column: str) -> np.ndarray:
     else:
         with warnings.catch_warnings():  # "could not infer format": parsed one by one
             warnings.simplefilter("ignore", UserWarning)
-            parsed = pd.to_datetime(values, errors="coerce", utc=True)
+            parsed = pd.to_datetime(values, errors="coerce", utc=True, format=date_format)
         unparsed = parsed.isna() & values.notna()
         if unparsed.any():
             shown = sorted({str(v) for v in values[unparsed].iloc[:1000]})[:5]
             raise DataError(
                 f"order column {column!r} must hold numbers or dates; found e.g. {shown}"
             )
-        out = parsed.astype("int64").to_numpy(np.float64)
+        out = parsed.dt.as_unit("ns").astype("int64").to_numpy(np.float64)
         missing = parsed.isna().to_numpy()
     if missing.any():
         raise DataError(f"order column {column!r} has {int(missing.sum())} missing value(s)")

@@ -158,7 +158,7 @@ class Cell:
 
     @property
     def run_tag(self) -> str:
-        has_experts = method_of(MODEL_METHOD[self.method]).has_experts
+        has_experts = method_of(MODEL_METHOD[self.train_method]).has_experts
         return self.method + (f"-k{self.experts}" if has_experts else "")
 
     @property
