@@ -77,7 +77,7 @@ def prepare_table_stream(
     labels_l: list[np.ndarray] = []
     parts_l: list[np.ndarray] = []
     order_l: list[np.ndarray] = []
-    prim_l: list[np.ndarray] = []  # primary-division values as ids into prim_names
+    prim_l: list[np.ndarray] = []  # primary-division values as ids into prim_ids
     prim_ids: dict[str, int] = {}
     date_format: str | None = None
     for start, df in _chunks(p, schema, batch_rows, extra, "reading labels and splits", progress):
