@@ -48,6 +48,7 @@ from mdlora.formats.keys import (
     lookup_ids,
     natural_order,
     positions,
+    raw_float,
 )
 from mdlora.models.features import (
     OOV_ID,
@@ -500,7 +501,7 @@ class FeatureEncoder:
                         multi_hot[i, j, k] = vmap.get(tok, OOV_ID)
         dense = np.zeros((n, len(self.dense_columns)), dtype=np.float32)
         for j, col in enumerate(self.dense_columns):
-            vals = np.fromiter((_to_float(r.get(col)) for r in records), dtype=np.float64, count=n)
+            vals = np.fromiter((raw_float(r.get(col)) for r in records), dtype=np.float64, count=n)
             dense[:, j] = self._scale(col, vals)
         domains = np.zeros((n, len(self.divisions)), dtype=np.int64)
         for j, div in enumerate(self.divisions):
@@ -593,13 +594,3 @@ class FeatureEncoder:
             f"divisions={self.divisions})"
         )
 
-
-def _to_float(v: Any) -> float:
-    """A raw dense value as a float; NaN (missing) for text, None and integers too large
-    for a float (``float(10**400)`` raises OverflowError)."""
-    if v is None:
-        return math.nan
-    try:
-        return float(v)
-    except (TypeError, ValueError, OverflowError):
-        return math.nan

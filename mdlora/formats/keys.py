@@ -210,3 +210,14 @@ def cell_tokens(cell: Any, delimiter: str, limit: int) -> list[str]:
             break
         out.append(key)
     return out
+
+
+def raw_float(v: Any) -> float:
+    """A raw dense value as a float; NaN (missing) for text, None and integers too large
+    for a float (``float(10**400)`` raises OverflowError)."""
+    if v is None:
+        return math.nan
+    try:
+        return float(v)
+    except (TypeError, ValueError, OverflowError):
+        return math.nan
