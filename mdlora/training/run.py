@@ -36,7 +36,7 @@ import inspect
 import json
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,22 +121,27 @@ def load_data(cfg: TrainConfig) -> PreparedData:
             )
         opts.setdefault("progress", cfg.progress)
         return _with_options(prepare_table_stream, "a streamed table", opts, path, schema)
-    return _with_options(prepare_table, "a table", opts, path, schema)
+    also = ["streaming"]  # taken above, not by prepare_table
+    return _with_options(prepare_table, "a table", opts, path, schema, also=also)
 
 
 def _with_options(
-    fn: Callable[..., PreparedData], what: str, opts: dict[str, Any], *args: Any
+    fn: Callable[..., PreparedData],
+    what: str,
+    opts: dict[str, Any],
+    *args: Any,
+    also: Sequence[str] = (),
 ) -> PreparedData:
-    """``fn(*args, **opts)``, refusing an option ``fn`` does not take, with the ones it does."""
+    """``fn(*args, **opts)``, refusing an option ``fn`` does not take, naming the ones it
+    does (and ``also``, options the caller took before)."""
     params = inspect.signature(fn).parameters
     known = sorted(
         n for n, p in params.items() if p.kind is p.KEYWORD_ONLY or p.default is not p.empty
     )
     unknown = sorted(set(opts) - set(known))
     if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        also = " (a table also takes streaming: true)" if what == "a table" else ""
         raise ConfigError(f"data.options {unknown} do not apply to {what}; its options: "
-                          f"{known}{also}")  # fmt: skip
+                          f"{sorted([*known, *also])}")  # fmt: skip
     return fn(*args, **opts)
 
 

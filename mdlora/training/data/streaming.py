@@ -27,13 +27,14 @@ from tqdm.auto import tqdm
 from mdlora.formats.encoder import LabeledArrays
 from mdlora.formats.keys import canonical_value, natural_order
 from mdlora.training.data.prepared import DataError, PreparedData
-from mdlora.training.data.splits import random_split, stratified_domain_split
 from mdlora.training.data.tabular import (
     TableSchema,
     date_format_of,
     iter_frames,
     order_values,
     split_codes,
+    split_parts,
+    table_data,
     validate_table,
 )
 
@@ -109,14 +110,9 @@ def prepare_table_stream(
     domain_order = {d: natural_order(names) for d, names in seen.items()}
     encoder = schema.make_encoder(domain_order)
 
-    if split_column is not None:
-        part = np.concatenate(parts_l)
-        splits = tuple(np.flatnonzero(part == k).astype(np.int64) for k in range(3))
-        if splits[0].size == 0:
-            raise DataError(f"split column {split_column!r} marks no row as train")
-    elif stratified:
-        order = encoder.domain_order[primary]
-        index = pd.Index(order, dtype=object)
+    dom: np.ndarray | None = None
+    if split_column is None and stratified:
+        index = pd.Index(encoder.domain_order[primary], dtype=object)
         by_temp = index.get_indexer(pd.Index(list(prim_ids), dtype=object))  # temp id -> id
         dom = by_temp[np.concatenate(prim_l)]  # (validate_table refused missing values)
         if (dom < 0).any():
@@ -124,9 +120,8 @@ def prepare_table_stream(
             raise DataError(
                 f"division {primary!r}: values {bad} are not in the declared domain_order"
             )
-        splits = tuple(stratified_domain_split(dom, labels, split, seed))
-    else:
-        splits = tuple(random_split(n, split, seed))
+    split_of: np.ndarray | None = None if split_column is None else np.concatenate(parts_l)
+    splits = split_parts(labels, split, seed, split_of, dom, split_column)
     part = np.full(n, -1, np.int8)
     position = np.zeros(n, np.int64)  # a row's place in its part, as prepare_table orders it
     for k, idx in enumerate(splits):
@@ -162,21 +157,6 @@ def prepare_table_stream(
                 if target is not None:
                     target[at] = np.asarray(v)[mask]
     out = [LabeledArrays(**arrays) for arrays in parts_out]  # type: ignore[typeddict-item]
-    info: dict[str, Any] = {"schema": schema.to_dict(), "seed": seed, "streaming": batch_rows}
-    if split_column is not None:
-        info["split_column"] = split_column
-    if order_column is not None:
-        info["order_column"] = order_column
-    ranks = None if order_column is None else np.concatenate(order_l)
-    return PreparedData(
-        name=name or p.stem,
-        encoder=encoder,
-        train=out[0],
-        val=out[1],
-        test=out[2],
-        divisions=list(schema.divisions),
-        domain_names={d: encoder.domain_names(d) for d in schema.divisions},
-        hparams=dict(hparams or {}),
-        info=info,
-        train_order=None if ranks is None else ranks[splits[0]],
-    )
+    order = None if order_column is None else np.concatenate(order_l)
+    return table_data(str(p), schema, encoder, out, splits[0], seed, split_column, order,
+                      order_column, name, hparams, streaming=batch_rows)  # fmt: skip

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from mdlora.formats.encoder import (
     FeatureEncoder,
+    LabeledArrays,
     MultiHotColumn,
     canonical_value,
     natural_order,
@@ -254,22 +255,68 @@ def _natural_domain_order(df: pd.DataFrame, schema: TableSchema) -> dict[str, li
 SPLIT_VALUES = {"train": 0, "val": 1, "valid": 1, "validation": 1, "test": 2}
 
 
-def split_from_column(values: pd.Series, column: str) -> tuple[np.ndarray, ...]:
-    """``(train, val, test)`` row indices from a column of train / val / test labels.
+def split_parts(
+    labels: np.ndarray,
+    split: Sequence[float],
+    seed: int,
+    part: np.ndarray | None = None,
+    domains: np.ndarray | None = None,
+    split_column: str | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(train, val, test)`` row indices: each row's code from a split column (``part``,
+    :func:`split_codes`), else stratified per primary-division domain on the label
+    (``domains``: each row's domain id), else a seeded random split."""
+    if part is not None:
+        out = tuple(np.flatnonzero(part == k).astype(np.int64) for k in range(3))
+        if out[0].size == 0:
+            raise DataError(f"split column {split_column!r} marks no row as train")
+        return out[0], out[1], out[2]
+    if domains is not None:
+        tr, va, te = stratified_domain_split(domains, labels, split, seed)
+    else:
+        tr, va, te = random_split(len(labels), split, seed)
+    return tr, va, te
 
-    Accepted (any case): ``train``, ``val`` / ``valid`` / ``validation``, ``test``; anything
-    else, missing values included, is refused naming the values found.
-    """
-    codes = split_codes(values, column)
-    out = tuple(np.flatnonzero(codes == k).astype(np.int64) for k in range(3))
-    if out[0].size == 0:
-        raise DataError(f"split column {column!r} marks no row as train")
-    return out
+
+def table_data(
+    source: str,
+    schema: TableSchema,
+    encoder: FeatureEncoder,
+    parts: Sequence[LabeledArrays],
+    train_rows: np.ndarray,
+    seed: int,
+    split_column: str | None,
+    order: np.ndarray | None,
+    order_column: str | None,
+    name: str | None,
+    hparams: Mapping[str, Any] | None,
+    **info: Any,
+) -> PreparedData:
+    """The :class:`PreparedData` of a prepared table (in memory or streamed): its encoded
+    parts, where they came from, and the training rows' order values."""
+    info = {"schema": schema.to_dict(), "seed": seed, **info}
+    if split_column is not None:
+        info["split_column"] = split_column
+    if order_column is not None:
+        info["order_column"] = order_column
+    return PreparedData(
+        name=name or (Path(source).stem if source != "table" else "table"),
+        encoder=encoder,
+        train=parts[0],
+        val=parts[1],
+        test=parts[2],
+        divisions=list(schema.divisions),
+        domain_names={d: encoder.domain_names(d) for d in schema.divisions},
+        hparams=dict(hparams or {}),
+        info=info,
+        train_order=None if order is None else order[train_rows],
+    )
 
 
 def split_codes(values: pd.Series, column: str) -> np.ndarray:
-    """Each row's part (0 train, 1 validation, 2 test) from a split column (see
-    :func:`split_from_column`)."""
+    """Each row's part (0 train, 1 validation, 2 test) from a split column of train / val /
+    test labels. Accepted (any case): ``train``, ``val`` / ``valid`` / ``validation``,
+    ``test``; anything else, missing values included, is refused naming the values found."""
     text = values.astype("string").str.strip().str.lower()
     part = text.map(SPLIT_VALUES)
     bad = part.isna().to_numpy()
@@ -361,9 +408,9 @@ def prepare_table(
     labels = validate_table(df, schema, source)
     encoder = schema.make_encoder(_natural_domain_order(df, schema))
     ranks = None if order_column is None else order_values(df[order_column], order_column)
-    if split_column is not None:
-        splits = split_from_column(df[split_column], split_column)
-    elif stratified:
+    part = None if split_column is None else split_codes(df[split_column], split_column)
+    dom: np.ndarray | None = None
+    if part is None and stratified:
         primary = schema.divisions[0]
         order = encoder.domain_order[primary]
         dom = pd.Index(order, dtype=object).get_indexer(
@@ -374,27 +421,10 @@ def prepare_table(
             raise DataError(
                 f"division {primary!r}: values {bad} are not in the declared domain_order"
             )
-        splits = stratified_domain_split(dom, labels, split, seed)
-    else:
-        splits = random_split(len(df), split, seed)
-    train, val, test = encode_splits(df, encoder, labels, splits)
-    info: dict[str, Any] = {"schema": schema.to_dict(), "seed": seed}
-    if split_column is not None:
-        info["split_column"] = split_column
-    if order_column is not None:
-        info["order_column"] = order_column
-    return PreparedData(
-        name=name or (Path(source).stem if source != "table" else "table"),
-        encoder=encoder,
-        train=train,
-        val=val,
-        test=test,
-        divisions=list(schema.divisions),
-        domain_names={d: encoder.domain_names(d) for d in schema.divisions},
-        hparams=dict(hparams or {}),
-        info=info,
-        train_order=None if ranks is None else ranks[splits[0]],
-    )
+    splits = split_parts(labels, split, seed, part, dom, split_column)
+    parts = encode_splits(df, encoder, labels, splits)
+    return table_data(source, schema, encoder, parts, splits[0], seed, split_column, ranks,
+                      order_column, name, hparams)  # fmt: skip
 
 
 def iter_frames(
