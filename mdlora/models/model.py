@@ -94,10 +94,8 @@ class ModelConfig:
             if len(self.ranks) != len(self.tower):
                 raise ValueError(f"ranks {self.ranks} must have one entry per layer {self.tower}")
             return list(self.ranks)
-        if self.alpha is None:
-            if not method_of(self.method).adapted:
-                return []  # nothing has a rank
-            raise ValueError(f"method {self.method!r} needs adapter ranks: set ranks or alpha")
+        if self.alpha is None:  # a method without adapters (__post_init__ refuses the others)
+            return []
         return [rank_from_alpha(o, self.alpha) for o in self.tower]
 
     def division(self, name: str) -> Division:
