@@ -15,16 +15,18 @@ it; an exported model keeps its final stage). A mixed-domain batch is always one
 
 from __future__ import annotations
 
+import difflib
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from mdlora.models.backbones import build_interaction
+from mdlora.models.backbones import BACKBONES, build_interaction
 from mdlora.models.features import EncodedBatch, FeatureSpec, FieldEmbedding
+from mdlora.models.fusion import FUSION_MODES
 from mdlora.models.gate import DomainGate
 from mdlora.models.lora import (
     ROUTING_STRATEGIES,
@@ -34,7 +36,7 @@ from mdlora.models.lora import (
     rank_from_alpha,
 )
 from mdlora.models.methods import REGISTRY, Method, method_of
-from mdlora.models.tower import AdaptedTower, Route
+from mdlora.models.tower import ACTIVATIONS, AdaptedTower, Route
 
 METHODS = tuple(REGISTRY)
 
@@ -80,14 +82,14 @@ class ModelConfig:
         method = method_of(self.method)  # a clear ValueError for an unknown method
         if not self.divisions:
             raise ValueError("a model needs at least one division")
+        self.backbone = str(self.backbone).lower()  # "DeepFM" is deepfm
+        self.tower = tuple(self.tower) if isinstance(self.tower, list | tuple) else self.tower
+        if isinstance(self.ranks, list):
+            self.ranks = tuple(self.ranks)
+        check_settings(self)
         method.check(self)
         if method.adapted and self.ranks is None and self.alpha is None:
             raise ValueError(f"method {self.method!r} needs adapter ranks: set ranks or alpha")
-        if self.experts_per_domain < 1:
-            raise ValueError("experts_per_domain must be >= 1")
-        self.tower = tuple(self.tower)
-        if not self.tower:
-            raise ValueError("the tower needs at least one layer")
 
     def lora_ranks(self) -> list[int]:
         if self.ranks is not None:
@@ -122,6 +124,55 @@ class ModelConfig:
         if d.get("ranks") is not None:
             d["ranks"] = tuple(d["ranks"])
         return cls(**d)
+
+
+#: the settings a user chooses: every field but the data-derived features and divisions and
+#: the method (training derives it from its recipe); a training config's ``model:`` block
+SETTINGS = tuple(f.name for f in fields(ModelConfig) if f.name not in
+                 ("features", "divisions", "method"))  # fmt: skip
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_settings(config: ModelConfig) -> None:
+    """Raise ``ValueError`` naming the first setting of ``config`` out of range.
+
+    The one place model settings are checked: a training config's ``model:`` block is
+    validated by building a :class:`ModelConfig` from it, an artifact's manifest on loading.
+    """
+    c = config
+    if c.backbone not in BACKBONES:
+        hint = difflib.get_close_matches(c.backbone, list(BACKBONES), n=1)
+        raise ValueError(
+            f"unknown backbone {c.backbone!r}; choose from {sorted(BACKBONES)}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        )
+    for name in ("embed_dim", "experts_per_domain", "gate_dim", "fusion_rank"):
+        if not _positive_int(getattr(c, name)):
+            raise ValueError(f"{name} must be an integer >= 1, got {getattr(c, name)!r}")
+    for name in ("tower", "ranks"):
+        v = getattr(c, name)
+        if (v is not None or name == "tower") and not (
+            isinstance(v, tuple) and v and all(_positive_int(n) for n in v)
+        ):
+            raise ValueError(f"{name} must be a non-empty list of integers >= 1, got {v!r}")
+    if isinstance(c.dropout, bool) or not isinstance(c.dropout, int | float) \
+            or not 0 <= c.dropout < 1:  # fmt: skip
+        raise ValueError(f"dropout must be in [0, 1), got {c.dropout!r}")
+    if c.alpha is not None and (
+        isinstance(c.alpha, bool) or not isinstance(c.alpha, int | float) or not c.alpha > 0
+    ):
+        raise ValueError(f"alpha must be > 0, got {c.alpha!r}")
+    if c.activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {c.activation!r}")
+    if c.tower_norm not in ("none", "batch"):
+        raise ValueError(f"tower_norm must be 'none' or 'batch', got {c.tower_norm!r}")
+    if c.fusion not in FUSION_MODES:
+        raise ValueError(f"fusion must be one of {FUSION_MODES}, got {c.fusion!r}")
+    if not isinstance(c.backbone_options, dict):
+        raise ValueError(f"backbone_options must be a mapping, got {c.backbone_options!r}")
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,15 @@
 """Experiment configuration: one YAML file per experiment, plus ``key=value`` overrides.
 
 A config names the data (a preset, the synthetic generator, or the user's own table), the
-method and backbone, and the training knobs. Model and training knobs left out (``null``) take
+training method, the model's settings (the ``model:`` block, checked by the core's
+``ModelConfig``) and the training knobs. Model and training knobs left out (``null``) take
 the data setting's published values (``PreparedData.hparams``, e.g. embedding 8, tower
-[256, 128, 64], lr 1e-3, batch 1024, L2 1e-5 for the MLoRA setting), then the defaults below.
+[256, 128, 64], lr 1e-3, batch 1024, L2 1e-5 for the MLoRA setting), then the defaults.
 
-Overrides are ``key=value`` with YAML values: ``method=moe backbone=dcn epochs=2
-tower=[128,64] data.options.max_rows=50000``.
+Overrides are ``key=value`` with YAML values: ``method=moe model.backbone=dcn epochs=2
+model.tower=[128,64] data.options.max_rows=50000``. A model setting may be written without
+``model.`` (``backbone=dcn``), at the top level of a file too (configs written before the
+``model:`` block): it means the same setting.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -121,21 +124,12 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     # ---- method and model
     method: str = "mlora"  # one of METHODS
-    backbone: str = "deepfm"  # mlp, wdl, deepfm, nfm, autoint, pnn, dcn, fibinet, xdeepfm
-    embed_dim: int | None = None
-    tower: list[int] | None = None
-    dropout: float | None = None
-    activation: str = "relu"
-    tower_norm: str = "none"
-    backbone_options: dict[str, Any] = field(default_factory=dict)
-    # MLoRA rank temperature (ranks max(out / alpha, 1)); None: the data setting's published
-    # value for the backbone (MovieLens, Taobao presets), else DEFAULT_ALPHA
-    alpha: float | None = None
-    ranks: list[int] | None = None  # explicit per-layer adapter ranks
-    experts_per_domain: int = 1  # MoE-MLoRA
-    gate_dim: int = 4  # MoE-MLoRA gate's domain embedding size
-    fusion: str = "attention"  # MultiLoRA fusion: attention, add, avg
-    fusion_rank: int | None = None
+    #: the model's settings (``mdlora.models.model.SETTINGS``: backbone, embed_dim, tower,
+    #: dropout, activation, tower_norm, backbone_options, alpha, ranks, experts_per_domain,
+    #: gate_dim, fusion, fusion_rank), checked by building the core's ``ModelConfig`` from them.
+    #: Left out: the data setting's published value (embed_dim, tower, dropout, alpha, ranks,
+    #: fusion_rank; alpha then ``DEFAULT_ALPHA``), else ``ModelConfig``'s default
+    model: dict[str, Any] = field(default_factory=dict)
     # ---- optimisation
     epochs: int = 10  # maximum epochs of every phase (early stopping usually ends sooner)
     phase_epochs: dict[str, int] = field(default_factory=dict)  # per phase kind
@@ -168,17 +162,26 @@ class TrainConfig:
         if isinstance(self.data, dict):
             self.data = make_data_config(self.data)
         # YAML 1.1 reads "1e-3" (no dot) as a string
-        for name in ("lr", "l2", "dropout", "alpha"):
+        for name in ("lr", "l2"):
             setattr(self, name, _number(name, getattr(self, name)))
         self.phase_lr = {k: float(_number(f"phase_lr.{k}", v)) for k, v in self.phase_lr.items()}
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.fusion not in ("attention", "add", "avg"):
-            raise ConfigError(f"fusion must be attention, add or avg, got {self.fusion!r}")
         for key in (*self.phase_epochs, *self.phase_lr):
             if key not in PHASE_KINDS:
                 raise ConfigError(f"phase_epochs/phase_lr key {key!r} is not one of {PHASE_KINDS}")
-        for name in ("epochs", "patience", "eval_batch_size", "experts_per_domain"):
+        if self.threads is not None and (
+            not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1
+        ):
+            raise ConfigError(f"threads must be an integer >= 1, got {self.threads!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.l2 is not None and self.l2 < 0:
+            raise ConfigError(f"l2 must be >= 0, got {self.l2}")
+        for k, v in self.phase_lr.items():
+            if not v >= 0:
+                raise ConfigError(f"phase_lr.{k} must be >= 0, got {v}")
+        for name in ("epochs", "patience", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size is not None and self.batch_size < 1:
@@ -222,51 +225,48 @@ class TrainConfig:
                 )
 
     def _check_model(self) -> None:
-        from mdlora.models.backbones import BACKBONES
-        from mdlora.models.tower import ACTIVATIONS
+        """Refuse model settings the core refuses, by building a ``ModelConfig`` from them on a
+        placeholder input layout (the real one comes from the data)."""
+        from mdlora.models.backbones import build_interaction
+        from mdlora.models.model import SETTINGS, ModelConfig
 
-        if isinstance(self.backbone, str):
-            self.backbone = self.backbone.lower()  # "DeepFM" is deepfm
+        if not isinstance(self.model, dict):
+            raise ConfigError(f"model must be a mapping of model settings {SETTINGS}")
+        unknown = sorted(set(self.model) - set(SETTINGS))
+        if unknown:
+            raise ConfigError(f"unknown model setting(s) {_said(unknown, SETTINGS)}")
+        model = {k: v for k, v in self.model.items() if v is not None}  # null: left out
+        for name in ("dropout", "alpha"):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            if name in model:
+                model[name] = _number(f"model.{name}", model[name])
         for name in ("tower", "ranks"):  # a tuple from the Python API is a list
-            if isinstance(getattr(self, name), tuple):
-                setattr(self, name, list(getattr(self, name)))
+            if isinstance(model.get(name), tuple):
+                model[name] = list(model[name])
+        if isinstance(model.get("backbone"), str):
+            model["backbone"] = model["backbone"].lower()  # "DeepFM" is deepfm
+        self.model = model
+        probe = dict(model)
+        if probe.get("ranks") is None and probe.get("alpha") is None:
+            probe["alpha"] = DEFAULT_ALPHA  # the data setting's value is not known yet
+        features, divisions = _probe_layout()
+        try:
+            checked = ModelConfig(features=features, divisions=divisions,
+                                  method=self.model_method, **probe)  # fmt: skip
+            build_interaction(checked.backbone, 2, checked.embed_dim, 1,
+                              dict(checked.backbone_options))  # fmt: skip
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"model: {exc}") from None
 
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(
-                f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
-            )
-        if self.tower_norm not in ("none", "batch"):
-            raise ConfigError(f"tower_norm must be 'none' or 'batch', got {self.tower_norm!r}")
+    def setting(self, name: str) -> Any:
+        """Model setting ``name`` as the config gives it; left out, ``None`` for those the data
+        setting supplies (``DATA_SETTINGS``), else ``ModelConfig``'s default."""
+        if name in self.model:
+            return self.model[name]
+        return None if name in DATA_SETTINGS else model_default(name)
 
-        if self.backbone not in BACKBONES:
-            hint = difflib.get_close_matches(str(self.backbone), list(BACKBONES), n=1)
-            raise ConfigError(
-                f"unknown backbone {self.backbone!r}; choose from {sorted(BACKBONES)}"
-                + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            )
-        for name in ("embed_dim", "threads", "gate_dim", "fusion_rank"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
-        for name in ("tower", "ranks"):
-            v = getattr(self, name)
-            if v is not None and (
-                not isinstance(v, list)
-                or not v
-                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in v)
-            ):
-                raise ConfigError(f"{name} must be a non-empty list of integers >= 1, got {v!r}")
-        if self.dropout is not None and not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        for name in ("lr", "alpha"):
-            v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise ConfigError(f"{name} must be > 0, got {v}")
-        if self.l2 is not None and self.l2 < 0:
-            raise ConfigError(f"l2 must be >= 0, got {self.l2}")
-        for k, v in self.phase_lr.items():
-            if not v >= 0:
-                raise ConfigError(f"phase_lr.{k} must be >= 0, got {v}")
+    @property
+    def backbone(self) -> str:
+        return str(self.setting("backbone"))
 
     @property
     def recipe(self) -> Recipe:
@@ -288,13 +288,71 @@ class TrainConfig:
         Keys added later are left out while they hold their defaults, so runs (and their
         resumable checkpoints) made before they existed keep their fingerprint.
         """
+        from mdlora.models.model import SETTINGS
+
         d = self.to_dict()
+        del d["model"]  # runs were fingerprinted with the model settings at the top level
+        d.update({name: self.setting(name) for name in SETTINGS})
         for key in ("out", "export", "onnx", "resume", "progress", "name", "eval_batch_size"):
             d.pop(key, None)
         for key, default in LATER_DEFAULTS.items():
             if d.get(key) == default:
                 d.pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+#: model settings that, left out, take the data setting's published value
+#: (``PreparedData.hparams``, resolved by ``mdlora.training.run.resolve_hparams``)
+DATA_SETTINGS = ("embed_dim", "tower", "dropout", "alpha", "ranks", "fusion_rank")
+
+
+def model_default(name: str) -> Any:
+    from mdlora.models.model import ModelConfig
+
+    f = ModelConfig.__dataclass_fields__[name]
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def _probe_layout() -> tuple[Any, Any]:
+    """A two-field, two-division input layout to check model settings on before the data's
+    real one is known."""
+    from mdlora.models.features import FeatureSpec, SparseField
+    from mdlora.models.model import Division
+
+    spec = FeatureSpec(sparse=(SparseField("a", 2), SparseField("b", 2)))
+    return spec, (Division("first", ("x",)), Division("second", ("y",)))
+
+
+def _said(unknown: list[str], known: Any) -> str:
+    """``unknown`` keys, each with the closest of ``known`` when there is one."""
+    hints = [difflib.get_close_matches(u, sorted(known), n=1) for u in unknown]
+    return ", ".join(f"{u!r}" + (f" (did you mean {h[0]!r}?)" if h else "")
+                     for u, h in zip(unknown, hints, strict=True))  # fmt: skip
+
+
+def lift_model_settings(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with model settings written at the top level (configs before the ``model:``
+    block) moved into ``model``; one set in both places with different values is refused."""
+    from mdlora.models.model import SETTINGS
+
+    flat = [k for k in raw if k in SETTINGS]
+    if not flat:
+        return raw
+    out = dict(raw)
+    block = out.get("model") or {}
+    if not isinstance(block, dict):
+        raise ConfigError(f"'model' must be a mapping of model settings {SETTINGS}")
+    block = dict(block)
+    for key in flat:
+        value = out.pop(key)
+        if key in block and block[key] != value:
+            raise ConfigError(
+                f"{key!r} is set twice, at the top level ({value!r}) and under model: "
+                f"({block[key]!r}); keep model.{key}"
+            )
+        block[key] = value
+    out["model"] = block
+    return out
 
 
 #: fields added after runs were cached: their defaults do not enter the fingerprint
@@ -330,14 +388,18 @@ def parse_value(text: str) -> Any:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``raw`` with each ``a.b.c=value`` override set (nested mappings created as needed)."""
-    out = json.loads(json.dumps(raw))  # a deep copy of plain YAML data
-    top = {f.name for f in fields(TrainConfig)}
+    from mdlora.models.model import SETTINGS
+
+    out = lift_model_settings(json.loads(json.dumps(raw)))  # a deep copy of plain YAML data
+    top = {f.name for f in fields(TrainConfig)} | set(SETTINGS)
     for item in overrides:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value (e.g. method=moe)")
         parts = key.split(".")
+        if parts[0] in SETTINGS:
+            parts = ["model", *parts]  # backbone=dcn is model.backbone=dcn
         if parts[0] not in top:
             close = difflib.get_close_matches(parts[0], sorted(top), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -358,13 +420,11 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     """Validate a plain mapping into a :class:`TrainConfig` (unknown keys are refused)."""
     if not isinstance(raw, dict):
         raise ConfigError("a config must be a YAML mapping of keys to values")
+    raw = lift_model_settings(raw)
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:
-        hints = [difflib.get_close_matches(u, sorted(known), n=1) for u in unknown]
-        said = ", ".join(f"{u!r}" + (f" (did you mean {h[0]!r}?)" if h else "")
-                         for u, h in zip(unknown, hints, strict=True))  # fmt: skip
-        raise ConfigError(f"unknown config key(s) {said}")
+        raise ConfigError(f"unknown config key(s) {_said(unknown, known)}")
     data = raw.get("data") or {}
     if not isinstance(data, dict):
         raise ConfigError("'data' must be a mapping (source, preset, path, schema, options)")

@@ -21,7 +21,8 @@ QUICKSTART_DATA = {
     "domain_strength": 2.0,
 }  # fmt: skip
 QUICKSTART_TRAINING = {
-    "method": "mlora", "backbone": "deepfm", "tower": [64, 32], "dropout": 0.0, "alpha": 8,
+    "method": "mlora",
+    "model": {"backbone": "deepfm", "tower": [64, 32], "dropout": 0.0, "alpha": 8},
     "lr": 0.005, "batch_size": 512, "epochs": 6, "patience": 2, "seed": 2024,
 }  # fmt: skip
 

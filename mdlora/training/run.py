@@ -54,6 +54,7 @@ from mdlora.training.config import (
     METHOD_LABELS,
     ConfigError,
     TrainConfig,
+    model_default,
     resolve_path,
     save_config,
 )
@@ -73,8 +74,9 @@ from mdlora.training.recipes import PhaseRows, finetune_fresh_phase, joint_phase
 def method_label(cfg: TrainConfig) -> str:
     label = METHOD_LABELS[cfg.method]
     has_fusion = "fusion" in method_of(cfg.model_method).stages and not cfg.recipe.natural_only
-    if has_fusion and cfg.fusion != "attention":
-        label += f"-{cfg.fusion}"
+    fusion = cfg.setting("fusion")
+    if has_fusion and fusion != "attention":
+        label += f"-{fusion}"
     if cfg.adapt_rows == "fresh" and not cfg.recipe.always_fresh:
         label += " (fresh rows)"
     return label
@@ -187,28 +189,34 @@ class Hparams:
 def resolve_hparams(cfg: TrainConfig, prepared: PreparedData) -> Hparams:
     hp = prepared.hparams
 
-    def pick(value: Any, key: str, default: Any) -> Any:
+    def given(value: Any, key: str, default: Any) -> Any:
+        """The config's value, else the data setting's, else ``default``."""
         return value if value is not None else hp.get(key, default)
 
-    tower = tuple(int(x) for x in pick(cfg.tower, "tower", (256, 128, 64)))
-    ranks = cfg.ranks
+    def pick(key: str) -> Any:
+        """A model setting: the config's, else the data setting's, else the core's default."""
+        return given(cfg.setting(key), key, model_default(key))
+
+    tower = tuple(int(x) for x in pick("tower"))
+    ranks = cfg.setting("ranks")
     preset_ranks = hp.get("lora_rank")
     # without explicit ranks or alpha: the setting's LoRA ranks for the methods it gives them
     # (MultiLoRA's setting: its own), when they fit the tower
-    preset_default = cfg.model_method in hp.get("lora_rank_methods", ()) and cfg.alpha is None
+    alpha_unset = cfg.setting("alpha") is None
+    preset_default = cfg.model_method in hp.get("lora_rank_methods", ()) and alpha_unset
     if ranks is None and preset_default and preset_ranks and len(preset_ranks) == len(tower):
         ranks = preset_ranks
-    fusion_rank = cfg.fusion_rank
+    fusion_rank = cfg.setting("fusion_rank")
     if fusion_rank is None:
         fr = hp.get("fusion_rank", 8)
         fusion_rank = int(fr[0] if isinstance(fr, list | tuple) else fr)
     return Hparams(
-        embed_dim=int(pick(cfg.embed_dim, "embed_dim", 8)),
+        embed_dim=int(pick("embed_dim")),
         tower=tower,
-        dropout=float(pick(cfg.dropout, "dropout", 0.5)),
-        lr=float(pick(cfg.lr, "lr", 1e-3)),
-        batch_size=int(pick(cfg.batch_size, "batch_size", 1024)),
-        l2=float(pick(cfg.l2, "l2", 1e-5)),
+        dropout=float(pick("dropout")),
+        lr=float(given(cfg.lr, "lr", 1e-3)),
+        batch_size=int(given(cfg.batch_size, "batch_size", 1024)),
+        l2=float(given(cfg.l2, "l2", 1e-5)),
         ranks=None if ranks is None else tuple(int(r) for r in ranks),
         alpha=resolve_alpha(cfg, hp),
         fusion_rank=fusion_rank,
@@ -218,8 +226,8 @@ def resolve_hparams(cfg: TrainConfig, prepared: PreparedData) -> Hparams:
 def resolve_alpha(cfg: TrainConfig, hp: dict[str, Any]) -> float:
     """The config's alpha, else the data setting's published one for the backbone, else
     ``DEFAULT_ALPHA`` (own data gets no other dataset's value)."""
-    if cfg.alpha is not None:
-        return float(cfg.alpha)
+    if cfg.setting("alpha") is not None:
+        return float(cfg.setting("alpha"))
     published = hp.get("alpha", {})  # per backbone, or one value for every backbone
     if isinstance(published, Mapping):
         return float(published.get(cfg.backbone, DEFAULT_ALPHA))
@@ -230,12 +238,10 @@ def build_model(cfg: TrainConfig, prepared: PreparedData, hp: Hparams) -> MultiD
     divisions = tuple(Division(d, tuple(prepared.domain_names[d])) for d in prepared.divisions)
     try:
         config = ModelConfig(
-            features=prepared.spec, divisions=divisions, backbone=cfg.backbone,
-            embed_dim=hp.embed_dim, tower=hp.tower, dropout=hp.dropout,
-            activation=cfg.activation, tower_norm=cfg.tower_norm,
-            backbone_options=dict(cfg.backbone_options), method=cfg.model_method,
-            alpha=hp.alpha, ranks=hp.ranks, experts_per_domain=cfg.experts_per_domain,
-            gate_dim=cfg.gate_dim, fusion=cfg.fusion, fusion_rank=hp.fusion_rank,
+            features=prepared.spec, divisions=divisions, method=cfg.model_method,
+            **{**cfg.model, "backbone_options": dict(cfg.setting("backbone_options")),
+               "embed_dim": hp.embed_dim, "tower": hp.tower, "dropout": hp.dropout,
+               "alpha": hp.alpha, "ranks": hp.ranks, "fusion_rank": hp.fusion_rank},
         )  # fmt: skip
     except ValueError as e:  # the method's and the core's own checks, with the run's context
         raise ConfigError(

@@ -55,7 +55,7 @@ def test_train_with_config_and_overrides_then_export(config: Path, tmp_path: Pat
     assert [p["name"] for p in metrics["phases"]][-1] == "gate"
     assert all(p["epochs_run"] == 1 for p in metrics["phases"])
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["experts_per_domain"] == 2 and saved["lr"] == pytest.approx(3e-3)
+    assert saved["model"]["experts_per_domain"] == 2 and saved["lr"] == pytest.approx(3e-3)
     assert "| **WAUC** |" in (run / "results.md").read_text()
     art = load_artifact(run / "artifact")
     assert art.model.config.method == "moe" and art.model.config.experts_per_domain == 2

@@ -24,7 +24,8 @@ def test_overrides_set_top_level_and_nested_values(tmp_path: Path) -> None:
         ["method=moe", "backbone=dcn", "epochs=2", "tower=[64,32]", "data.options.max_rows=500",
          "amp=true", "lr=3e-4"],
     )  # fmt: skip
-    assert (cfg.method, cfg.backbone, cfg.epochs, cfg.tower) == ("moe", "dcn", 2, [64, 32])
+    assert (cfg.method, cfg.backbone, cfg.epochs) == ("moe", "dcn", 2)
+    assert cfg.model["tower"] == [64, 32]
     assert cfg.data.options == {"seed": 2024, "max_rows": 500}
     assert cfg.amp is True and cfg.lr == pytest.approx(3e-4)
 
@@ -70,6 +71,12 @@ def test_fingerprint_ignores_outputs_but_not_training_knobs(tmp_path: Path) -> N
         ("l2=-1", "l2 must be >= 0"),
         ("activation=swish", "activation must be one of"),
         ("tower_norm=layer", "tower_norm must be"),
+        ("model.fusion=concat", "fusion must be one of"),
+        ("model.gate_dim=0", "gate_dim must be"),
+        ("model.alpha=0", "alpha must be > 0"),
+        ("model.backbone_options={cross_layer: 2}", "bad options for backbone"),
+        ("model.method=moe", "unknown model setting"),
+        ("model.towr=[8]", "did you mean 'tower'"),
     ],
 )
 def test_model_settings_out_of_range_are_refused(override: str, needle: str) -> None:
@@ -82,7 +89,7 @@ def test_the_python_api_spellings_still_load() -> None:
 
     cfg = config_from_dict({"backbone": "DeepFM", "tower": (64, 32), "ranks": (4, 2),
                             "phase_lr": {"adapters": 0}})  # fmt: skip
-    assert (cfg.backbone, cfg.tower, cfg.ranks) == ("deepfm", [64, 32], [4, 2])
+    assert cfg.model == {"backbone": "deepfm", "tower": [64, 32], "ranks": [4, 2]}
 
 
 @pytest.mark.parametrize(
@@ -117,3 +124,66 @@ def test_every_recipe_names_a_trainer_and_a_model_method() -> None:
         assert recipe.trainer in TRAINERS, name
         assert recipe.model_method in REGISTRY, name
         assert not recipe.always_fresh or recipe.fresh, name
+
+
+def test_a_model_block_and_top_level_model_keys_are_one_config(tmp_path: Path) -> None:
+    """A config written before the ``model:`` block (model settings at the top level) loads
+    into the block, and trains (fingerprints, hence resumes) as the same run."""
+    from mdlora.training.config import config_from_dict
+
+    block = config_from_dict({"method": "moe", "model": {"backbone": "dcn", "tower": [32, 16],
+                                                         "experts_per_domain": 2}})  # fmt: skip
+    flat = config_from_dict({"method": "moe", "backbone": "dcn", "tower": [32, 16],
+                             "experts_per_domain": 2})  # fmt: skip
+    assert flat.model == block.model == {"backbone": "dcn", "tower": [32, 16],
+                                         "experts_per_domain": 2}  # fmt: skip
+    assert flat.fingerprint() == block.fingerprint()
+    # written back, the config reads as the same run
+    from mdlora.training.config import save_config
+
+    save_config(block, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml").fingerprint() == block.fingerprint()
+    with pytest.raises(ConfigError, match="set twice"):
+        config_from_dict({"backbone": "dcn", "model": {"backbone": "deepfm"}})
+
+
+def test_the_fingerprint_of_a_run_made_before_the_model_block_is_unchanged() -> None:
+    """Run folders resume only when the fingerprint is the one their checkpoints carry: these
+    values were computed by the config code before the ``model:`` block existed."""
+    from mdlora.training.config import config_from_dict
+
+    assert load_config(CONFIGS / "synthetic-quickstart.yaml").fingerprint() == "7b733514f939ed30"
+    everything = config_from_dict({
+        "method": "moe", "backbone": "dcn", "tower": [64, 32], "ranks": [4, 2],
+        "experts_per_domain": 2, "fusion": "add", "alpha": 8, "dropout": 0.1, "embed_dim": 4,
+        "gate_dim": 3, "fusion_rank": 2, "activation": "tanh", "tower_norm": "batch",
+        "backbone_options": {"cross_layers": 2},
+    })  # fmt: skip
+    assert everything.fingerprint() == "b07531ab4223bbfb"
+
+
+def test_an_override_of_a_model_setting_replaces_the_files_value() -> None:
+    cfg = load_config(CONFIGS / "user-table.yaml", ["backbone=deepfm", "model.dropout=0.1"])
+    assert (cfg.model["backbone"], cfg.model["dropout"], cfg.model["tower"]) == (
+        "deepfm", 0.1, [256, 128, 64]
+    )
+
+
+def test_the_model_settings_are_the_core_models(tmp_path: Path) -> None:
+    """Every setting of the ``model:`` block reaches the trained model's ``ModelConfig``;
+    one left out takes the data setting's value, then the core's default."""
+    from mdlora.models.model import SETTINGS
+    from mdlora.training.run import build_model, resolve_hparams
+    from tests.training.helpers import tiny_config, tiny_prepared
+
+    cfg = tiny_config(tmp_path, method="moe", tower=[16, 8], ranks=[2, 1], dropout=0.1,
+                      activation="tanh", experts_per_domain=2, gate_dim=3)  # fmt: skip
+    prepared = tiny_prepared()
+    model = build_model(cfg, prepared, resolve_hparams(cfg, prepared))
+    mc = model.config
+    for name in SETTINGS:
+        value = getattr(mc, name)
+        if name in cfg.model:
+            given = cfg.model[name]
+            assert (list(value) if isinstance(value, tuple) else value) == given, name
+    assert (mc.embed_dim, mc.fusion, mc.tower_norm) == (4, "attention", "none")

@@ -36,7 +36,8 @@ def train_config(cell: Cell, settings: Settings, out: Path) -> TrainConfig:
                       options=_slice_options(sl))  # fmt: skip
     return TrainConfig(
         name=f"{cell.table}-{cell.cell_id}", data=data, method=cell.train_method,
-        backbone=cell.backbone, experts_per_domain=cell.experts, fusion=cell.fusion,
+        model={"backbone": cell.backbone, "experts_per_domain": cell.experts,
+               "fusion": cell.fusion},
         epochs=sl.epochs or 10, seed=cell.seed, device=settings.device,
         threads=settings.threads, progress=settings.verbose, out=str(out),
         export=cell.table == "add_domain", onnx=False, resume=True,
