@@ -29,6 +29,7 @@ from mdlora.training.add_domain import AddDomainSettings, add_domain
 from mdlora.training.config import DEFAULT_ALPHA, REPO_ROOT, TrainConfig, config_from_dict
 from mdlora.training.data.presets import MOVIELENS_ALPHA
 from mdlora.training.evaluate import compute_metrics
+from mdlora.training.prose import template
 
 AMAZON = REPO_ROOT.parent / "shared/data/amazon2014-3domain-dev/amazon2014_3domain_dev.parquet"
 SCHEMA = {"label": "label", "divisions": ["domain"], "sparse": ["user", "item", "domain"]}
@@ -232,6 +233,10 @@ def grid_cell(
 
 
 # ---------------------------------------------------------------------------- the report
+#: the report's prose (``mdlora/training/amazon_template.md``)
+PROSE = template("mdlora.training", "amazon_template.md")
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}"
 
@@ -248,45 +253,22 @@ def report(results: Path) -> str:
     cells = [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
     new = [c for c in cells if "auc_add_domain" in c]
     grid = [c for c in cells if "recipe" in c]
-    out = ["## Amazon 2014, three categories (sports, toys, office)", ""]
     backbones = ", ".join(sorted({str(c.get("backbone")) for c in cells}))
-    out += [
-        "Real data: `../shared/data/amazon2014-3domain-dev` (users and items distinct per "
-        "category; one sampled negative per positive; leave-last-out split per user). "
-        f"Fields: user, item and the category as a feature; backbones: {backbones}. "
-        "Command: `mdlora reproduce-amazon` (cells cached in `results/amazon/`).", "",
-    ]  # fmt: skip
+    out = [*PROSE.lines("report", backbones=backbones), ""]
     if new:
-        out += ["### A new category added later (office to a sports + toys export)", ""]
-        out += [
-            "| seed | backbone | add-domain AUC | full retraining AUC | difference | "
-            "add-domain time | retraining time | ratio | ids grown | sports/toys identical |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|---|---|",
-        ]
+        rows = []
         for c in new:
             diff = 100 * (c["auc_add_domain"] - c["auc_full_retraining"])
             ratio = c["seconds_add_domain"] / c["seconds_full_retraining"]
             grown = ", ".join(f"{k} {v}" for k, v in c["grown_ids"].items())
             same = "yes" if c["old_domains_bit_identical"] else "NO"
-            out.append(
+            rows.append(
                 f"| {c['seed']} | {c['backbone']} | {_pct(c['auc_add_domain'])} | "
                 f"{_pct(c['auc_full_retraining'])} | {diff:+.2f} | {c['seconds_add_domain']:.0f} s "
                 f"| {c['seconds_full_retraining']:.0f} s | {ratio:.2f} | {grown} | "
                 f"{same} ({c['old_rows_compared']} rows) |"
             )
-        out += [
-            "",
-            "Without grown rows every office row has the same input (user, item and category "
-            "all unknown to the export): AUC 50.00, and `add-domain --no-grow` refuses it.",
-            "",
-            "Times are the runs' training phases as trained (add-domain: its whole command, "
-            "loading and encoding included), on a shared 2-core CPU. That add-domain beats the "
-            "retraining on office is a finding, not a target: the retraining stops when the "
-            "unweighted mean validation AUC of the three categories stops improving, while "
-            "add-domain trains office's rows until office's own validation AUC does; that this "
-            "explains the gap is our reading, not a measurement.",
-            "",
-        ]
+        out += [*PROSE.lines("new_domain", rows="\n".join(rows)), ""]
     if grid:
         out += _grid_section(grid)
     return "\n".join(out)
@@ -296,21 +278,7 @@ def _grid_section(grid: list[dict[str, Any]]) -> list[str]:
     """Per recipe: test AUC per category and WAUC (mean ± sd over seeds), and the paired
     difference from the recipe's own phase-1 backbone, seed by seed."""
     doms = ("sports", "toys", "office")
-    out = ["### Existing categories: each recipe against its own backbone", ""]
-    out += [
-        "Test AUC % (mean ± sd over the seeds run). \"its backbone\" is the recipe's own "
-        "phase 1: for the two-phase `mlora`, `moe` and `multilora` that is Base (trained on "
-        "all training rows; `mlora_joint` has a single phase, so it is compared with Base of "
-        "the same seed and backbone); for the fresh-rows recipes, the backbone trained without "
-        "the held-out 20%. The paired difference is taken seed by seed (same data, same "
-        "phase 1). `multilora*` also routes by user activeness (active / casual); its "
-        "per-category AUC is reported like the others'. \"changed\": the seeds in which a "
-        "phase after the first kept weights other than its starting ones (early stopping "
-        "restores the start when no validation beats it: 0 means the row is its backbone).", "",
-        "| backbone | recipe | seeds | sports | toys | office | WAUC | its backbone's WAUC | "
-        "WAUC − its backbone, per seed | changed |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
-    ]  # fmt: skip
+    rows = []
     for backbone in sorted({c["backbone"] for c in grid}, key=lambda b: (b != "deepfm", b)):
         of_backbone = [c for c in grid if c["backbone"] == backbone]
         # a recipe without a phase 1 of its own (joint) is compared with Base of the same seed
@@ -332,10 +300,9 @@ def _grid_section(grid: list[dict[str, Any]]) -> list[str]:
             later = [c["phases"][1:] for c in cells]
             moved = sum(any(p.get("best_step") for p in ph) for ph in later)
             changed = f"{moved} of {len(cells)}" if any(later) else "—"
-            out.append(
+            rows.append(
                 f"| {backbone} | {recipe} | {len(cells)} | {' | '.join(per)} | "
                 f"{_mean_std([c['test']['wauc'] for c in cells])} | {_mean_std(refs)} | "
                 f"{', '.join(deltas) or '—'} | {changed} |"
             )
-    out.append("")
-    return out
+    return [*PROSE.lines("grid", rows="\n".join(rows)), ""]

@@ -27,8 +27,9 @@ weights of an unshared one (``tests/training/test_reproduce.py`` checks this).
 The wing, one job a module: ``grid`` (the papers' numbers, cells, settings), ``data`` (ML-1M
 loaded once, the held-out occupation), ``runner`` (one cell), ``cache`` (one JSON file a
 cell), ``schedule`` (walking the grid, group locks), ``stats`` (means over seeds), ``report``
-and ``summary`` (``docs/results.md``), ``plots`` (its PNGs), ``run`` (the entry point). This
-package re-exports their names, so ``from mdlora.training.reproduce import ...`` keeps working.
+and ``summary`` (``docs/results.md``; its words are in ``report_template.md``), ``plots`` (its
+PNGs), ``run`` (the entry point). This package re-exports their names, so
+``from mdlora.training.reproduce import ...`` keeps working.
 """
 
 from __future__ import annotations

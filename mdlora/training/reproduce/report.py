@@ -1,4 +1,8 @@
-"""The Markdown report's tables (``docs/results.md``), rebuilt from the cache alone."""
+"""The Markdown report's tables (``docs/results.md``), rebuilt from the cache alone.
+
+The words are in ``report_template.md`` beside this module (:data:`PROSE`); the code here
+computes the numbers, table rows and commands that fill it.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ if TYPE_CHECKING:
     pass
 
 
+from mdlora.training.prose import template
 from mdlora.training.reproduce.cache import load_cache
 from mdlora.training.reproduce.grid import (
     ADD_DOMAIN_BACKBONES,
@@ -51,6 +56,9 @@ from mdlora.training.reproduce.summary import (
     amazon_section,
     summary_section,
 )
+
+#: the report's prose (``mdlora/training/reproduce/report_template.md``)
+PROSE = template("mdlora.training.reproduce", "report_template.md")
 
 
 # ------------------------------------------------------------------------------ report
@@ -90,21 +98,16 @@ def _time_lines(records: list[dict[str, Any]], table: str, missing: list[Cell]) 
     spent = sum(r["seconds"] for r in recs)
     devices = sorted({r.get("device", "?").split(" (")[0] for r in recs})
     left = sum(estimate_seconds(c, records) for c in missing)
-    line = f"Time: {len(recs)} cell(s) ran in {_hms(spent)} in total on {', '.join(devices) or '—'}"
-    if missing:
-        line += f"; the {len(missing)} cells not run would take about {_hms(left)} more"
-        line += (" (estimated from the finished cells' durations, for one process; processes "
-                 "run side by side share it)")  # fmt: skip
-    return [line + ".", ""]
+    more = PROSE.text("time_left", cells=len(missing), left=_hms(left)) if missing else ""
+    line = PROSE.text("time", cells=len(recs), spent=_hms(spent),
+                      devices=", ".join(devices) or "—", left=more)  # fmt: skip
+    return [line, ""]
 
 
 def _not_run_block(missing: list[Cell]) -> list[str]:
     if not missing:
         return []
-    lines = ["Not run yet; these commands run the missing cells (resumable, cached per cell):", "",
-             "```"]  # fmt: skip
-    lines += _commands(missing)
-    return [*lines, "```", ""]
+    return [*PROSE.lines("not_run", commands="\n".join(_commands(missing))), ""]
 
 
 def report_table1(
@@ -113,20 +116,9 @@ def report_table1(
     stats = table1_stats(records, sl)
     expected = build_grid(["table1"], data_slice=sl)
     _, missing = _status(expected, results_dir)
-    out = ["## MoE-MLoRA Table 1: MovieLens-1M, WAUC %", ""]
-    out += [
-        "Base / MLoRA / MoE-MLoRA per backbone, mean ± standard deviation over the seeds run "
-        "(n < 3 is marked). Base is the phase-1 backbone, shared with MLoRA and MoE-MLoRA "
-        "(the same computation, trained once per backbone and seed). The paper reports one "
-        "run per cell; its per-backbone numbers are quoted in ALGORITHMS.md only for DeepFM on "
-        "gender (80.22 / 80.38 / 80.22), so the other rows are compared through the average.",
-        "",
-    ]
+    out = [*PROSE.lines("table1"), ""]
     for split in TABLE1_SPLITS:
-        out += [f"### ML-{split}", ""]
-        out.append("| backbone | Base | MLoRA | MoE-MLoRA | MLoRA − Base | MoE − Base | "
-                   "paper (B / M / MoE) | note |")  # fmt: skip
-        out.append("|---|---:|---:|---:|---:|---:|---|---|")
+        rows = []
         col_means: dict[str, list[float]] = defaultdict(list)
         for bb in TABLE1_BACKBONES:
             s = {m: stats.get((split, bb, m), Stat([])) for m in TABLE1_METHODS}
@@ -145,7 +137,7 @@ def report_table1(
                 ]
                 ptxt += f" (ours − paper: {' / '.join(diffs)})"
             note = _noise_note(s)
-            out.append(
+            rows.append(
                 f"| {BACKBONE_LABELS[bb]} | {s['base'].fmt()} | {s['mlora'].fmt()} | "
                 f"{s['moe'].fmt()} | {_pp(d_ml)} | {_pp(d_moe)} | {ptxt} | {note} |"
             )
@@ -160,18 +152,18 @@ def report_table1(
         avg_diffs = " / ".join(
             _pp(None if (v := avg.get(m)) is None else v - paper_avg[m]) for m in TABLE1_METHODS
         )
-        out.append(
+        rows.append(
             f"| **average** | {cells[0]} | {cells[1]} | {cells[2]} | | | {pavg} "
             f"(ours − paper: {avg_diffs}) | |"
         )
+        out += PROSE.lines("table1_split", split=split, rows="\n".join(rows))
         if not full:
             n_rows = len(col_means["base"])
-            out += ["", f"\\* average over the {n_rows} backbone(s) with all three methods "
-                    "run so far, not all eight."]  # fmt: skip
+            out += ["", PROSE.text("table1_partial_average", backbones=n_rows)]
         out.append("")
         plot = plot_table1(stats, split, docs_dir)
         if plot is not None:
-            out += [f"![Table 1, ML-{split}]({plot.name})", ""]
+            out += [PROSE.text("table1_plot", split=split, file=plot.name), ""]
     out += _time_lines(records, "table1", missing)
     out += _not_run_block(missing)
     return out
@@ -205,18 +197,18 @@ def report_figure2(
     for r in _select(records, sl, table="figure2"):
         if r.get("wauc") is not None:
             stats[(r["backbone"], int(r["experts_per_domain"]))].values.append(float(r["wauc"]))
-    out = ["## MoE-MLoRA Figure 2: number of experts, ML-gender, WAUC %", ""]
-    out += ["Total experts = 2 × k (k experts per domain). k = 1 is the Table 1 MoE-MLoRA cell. "
-            "The paper shows this as a plot only (no numbers in ALGORITHMS.md).", ""]  # fmt: skip
-    out.append("| backbone | " + " | ".join(f"{2 * k} experts" for k in FIGURE2_EXPERTS) + " |")
-    out.append("|---|" + "---:|" * len(FIGURE2_EXPERTS))
+    rows = []
     for bb in FIGURE2_BACKBONES:
         row = [stats.get((bb, k), Stat([])).fmt() for k in FIGURE2_EXPERTS]
-        out.append(f"| {BACKBONE_LABELS[bb]} | " + " | ".join(row) + " |")
+        rows.append(f"| {BACKBONE_LABELS[bb]} | " + " | ".join(row) + " |")
+    out = PROSE.lines(
+        "figure2", columns=" | ".join(f"{2 * k} experts" for k in FIGURE2_EXPERTS),
+        align="---:|" * len(FIGURE2_EXPERTS), rows="\n".join(rows),
+    )  # fmt: skip
     out.append("")
     plot = plot_figure2(stats, docs_dir)
     if plot is not None:
-        out += [f"![Figure 2]({plot.name})", ""]
+        out += [PROSE.text("figure2_plot", file=plot.name), ""]
     out += _time_lines(records, "figure2", missing)
     out += _not_run_block(missing)
     return out
@@ -228,22 +220,11 @@ def report_multilora(
     expected = build_grid(["multilora"], data_slice=sl)
     _, missing = _status(expected, results_dir)
     recs = _select(records, sl, table="multilora")
-    out = ["## MultiLoRA Tables 3-5 and 7: MovieLens-1M, 3 age groups (gender auxiliary)", ""]
-    out += [
-        "Per-domain AUC and LogLoss on the natural division (age groups 1-18, 25, 35-56), "
-        "total AUC and LogLoss over all test rows; mean ± std over seeds. Mix is the Base "
-        "backbone (phase 1, shared by Fine-tune and the LoRA methods). Paper: total AUC.",
-        "",
-    ]
+    out = [*PROSE.lines("multilora"), ""]
     domains = ["1-18", "25", "35-56"]
     for bb in MULTILORA_BACKBONES:
         methods = MULTILORA_METHODS_MLP if bb == "mlp" else MULTILORA_METHODS_OTHER
-        out += [f"### {BACKBONE_LABELS[bb]} backbone", ""]
-        head = " | ".join(f"AUC {d}" for d in domains)
-        lhead = " | ".join(f"LogLoss {d}" for d in domains)
-        out.append(f"| method | {head} | total AUC | {lhead} | total LogLoss | paper total AUC "
-                   "| ours − paper |")  # fmt: skip
-        out.append("|---|" + "---:|" * (2 * len(domains) + 4))
+        rows = []
         for m in methods:
             rs = [r for r in recs if r["backbone"] == bb and r["method"] == m]
             per = [Stat([]) for _ in domains]
@@ -266,12 +247,18 @@ def report_multilora(
             cells = [s.fmt(1.0, 4) for s in per] + [tot.fmt(1.0, 4)]
             cells += [s.fmt(1.0, 4) for s in lper] + [ltot.fmt(1.0, 4)]
             name = "Mix (Base)" if m == "base" else LABELS[m]
-            out.append(f"| {name} | " + " | ".join(cells) + f" | {ptxt} | {diff} |")
+            rows.append(f"| {name} | " + " | ".join(cells) + f" | {ptxt} | {diff} |")
+        out += PROSE.lines(
+            "multilora_backbone", backbone=BACKBONE_LABELS[bb],
+            auc=" | ".join(f"AUC {d}" for d in domains),
+            logloss=" | ".join(f"LogLoss {d}" for d in domains),
+            align="---:|" * (2 * len(domains) + 4), rows="\n".join(rows),
+        )  # fmt: skip
         out.append("")
     out += _param_table(recs)
     plot = plot_multilora(recs, docs_dir)
     if plot is not None:
-        out += [f"![MultiLoRA total AUC]({plot.name})", ""]
+        out += [PROSE.text("multilora_plot", file=plot.name), ""]
     out += _time_lines(records, "multilora", missing)
     out += _not_run_block(missing)
     return out
@@ -298,43 +285,13 @@ def _param_table(recs: list[dict[str, Any]]) -> list[str]:
             f"{sum(lora) + fusion:,} ({100 * (sum(lora) + fusion) / backbone:.1f}%) |"
         )
     if not rows:
-        return ["Trainable parameters (Table 7): not run yet.", ""]
-    return [
-        "Trainable parameters (the paper's Table 7; counts from "
-        "`mdlora.models.freeze.phase_parameter_counts`, a LoRA set includes its domain norms). "
-        "Single and Fine-tune train a whole backbone per domain. The paper reports one LoRA "
-        "set at about 2% of the backbone; ours is larger relative to a backbone whose "
-        "embedding tables hold most of its weights (ML-1M's id vocabularies at dimension 16), "
-        "and the LoRA count here includes the set's per-domain norms and row scales.",
-        "",
-        "| backbone | backbone | Single / Fine-tune (3 domains) | one LoRA set (natural) "
-        "| one domain's LoRA | both LoRA sets | fusion + cell norms | MultiLoRA total added |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-        *rows,
-        "",
-    ]
+        return [*PROSE.lines("parameters_not_run"), ""]
+    return [*PROSE.lines("parameters", rows="\n".join(rows)), ""]
 
 
 def report_add_domain(records: list[dict[str, Any]], sl: Slice, results_dir: Path) -> list[str]:
     expected = build_grid(["add_domain"], data_slice=sl)
     _, missing = _status(expected, results_dir)
-    out = [f"## Adding a domain without retraining: occupation {HOLDOUT_DOMAIN} "
-           f"({HOLDOUT_NAME})", ""]  # fmt: skip
-    out += [
-        f"Occupation {HOLDOUT_DOMAIN} ({HOLDOUT_NAME}: 92 users, 11,345 ratings, the smallest "
-        "occupation after farmer's 17 users) is held out; MLoRA is trained on the other 20 "
-        "with the Table 1 setting and split, exported, and the domain is added through "
-        "`mdlora.training.add_domain.add_domain` (what `mdlora add-domain` runs) on its training "
-        "and "
-        "validation rows. Its users appear in no other occupation, so their ids (and the "
-        "occupation's own value of the domain field) are unknown to the model that never saw "
-        "the domain: `add-domain` grows embedding rows for them and trains them with the "
-        "domain's adapter, everything else frozen (before it did, the adapter alone reached "
-        "65.33 ± 0.23 here: with every user out of vocabulary it could only shift the movies' "
-        "scores). The test rows are the same as in the Table 1 occupation cells, whose "
-        "per-domain AUC of this occupation is the full retraining.",
-        "",
-    ]
     rows = []
     for bb in ADD_DOMAIN_BACKBONES:
         adds = _select(records, sl, table="add_domain", backbone=bb)
@@ -360,16 +317,8 @@ def report_add_domain(records: list[dict[str, Any]], sl: Slice, results_dir: Pat
             f"{'—' if unchanged is None else ('yes' if unchanged else 'NO')} | "
             f"{', '.join(grown) or 'none'} |"
         )
-    out += [
-        f"Test AUC % of occupation {HOLDOUT_DOMAIN}:",
-        "",
-        "| backbone | grown rows, no adapter | grown rows + added adapter | full retraining: "
-        "Base | full retraining: MLoRA | add-domain time | other domains' scores unchanged | "
-        "ids grown |",
-        "|---|---:|---:|---:|---:|---:|---|---|",
-        *rows,
-        "",
-    ]
+    out = PROSE.lines("add_domain", domain=HOLDOUT_DOMAIN, name=HOLDOUT_NAME, rows="\n".join(rows))
+    out.append("")
     out += _time_lines(records, "add_domain", missing)
     out += _not_run_block(missing)
     return out
@@ -402,23 +351,13 @@ def write_report(settings: Settings, data_slice: Slice | None = None) -> Path:
     records = load_cache(results_dir)
     n_used = len(_select(records, sl))
     rel = _rel(results_dir)
-    lines = [
-        "# Reproducing the papers' MovieLens tables",
-        "",
-        f"Generated by `mdlora reproduce --report-only{' ' + ' '.join(sl.options()) if sl.options() else ''}` "  # noqa: E501
-        f"from {n_used} cached cells in `{rel}/` "
-        f"(last update {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). Numbers are "
-        'never typed in by hand: a cell that has not run shows "not run" with the command '
-        "that runs it. `mdlora reproduce` (no options) runs everything still missing, most "
-        "important first; it is resumable, and `--device cuda` runs the same grid on a GPU.",
-        "",
-    ]
+    lines = PROSE.lines(
+        "header", options="".join(f" {o}" for o in sl.options()), cells=n_used, results=rel,
+        updated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    )  # fmt: skip
+    lines.append("")
     if not sl.is_full:
-        lines += [
-            f"**This report covers a slice of the data/training ({sl.tag[1:]}), not the "
-            "papers' setting: its numbers are not comparable with the papers'.**",
-            "",
-        ]
+        lines += [PROSE.text("slice_warning", slice=sl.tag[1:]), ""]
     lines += summary_section(records, sl)
     lines += _setup_section(_select(records, sl))
     lines += report_table1(records, sl, results_dir, docs_dir)
