@@ -16,9 +16,12 @@ from tests.models.helpers import make_config, perturb
 
 ROOT = Path(__file__).resolve().parents[2]
 #: a branch on a model method's or a training recipe's name: ``cfg.method == "moe"``,
-#: ``method in ("mlora", ...)``, ``cfg.method == "singlelora"``
+#: ``method in ("mlora", ...)``, ``cfg.method == "singlelora"``, and the same on a record's
+#: field: ``r["method"] == "multilora"``, ``rec.get("method") != "moe"``, ``["method"] in (...)``
 NAMES = "|".join(sorted({*REGISTRY, *RECIPES}, key=len, reverse=True))
-BRANCH = re.compile(rf"""method\s*(==|!=|in|not in)\s*[(\[{{]?\s*["']({NAMES})["']""")
+BRANCH = re.compile(
+    rf"""method(["']\s*[\])])?\s*(==|!=|in|not in)\s*[(\[{{]?\s*["']({NAMES})["']"""
+)
 
 
 def test_no_code_outside_the_method_room_branches_on_a_model_method_name() -> None:
@@ -32,6 +35,24 @@ def test_no_code_outside_the_method_room_branches_on_a_model_method_name() -> No
                     offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     hint = "ask method_of(config) or the recipe (cfg.recipe) instead:\n"
     assert not offenders, hint + "\n".join(offenders)
+
+
+@pytest.mark.parametrize(
+    ("line", "branches"),
+    [
+        ('if cfg.method == "moe":', True),
+        ('if method in ("mlora", "moe"):', True),
+        ('if cfg.train_method not in ["multilora"]:', True),
+        ('rs = [r for r in recs if r["method"] == "multilora"]', True),
+        ("if rec['method'] != 'singlelora':", True),
+        ('if r.get("method") in ("base", "single"):', True),
+        ('if r["method"] == m:', False),  # a row of a method table, not a name test
+        ('if scope["method"] != "POST":', False),
+        ('record = {"method": "mlora"}', False),
+    ],
+)
+def test_the_branch_pattern_sees_attribute_and_subscript_forms(line: str, branches: bool) -> None:
+    assert bool(BRANCH.search(line)) is branches
 
 
 def test_unknown_methods_are_refused_with_the_known_ones() -> None:

@@ -73,6 +73,7 @@ from mdlora.training.reproduce.grid import (  # noqa: F401
     TABLE1_BACKBONES,
     TABLE1_METHODS,
     TABLE1_SPLITS,
+    TABLE7_METHOD,
     TABLES,
     Cell,
     ReproduceError,

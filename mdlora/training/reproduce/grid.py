@@ -67,6 +67,9 @@ ADAPTER_PREFIXES = ("tower.banks.", "tower.lora_sets.", "tower.domain_norms.", "
 # MultiLoRA family: how many leading phases each has (backbone, lora:nat, lora:aux) that are
 # the same computation in every member.
 MULTILORA_PREFIX = {"multilora": 3, "multilora-add": 3, "multilora-avg": 3, "singlelora": 2}
+#: the method whose model the paper's Table 7 counts (both LoRA sets and the attention fusion);
+#: the report's trainable-parameter rows read its cells' ``param_counts``
+TABLE7_METHOD = "multilora"
 
 
 class ReproduceError(RuntimeError):

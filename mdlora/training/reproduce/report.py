@@ -40,6 +40,7 @@ from mdlora.training.reproduce.grid import (
     TABLE1_BACKBONES,
     TABLE1_METHODS,
     TABLE1_SPLITS,
+    TABLE7_METHOD,
     Cell,
     Settings,
     Slice,
@@ -268,7 +269,7 @@ def _param_table(recs: list[dict[str, Any]]) -> list[str]:
     """Table 7: trainable parameters per phase (models.freeze.phase_parameter_counts)."""
     rows = []
     for bb in MULTILORA_BACKBONES:
-        r = next((r for r in recs if r["backbone"] == bb and r["method"] == "multilora"
+        r = next((r for r in recs if r["backbone"] == bb and r["method"] == TABLE7_METHOD
                   and r.get("param_counts")), None)  # fmt: skip
         if r is None:
             continue
