@@ -63,11 +63,13 @@ def _config(
         "name": name,
         "data": {"source": "table", "path": str(table), "schema": schema,
                  "options": {"split_column": "split", "seed": seed}},
-        "method": s.method, "backbone": s.backbone, "embed_dim": 8, "tower": [256, 128, 64],
-        # the rank temperatures every cached cell was trained with (MLoRA's MovieLens values,
-        # the default for own data before it became DEFAULT_ALPHA): DeepFM 8-4-2, DCN 16-8-4
-        "alpha": MOVIELENS_ALPHA.get(s.backbone, DEFAULT_ALPHA),
-        "dropout": 0.5, "lr": 0.001, "batch_size": s.batch_size, "l2": 1e-5,
+        "method": s.method,
+        "model": {"backbone": s.backbone, "embed_dim": 8, "tower": [256, 128, 64],
+                  # the rank temperatures every cached cell was trained with (MLoRA's
+                  # MovieLens values, the default for own data before it became
+                  # DEFAULT_ALPHA): DeepFM 8-4-2, DCN 16-8-4
+                  "alpha": MOVIELENS_ALPHA.get(s.backbone, DEFAULT_ALPHA), "dropout": 0.5},
+        "lr": 0.001, "batch_size": s.batch_size, "l2": 1e-5,
         "epochs": s.epochs, "patience": s.patience, "seed": seed, "threads": s.threads,
         "device": s.device, "progress": s.progress, "export": True, "onnx": False, "resume": True,
         "out": str(out), **extra,
