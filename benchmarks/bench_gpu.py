@@ -57,6 +57,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_routing import make_model  # noqa: E402
 
+from mdlora.models import grouped  # noqa: E402
 from mdlora.models.features import EncodedBatch  # noqa: E402
 from mdlora.models.model import MultiDomainModel  # noqa: E402
 
@@ -110,6 +111,19 @@ def scorer(model: MultiDomainModel, batch: EncodedBatch) -> Callable[[], object]
     return lambda: model.score_batch(batch, check=False)
 
 
+def without_grouped(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with the grouped Triton kernel off (the segmented tower's eager path)."""
+
+    def call() -> object:
+        was, grouped.ENABLED = grouped.ENABLED, False
+        try:
+            return fn()
+        finally:
+            grouped.ENABLED = was
+
+    return call
+
+
 def bench_routing(device: torch.device, batch_size: int, rounds: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     print(f"routing: DeepFM, batch {batch_size}, median of {rounds} synchronised calls")
@@ -122,6 +136,7 @@ def bench_routing(device: torch.device, batch_size: int, rounds: int) -> dict[st
                 model = make_model("deepfm", method, n).to(device)
                 fns: dict[str, Callable[[], object]] = {
                     "backbone": scorer(base, batch), "default": scorer(model, batch),
+                    "eager": without_grouped(scorer(model, batch)),
                 }  # fmt: skip
                 for s in STRATEGIES[mode]:
                     clone = make_model("deepfm", method, n).to(device)
@@ -129,11 +144,13 @@ def bench_routing(device: torch.device, batch_size: int, rounds: int) -> dict[st
                     clone.set_routing(s)
                     fns[s] = scorer(clone, batch)
                 t = cuda_time(fns, rounds, device)
-                for name in ("backbone", "default", *STRATEGIES[mode]):
-                    label = name if name != "default" else "default=" + model.routing[0]
+                for name in ("backbone", "default", "eager", *STRATEGIES[mode]):
+                    label = {"default": "default=" + model.routing[0],
+                             "eager": "default,eager"}.get(name, name)  # fmt: skip
                     print(f"{n:7d} {mode:6} {label:12} {t[name] * 1e3:8.3f} "
                           f"{t[name] / t['backbone']:10.2f}")  # fmt: skip
                 out[f"{mode}_over_backbone_cuda_{n}"] = round(t["default"] / t["backbone"], 3)
+                out[f"{mode}_eager_over_backbone_cuda_{n}"] = round(t["eager"] / t["backbone"], 3)
                 best = min(STRATEGIES[mode], key=t.__getitem__)
                 out[f"{mode}_best_strategy_cuda_{n}"] = best
                 out[f"{mode}_best_over_backbone_cuda_{n}"] = round(t[best] / t["backbone"], 3)
@@ -302,6 +319,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke test)"
     print(f"device: {name}, torch {torch.__version__}")
     results: dict[str, Any] = {"device": name}
+    results["grouped_kernel"] = grouped.available(torch.zeros(1, device=device))
     batch = 8192 if args.quick else BATCH
     if args.profile:
         results.update(profile_segment(device, batch))

@@ -32,7 +32,9 @@ For an expert ``e`` the change to the layer's pre-activation is ``s_e * (x A_e B
   (:class:`SegmentPlan`, sized without a host sync) and runs every layer as ONE batched GEMM
   (``baddbmm`` over the blocks' gathered weights), keeping that layout through the whole
   tower: a fixed number of kernel launches per layer whatever the domains present, where a
-  GPU is launch-bound (PERFORMANCE.md); padding rows are zeros and are dropped at the end;
+  GPU is launch-bound (PERFORMANCE.md); padding rows are zeros and are dropped at the end.
+  On CUDA with Triton each layer is instead one grouped kernel that reads every block's
+  weights in place and the batch's rows through the layout (``mdlora.models.grouped``);
 * ``merged`` (inference) keeps, per domain, the shared layer with its adapter merged in,
   ``W + A'_d B'_d`` and ``b + c_d``, and scores a batch as one GEMM per domain present
   (sorted segments); with more domains present than ``merge_limit`` it falls back to
@@ -251,6 +253,18 @@ class SegmentPlan:
         self.slot = torch.empty_like(order).index_copy_(0, order, first_slot[sorted_d] + rank)
         ids = torch.arange(self.num_blocks, device=index.device)
         self.block_domain = torch.searchsorted(ends, ids, right=True).clamp_(max=num_domains - 1)
+        self.used_blocks = ends[-1:]  # blocks holding samples (the rest are padding only)
+        self._sample_of_slot: Tensor | None = None
+
+    @property
+    def sample_of_slot(self) -> Tensor:
+        """``[blocks * block]``: the sample in each padded row, -1 for padding (the grouped
+        kernel reads and writes the batch's own rows through it)."""
+        if self._sample_of_slot is None:
+            n, slot = self.n, self.slot
+            out = slot.new_full((self.num_blocks * self.block,), -1)
+            self._sample_of_slot = out.index_copy_(0, slot, torch.arange(n, device=slot.device))
+        return self._sample_of_slot
 
     def scatter(self, x: Tensor) -> Tensor:
         """``x`` ``[n, f]`` in the padded layout ``[blocks * block, f]`` (padding rows zero)."""

@@ -13,6 +13,7 @@ from typing import cast
 
 from torch import Tensor, nn
 
+from mdlora.models import grouped
 from mdlora.models.fusion import FusionAttention
 from mdlora.models.layers import Dropout
 from mdlora.models.lora import AdapterBank, InferenceBank, SegmentPlan, Segments
@@ -127,6 +128,8 @@ class AdaptedTower(nn.Module):
         shared norm and the activation act row by row, so padding rows affect nothing)."""
         assert route.index is not None and not route.lora and route.norm is None
         plan = SegmentPlan(route.index, banks[0].a.shape[0])
+        if grouped.available(x):
+            return self._grouped(x, plan, banks)
         h = plan.scatter(x)
         for i, bank in enumerate(banks):
             assert bank.merged_w is not None and bank.merged_b is not None
@@ -135,6 +138,24 @@ class AdaptedTower(nn.Module):
                 z = self.norms[i](z)
             h = self.acts[i](z)
         return plan.gather(h)
+
+    def _grouped(self, x: Tensor, plan: SegmentPlan, banks: list[InferenceBank]) -> Tensor:
+        """:meth:`_segmented` with the grouped kernel (``mdlora.models.grouped``): the first
+        layer reads the batch's rows in place, the last writes them back, ReLU in the kernel
+        where no norm sits between a layer and its activation."""
+        h, last = x, len(banks) - 1
+        for i, bank in enumerate(banks):
+            assert bank.merged_w is not None and bank.merged_b is not None
+            relu = self.norms is None and type(self.acts[i]) is nn.ReLU
+            z = grouped.grouped_linear(
+                h, bank.merged_w, bank.merged_b, plan,
+                gather_in=i == 0, scatter_out=i == last, relu=relu,
+            )  # fmt: skip
+            assert z is not None  # available() held for x, and so for every layer's input
+            if self.norms is not None:
+                z = self.norms[i](z)
+            h = z if relu else self.acts[i](z)
+        return h
 
     def _adapt(self, i: int, x: Tensor, z: Tensor, route: Route) -> Tensor:
         if route.banks is not None:

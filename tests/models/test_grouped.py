@@ -1,0 +1,118 @@
+"""The grouped kernel of the segmented tower (``mdlora.models.grouped``): on CUDA the real
+Triton kernel, on CPU the same kernel under ``TRITON_INTERPRET=1``; both must equal the eager
+per-sample computation to float rounding."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from mdlora.models import grouped
+from mdlora.models.features import EncodedBatch
+from mdlora.models.lora import SegmentPlan
+from mdlora.models.model import MultiDomainModel
+from tests.models.helpers import make_batch, make_config, perturb
+
+
+@pytest.fixture
+def kernel(device: torch.device, monkeypatch: pytest.MonkeyPatch) -> Iterator[torch.device]:
+    """The grouped kernel runnable on ``device`` (interpreted on CPU)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install -e '.[dev]' brings it)")
+    if device.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    grouped.reset()
+    yield device
+    grouped.reset()
+
+
+def score(model: MultiDomainModel, batch: EncodedBatch) -> torch.Tensor:
+    with torch.no_grad():
+        return model.score_batch(batch)
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return torch.bmm(x.unsqueeze(1), w[idx]).squeeze(1) + b[idx]
+
+
+@pytest.mark.parametrize(
+    ("n", "domains", "k_in", "n_out"),
+    [
+        (300, 5, 48, 40),  # widths that are no multiple of the tiles
+        (37, 9, 32, 8),  # blocks of 8 rows (smaller than a 16-row tile), a narrow layer
+        (1000, 3, 70, 130),  # 64-row tiles, two output tiles and a ragged third
+    ],
+)
+@pytest.mark.parametrize("gather_in", [False, True])
+@pytest.mark.parametrize("scatter_out", [False, True])
+def test_grouped_linear_equals_the_per_sample_layer(
+    kernel: torch.device, n: int, domains: int, k_in: int, n_out: int, gather_in: bool,
+    scatter_out: bool,
+) -> None:  # fmt: skip
+    g = torch.Generator().manual_seed(n)
+    idx = torch.randint(0, domains, (n,), generator=g)
+    idx[idx == 1] = 0  # a domain with no sample
+    x = torch.randn(n, k_in, generator=g)
+    w = torch.randn(domains, k_in, n_out, generator=g)
+    b = torch.randn(domains, n_out, generator=g)
+    x, w, b, idx = x.to(kernel), w.to(kernel), b.to(kernel), idx.to(kernel)
+    plan = SegmentPlan(idx, domains)
+    want = torch.relu(reference(x, w, b, idx))
+    got = grouped.grouped_linear(
+        x if gather_in else plan.scatter(x), w, b, plan,
+        gather_in=gather_in, scatter_out=scatter_out, relu=True,
+    )  # fmt: skip
+    assert got is not None
+    rows = got if scatter_out else plan.gather(got)
+    assert rows.shape == (n, n_out)
+    torch.testing.assert_close(rows, want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [
+        ("mlora", {}),
+        ("moe3", {}),
+        ("mlora", {"tower_norm": "batch"}),  # a norm between layer and ReLU: not fused
+        ("moe1", {"activation": "tanh"}),
+    ],
+)
+def test_the_segmented_tower_on_the_kernel_scores_as_the_eager_one(
+    kernel: torch.device, method: str, extra: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = perturb(MultiDomainModel(make_config("deepfm", method, **extra))).eval().to(kernel)
+    for i in range(4):  # 6 + 4 domains, skewed counts
+        model.add_domain("occupation", f"extra{i}")
+    batch = make_batch(500, n_primary=10, seed=5).to(kernel)
+    primary = batch.domains[:, 0].clone()
+    primary[:300] = 2
+    batch.domains = torch.stack([primary, batch.domains[:, 1]], 1)
+    model.set_routing("gather")
+    want = score(model, batch)
+    model.set_routing("segment")
+    calls: list[bool] = []
+    original = grouped.grouped_linear
+
+    def counted(*args: object, **kw: object) -> torch.Tensor | None:
+        out = original(*args, **kw)  # type: ignore[arg-type]
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(grouped, "grouped_linear", counted)
+    got = score(model, batch)
+    assert calls == [True] * len(model.config.tower), "one kernel launch per tower layer"
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_the_kernel_stays_out_where_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    grouped.reset()
+    x = torch.randn(4, 8)
+    assert not grouped.available(x)  # a CPU tensor, not interpreted
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not grouped.available(x.double())  # float32 only
+    assert not grouped.available(x.requires_grad_())  # inference only
+    grouped.reset()
