@@ -46,6 +46,7 @@ from mdlora.formats.keys import (
     factorize,
     factorize_multi,
     lookup_ids,
+    min_max_scale,
     natural_order,
     positions,
     raw_float,
@@ -441,7 +442,7 @@ class FeatureEncoder:
         dense = np.zeros((n, len(self.dense_columns)), dtype=np.float32)
         for j, col in enumerate(self.dense_columns):
             vals = pd.to_numeric(df[col], errors="coerce").to_numpy(np.float64, na_value=np.nan)
-            dense[:, j] = self._scale(col, vals)
+            dense[:, j] = min_max_scale(vals, self.dense_min[col], self.dense_max[col])
         domains = np.zeros((n, len(self.divisions)), dtype=np.int64)
         for j, div in enumerate(self.divisions):
             codes, keys = factorize(df[div])
@@ -459,15 +460,6 @@ class FeatureEncoder:
 
             grown.apply_frame(self, df, out)
         return out
-
-    def _scale(self, col: str, vals: np.ndarray) -> np.ndarray:
-        lo, hi = self.dense_min[col], self.dense_max[col]
-        span = hi - lo
-        with np.errstate(invalid="ignore"):
-            out = (vals - lo) / span if span > 0 else np.zeros_like(vals)
-            out = np.clip(out, 0.0, 1.0)  # +-inf land on the ends of the range
-        out[np.isnan(vals)] = 0.0  # missing
-        return out.astype(np.float32)
 
     # ---------------------------------------------------------------- serving fast path
 
@@ -502,7 +494,7 @@ class FeatureEncoder:
         dense = np.zeros((n, len(self.dense_columns)), dtype=np.float32)
         for j, col in enumerate(self.dense_columns):
             vals = np.fromiter((raw_float(r.get(col)) for r in records), dtype=np.float64, count=n)
-            dense[:, j] = self._scale(col, vals)
+            dense[:, j] = min_max_scale(vals, self.dense_min[col], self.dense_max[col])
         domains = np.zeros((n, len(self.divisions)), dtype=np.int64)
         for j, div in enumerate(self.divisions):
             dmap = self._map("\0dom:" + div, self.domains[div], 0)
@@ -593,4 +585,3 @@ class FeatureEncoder:
             f"multi_hot={[m.name for m in self.multi_hot_columns]}, dense={self.dense_columns}, "
             f"divisions={self.divisions})"
         )
-

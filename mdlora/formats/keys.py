@@ -221,3 +221,14 @@ def raw_float(v: Any) -> float:
         return float(v)
     except (TypeError, ValueError, OverflowError):
         return math.nan
+
+
+def min_max_scale(vals: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Dense values scaled with the training range ``[lo, hi]`` to [0, 1] (clipped; NaN, i.e.
+    missing, -> 0.0) as float32."""
+    span = hi - lo
+    with np.errstate(invalid="ignore"):
+        out = (vals - lo) / span if span > 0 else np.zeros_like(vals)
+        out = np.clip(out, 0.0, 1.0)  # +-inf land on the ends of the range
+    out[np.isnan(vals)] = 0.0  # missing
+    return out.astype(np.float32)
