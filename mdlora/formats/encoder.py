@@ -39,6 +39,7 @@ from typing import Any, TypedDict
 import numpy as np
 import pandas as pd
 
+from mdlora.formats import domains as domain_lists
 from mdlora.formats.keys import (
     canonical_value,
     cell_tokens,
@@ -361,21 +362,27 @@ class FeatureEncoder:
     def add_domain(self, division: str, name: Any) -> int:
         """Append a new domain to ``division`` and return its id (the previous count).
 
-        Existing ids never change, so a model trained before the addition stays valid.
+        Existing ids never change, so a model trained before the addition stays valid. Beside
+        a model, the model's divisions own the list: add the domain to the model and take its
+        lists with :meth:`set_domains` (``mdlora.formats.domains``).
         """
         self._check_fitted()
         if division not in self.domains:
             raise KeyError(f"unknown division {division!r}; divisions: {self.divisions}")
-        key = canonical_value(name)
-        if key is None:
-            raise ValueError("a domain name cannot be missing/None")
+        key = canonical_value(name)  # None: set_domains refuses a missing name
         if key in self.domains[division]:
             raise ValueError(f"division {division!r} already has a domain named {key!r}")
-        self.domains[division].append(key)
-        if division in self.domain_order:
-            self.domain_order[division] = list(self.domains[division])
-        self._invalidate()
+        self.set_domains({**self.domains, division: [*self.domains[division], key]})
         return len(self.domains[division]) - 1
+
+    def set_domains(self, domains: Mapping[str, Sequence[Any]]) -> None:
+        """Take every division's domain names (a model's: ``domains.model_domains(config)``);
+        each list must start with the names the division has, so existing ids never change."""
+        self._check_fitted()
+        self.domains = domain_lists.extended(self.domains, domains)
+        for div in self.domain_order:  # the declared order follows (a refit keeps the ids)
+            self.domain_order[div] = list(self.domains[div])
+        self._invalidate()
 
     def _unknown_domain_msg(self, division: str, values: Sequence[Any]) -> str:
         shown = [v for v in values[:5]]

@@ -176,6 +176,29 @@ def test_add_domain_appends_and_keeps_existing_ids() -> None:
         enc.add_domain("nope", "x")
 
 
+def test_set_domains_takes_a_models_lists_and_keeps_existing_ids() -> None:
+    """Beside a model the encoder's domain lists are the model's (``set_domains``): they may
+    only grow, so no id the model was trained with moves."""
+    enc = _encoder(domain_order={"gender": ["F", "M"]}).fit(_train_df())
+    before = enc.transform(_train_df())
+    enc.set_domains({"age": [1, 18, 25, 56, 35], "gender": ["F", "M", "X"]})  # a model's order
+    assert list(enc.domains) == ["gender", "age"]  # the encoder's division order stays
+    assert enc.domain_names("age") == ["1", "18", "25", "56", "35"]
+    assert enc.domain_names("gender") == enc.domain_order["gender"] == ["F", "M", "X"]
+    assert "age" not in enc.domain_order
+    assert np.array_equal(enc.transform(_train_df())["domains"], before["domains"])
+    assert enc.encode_records([{"gender": "X", "age": 35}])["domains"].tolist() == [[2, 4]]
+    with pytest.raises(ValueError, match=r"division 'age'.*do not extend.*ids would change"):
+        enc.set_domains({"age": ["18", "1", "25", "56", "35"], "gender": ["F", "M", "X"]})
+    with pytest.raises(ValueError, match="divisions"):
+        enc.set_domains({"age": ["1", "18", "25", "56", "35"]})
+    with pytest.raises(ValueError, match="repeat"):
+        enc.set_domains({"age": ["1", "18", "25", "56", "35", 35], "gender": ["F", "M", "X"]})
+    with pytest.raises(ValueError, match="missing"):
+        enc.add_domain("age", None)
+    assert enc.domain_names("age") == ["1", "18", "25", "56", "35"]  # refusals change nothing
+
+
 def test_domain_order_is_respected_and_enforced() -> None:
     df = _train_df()
     enc = _encoder(domain_order={"age": [1, 18, 25, 35, 45, 50, 56]}).fit(df)
