@@ -4,7 +4,8 @@
 
     manifest.json                       schema version, model config, stage, tensor lists,
                                         adapter list with versions and checksums, metrics
-    encoder.json                        the feature encoder (vocabularies), when given
+    encoder.json                        the feature encoder (vocabularies), when given; its
+                                        domain lists must be the manifest's (formats.domains)
     backbone.safetensors                the frozen backbone
     gate.safetensors                    MoE gate / MultiLoRA fusion and cell norms (if any)
     adapters/<division>/<domain>/<version>/adapter_config.json
@@ -35,6 +36,7 @@ from mdlora.formats.adapter_package import (
     read_adapter_package,
     write_adapter_package,
 )
+from mdlora.formats.domains import disagreement
 from mdlora.formats.fileio import staging_dir
 from mdlora.formats.files import (
     ADAPTER_WEIGHTS,
@@ -119,6 +121,12 @@ def save_artifact(
     artifact where a previous one was.
     """
     directory = Path(directory)
+    problem = disagreement(encoder or {}, model.config)
+    if problem:  # the model's divisions own the domain list (mdlora.formats.domains)
+        raise ArtifactError(
+            f"cannot save the artifact {directory}: {problem}; give the encoder the model's "
+            "domains (FeatureEncoder.set_domains(model_domains(model.config)))"
+        )
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = staging_dir(directory)
     try:
@@ -216,6 +224,16 @@ def load_artifact(directory: Path | str, map_location: str | torch.device = "cpu
     directory = Path(directory)
     manifest = read_manifest(directory)
     config = model_config_from_dict(manifest["model"])
+    encoder = None
+    if manifest.get("encoder"):
+        encoder = json.loads((directory / manifest["encoder"]).read_text())
+        problem = disagreement(encoder, config, "manifest's")
+        if problem:  # never serve one list and encode with another
+            raise ArtifactError(
+                f"artifact {directory}: {problem}; its {manifest['encoder']} belongs to another "
+                "export or was edited: re-export the artifact (mdlora export --run RUN) or put "
+                "back the encoder it was saved with"
+            )
     model = MultiDomainModel(config)
     shared: dict[str, Tensor] = {}
     for name, info in manifest["files"].items():
@@ -247,7 +265,4 @@ def load_artifact(directory: Path | str, map_location: str | torch.device = "cpu
     model.set_stage(stage.get("name", "backbone"), division=stage.get("division"))
     model.set_routing(manifest.get("routing", "bag"))
     model.eval()
-    encoder = None
-    if manifest.get("encoder"):
-        encoder = json.loads((directory / manifest["encoder"]).read_text())
     return Artifact(model.to(map_location), manifest, encoder, directory, versions)

@@ -226,3 +226,64 @@ def test_a_method_with_adapters_needs_ranks_or_alpha() -> None:
     with pytest.raises(ValueError, match="needs adapter ranks: set ranks or alpha"):
         make_config("deepfm", "mlora", ranks=None)
     assert make_config("deepfm", "base", ranks=None).lora_ranks() == []
+
+
+# ---------------------------------------------------------------- the domain list's one owner
+
+
+@pytest.mark.parametrize("field", ["domains", "domain_order"])
+def test_an_encoder_whose_domains_differ_from_the_manifest_is_refused_at_load(
+    tmp_path: Path, field: str
+) -> None:
+    """The manifest's divisions own the domain list; an encoder.json that lists another one
+    (another export's, or edited) is refused, naming both lists, instead of one being used."""
+    from tests.service.demo import build_demo_artifact
+
+    path = build_demo_artifact(tmp_path / "a", method="mlora", division="age")
+    assert load_artifact(path).encoder is not None  # as written, the two agree
+    enc = json.loads((path / "encoder.json").read_text())
+    enc[field]["age"] = ["1", "18", "25", "35", "45", "56", "50"]  # two ids swapped
+    (path / "encoder.json").write_text(json.dumps(enc))
+    want = (
+        rf"artifact {path}: the encoder's {field} for division 'age' "
+        r"\['1', '18', '25', '35', '45', '56', '50'\] differ from the manifest's "
+        r"\['1', '18', '25', '35', '45', '50', '56'\]; .*re-export the artifact"
+    )
+    with pytest.raises(ArtifactError, match=want):
+        load_artifact(path)
+    del enc[field]["age"]
+    (path / "encoder.json").write_text(json.dumps(enc))
+    if field == "domains":  # a division the encoder does not list at all
+        with pytest.raises(ArtifactError, match=r"'age' \(none\) differ from the manifest's"):
+            load_artifact(path)
+    else:  # no declared order is nothing to disagree with
+        assert load_artifact(path).encoder is not None
+
+
+def test_a_domain_added_to_the_model_reaches_the_saved_encoder_only_through_the_model(
+    tmp_path: Path,
+) -> None:
+    """A model that gained a domain cannot be saved beside an encoder that did not: the
+    encoder takes the model's lists (``set_domains``), and the saved pair agrees."""
+    from dataclasses import replace
+
+    from mdlora.formats.domains import model_domains
+    from mdlora.formats.encoder import FeatureEncoder
+    from tests.service.demo import build_demo_artifact, demo_adapter
+
+    art = load_artifact(build_demo_artifact(tmp_path / "a", method="mlora", division="age"))
+    assert art.encoder is not None
+    apply_adapter(art.model, demo_adapter(art.model, "age", "99"))  # the service's path
+    with pytest.raises(ArtifactError, match=r"cannot save .* for division 'age' .* model's"):
+        save_artifact(art.model, tmp_path / "b", encoder=art.encoder)
+    assert not (tmp_path / "b").exists()
+    enc = FeatureEncoder.from_dict(art.encoder)
+    enc.set_domains(model_domains(art.model.config))
+    save_artifact(art.model, tmp_path / "b", encoder=enc.to_dict())
+    grown = load_artifact(tmp_path / "b")
+    assert grown.encoder is not None
+    names = [str(a) for a in (1, 18, 25, 35, 45, 50, 56, 99)]
+    assert grown.model.domain_names("age") == tuple(names)
+    assert grown.encoder["domains"]["age"] == grown.encoder["domain_order"]["age"] == names
+    records: list[dict[str, object]] = [{"user_id": 5, "movie_id": 3, "age": a} for a in (25, 99)]
+    assert np.allclose(grown.score(records), replace(art, encoder=enc.to_dict()).score(records))
