@@ -2,10 +2,11 @@
 
 ``mdlora add-domain --artifact DIR --data FILE --domain NAME`` loads the artifact and its
 encoder, reads the new domain's rows (the domain column equal to NAME, or every row when the
-file has no domain column), registers the domain in the encoder and the model
-(``model.add_domain``), grows embedding rows for the ids its training rows bring that the
-export never saw (new users, new items, the domain's own value of a domain feature; scoped to
-the domain, see ``mdlora.formats.grown``), and trains the new domain's parameters, those rows
+file has no domain column), adds the domain to the model (``model.add_domain``; the model's
+divisions own the domain list and the encoder takes it from them, ``mdlora.formats.domains``),
+grows embedding rows for the ids its training rows bring that the export never saw (new
+users, new items, the domain's own value of a domain feature; scoped to the domain, see
+``mdlora.formats.grown``), and trains the new domain's parameters, those rows
 included, with everything else frozen:
 
 * MLoRA: stage ``adapters``, group ``expert:<d>`` (the bank row of domain ``d``);
@@ -47,6 +48,7 @@ from mdlora.formats.artifact import (
     load_artifact,
     save_artifact,
 )
+from mdlora.formats.domains import model_domains
 from mdlora.formats.encoder import FeatureEncoder, LabeledArrays, canonical_value
 from mdlora.formats.files import (
     BACKBONE_WEIGHTS,
@@ -327,16 +329,12 @@ def train_new_domain(
             f"division {division!r} has no per-domain adapters in a {cfg.method} model; "
             f"choose one of {[d.name for d in cfg.divisions[:adapted]]}"
         )
-    if domain in encoder.domain_names(division) or domain in model.domain_names(division):
+    if domain in model.domain_names(division):
         raise ValueError(f"division {division!r} already has a domain {domain!r}")
     final_stage = model.stage
-    domain_id = encoder.add_domain(division, domain)
-    model_id = model.add_domain(division, domain, settings.gate_scope)
-    if model_id != domain_id:
-        raise ArtifactError(
-            f"encoder and model disagree on division {division!r} ({domain_id} vs {model_id} "
-            "domains): the artifact's encoder.json does not belong to its model"
-        )
+    # the model's divisions own the domain list; the encoder takes it from them
+    domain_id = model.add_domain(division, domain, settings.gate_scope)
+    encoder.set_domains(model_domains(model.config))
     train_idx, val_idx = _split(len(df), labels, settings.val_fraction, settings.seed)
     grown: dict[str, list[str]] = {}
     if settings.grow:  # vocabularies from the training rows only, as the export's were

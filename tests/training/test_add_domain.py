@@ -16,6 +16,7 @@ from mdlora.formats.adapter_package import (
     read_adapter_package,
 )
 from mdlora.formats.artifact import load_artifact
+from mdlora.formats.domains import model_domains
 from mdlora.formats.encoder import FeatureEncoder, LabeledArrays
 from mdlora.formats.grown import place
 from mdlora.training.add_domain import AddDomainSettings, add_domain
@@ -94,6 +95,11 @@ def test_add_domain_keeps_old_scores_and_beats_the_backbone(
     assert np.array_equal(predict(before.model, old_batch), old_scores)
     grown = load_artifact(root / f"{method}-grown", map_location=device)
     assert np.array_equal(predict(grown.model, old_batch), old_scores)
+    # one domain list: the model's; the grown artifact's encoder and the package's show it too
+    lists = model_domains(grown.model.config)
+    assert lists == {"domain": ["d0", "d1", "d2", "d3"]}
+    assert grown.encoder is not None and FeatureEncoder.from_dict(grown.encoder).domains == lists
+    assert FeatureEncoder.from_json((out / "encoder.json").read_text()).domains == lists
 
     # held-out rows of the new domain: its adapter beats the backbone alone
     grown_encoder = FeatureEncoder.from_json((out / "encoder.json").read_text())
