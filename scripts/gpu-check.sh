@@ -49,7 +49,7 @@ print("python", platform.python_version(), "torch", torch.__version__,
 if torch.cuda.is_available():
     print("gpus", torch.cuda.device_count(), torch.cuda.get_device_name(0))
 for name in ("fastapi", "pydantic", "pydantic_settings", "uvicorn", "orjson", "redis",
-             "multipart", "numba", "onnxruntime", "onnxscript", "deepctr_torch", "xdist",
+             "multipart", "numba", "onnxruntime", "onnxscript", "deepctr_torch", "xdist", "triton",
              "pytest_timeout"):
     try:
         mod = importlib.import_module(name)
