@@ -218,11 +218,16 @@ class Segments:
         return self._order
 
 
+#: the block sizes :func:`segment_block` chooses from (the grouped kernel compiles per size)
+BLOCK_SIZES = (8, 16, 32, 64, 128)
+
+
 def segment_block(n: int, num_domains: int) -> int:
-    """Rows per block of a :class:`SegmentPlan`: a power of two in [8, 128], small enough that
-    the padding (at most one part-filled block per domain) stays near half the batch."""
+    """Rows per block of a :class:`SegmentPlan`: a power of two in ``BLOCK_SIZES``, small
+    enough that the padding (at most one part-filled block per domain) stays near half the
+    batch (``n = 2 * num_domains * b`` rows choose block ``b``)."""
     per = max(n // max(2 * num_domains, 1), 1)
-    return max(8, min(128, 1 << (per.bit_length() - 1)))
+    return max(BLOCK_SIZES[0], min(BLOCK_SIZES[-1], 1 << (per.bit_length() - 1)))
 
 
 class SegmentPlan:

@@ -32,7 +32,9 @@ import numpy as np
 import torch
 
 from mdlora.formats.files import ONNX_MODEL
+from mdlora.models import grouped
 from mdlora.models.features import EncodedBatch
+from mdlora.models.lora import BLOCK_SIZES
 from mdlora.models.model import MultiDomainModel
 from mdlora.service.metrics import ServiceMetrics
 from mdlora.service.snapshot import Snapshot
@@ -314,12 +316,29 @@ class OnnxRunner:
         return out
 
 
+#: the largest batch the warm-up scores to compile the grouped kernel's block sizes
+WARM_UP_MAX_ROWS = 65_536
+
+
 def warm_up(snapshot: Snapshot) -> None:
-    """Score a few rows so lazy state (folded inference banks) is built before the swap."""
-    rows = synthetic_rows(snapshot.serving_model, 4)
+    """Score a few rows so lazy state (folded inference banks) is built before the swap.
+
+    On CUDA with the grouped kernel (``mdlora.models.grouped``), which Triton compiles once
+    per block size, a mixed batch of each size is scored too: the compilations (about a
+    second each, the first time in a process) happen here, not in the first requests.
+    """
+    model, runner = snapshot.serving_model, runner_of(snapshot)
+    rows = synthetic_rows(model, 4)
     if snapshot.backbone_model is not None:
         rows.backbone = np.array([False, True, False, True])
-    runner_of(snapshot).score(rows)
+    runner.score(rows)
+    if isinstance(runner, TorchRunner) and grouped.available(torch.zeros(1, device=runner.device)):
+        n_primary = len(model.config.divisions[0].domains)
+        for block in BLOCK_SIZES:
+            n = 2 * n_primary * block  # the rows that choose this block size
+            if n > WARM_UP_MAX_ROWS:  # a batch this large is rare enough to compile itself
+                break
+            runner.score(synthetic_rows(model, n, seed=block))
 
 
 PROBE_ROWS = 64

@@ -71,3 +71,38 @@ def test_predict_on_the_device_gives_the_cores_scores(
     np.testing.assert_allclose(r.json()["scores"], core_scores(art, records), atol=1e-5)
     single = batch.json()["results"][1]["scores"]
     np.testing.assert_allclose(single, r.json()["scores"], atol=1e-6)
+
+
+def test_warm_up_compiles_the_grouped_kernel_for_every_block_size(
+    demo_artifacts: dict[str, Path], device: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Triton compiles the grouped kernel once per block size: the warm-up before a swap
+    scores a mixed batch of each size, so no request waits for a compilation."""
+    import importlib.util
+
+    from mdlora.models import grouped
+    from mdlora.models.lora import BLOCK_SIZES, SegmentPlan
+    from mdlora.service.runtime import TorchRunner, warm_up
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install -e '.[dev]' brings it)")
+    if device.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # the same kernel, interpreted
+    grouped.reset()
+    snap = ArtifactBase.load(demo_artifacts["mlora"], device).snapshot()
+    if device.type == "cpu":
+        snap.serving_model.set_routing("segment")  # what ``merged`` runs as on CUDA
+    snap.runner = TorchRunner(snap)
+    blocks: set[int] = set()
+    original = grouped.grouped_linear
+
+    def spy(
+        x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, plan: SegmentPlan, **kw: bool
+    ) -> torch.Tensor | None:
+        blocks.add(plan.block)
+        return original(x, w, b, plan, **kw)
+
+    monkeypatch.setattr(grouped, "grouped_linear", spy)
+    warm_up(snap)
+    assert blocks == set(BLOCK_SIZES)
+    grouped.reset()
