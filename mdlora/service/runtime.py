@@ -324,8 +324,8 @@ def warm_up(snapshot: Snapshot) -> None:
     """Score a few rows so lazy state (folded inference banks) is built before the swap.
 
     On CUDA with the grouped kernel (``mdlora.models.grouped``), which Triton compiles once
-    per block size, a mixed batch of each size is scored too: the compilations (about a
-    second each, the first time in a process) happen here, not in the first requests.
+    per block size, a mixed batch of each size is scored too: the compilations (on first use
+    in a process; not yet timed on a GPU) happen here, not in the first requests.
     """
     model, runner = snapshot.serving_model, runner_of(snapshot)
     rows = synthetic_rows(model, 4)
