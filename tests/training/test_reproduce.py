@@ -178,6 +178,32 @@ def test_report_quotes_the_adapter_phase_probe(tmp_path: Path) -> None:
     assert "83.43 → 83.65" in row and "80.13 → 79.86 (80.13, 79.86)" in row
 
 
+def test_a_sliced_reports_time_lines_count_only_the_slices_cells(tmp_path: Path) -> None:
+    """Cells of the full run in the same cache are not the slice's: the time line of a table
+    counts, times and names the devices of the slice's cells alone."""
+    sl = Slice(max_rows=1000, epochs=1)
+    res = tmp_path / "res"
+
+    def cell(cell_id: str, seconds: float, device: str, sl: Slice) -> None:
+        split, backbone, method, _ = cell_id.split("-", 3)
+        record = {"table": "table1", "cell": cell_id, "split": split, "backbone": backbone,
+                  "method": method, "seed": 1, "experts_per_domain": 1, "seconds": seconds,
+                  "device": device, "slice": sl.to_dict(), "wauc": 0.8}  # fmt: skip
+        (res / "table1").mkdir(parents=True, exist_ok=True)
+        (res / "table1" / f"{cell_id}.json").write_text(json.dumps(record))
+
+    for m in ("base", "mlora"):  # the full run's cells
+        cell(f"gender-deepfm-{m}-s1", 100.0, "cpu (2 cores)", Slice())
+    cell(f"gender-deepfm-mlora-s1{sl.tag}", 60.0, "cuda (H100)", sl)
+    settings = Settings(data_dir=tmp_path, results_dir=res, work_dir=tmp_path / "work",
+                        docs_dir=tmp_path / "docs")  # fmt: skip
+    text = write_report(settings, sl).read_text()
+    times = [ln for ln in text.splitlines() if ln.startswith("Time: ")]
+    assert len(times) == 4  # one per table
+    assert times[0].startswith("Time: 1 cell(s) ran in 1m00s in total on cuda; the 215 cells")
+    assert times[1].startswith("Time: 0 cell(s) ran in 0m00s in total on —; the 36 cells")
+
+
 # ------------------------------------------------------------------ tiny real run (CI)
 @pytest.fixture(scope="module")
 def ml1m_parent(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -94,8 +94,11 @@ def _commands(missing: list[Cell]) -> list[str]:
     return out
 
 
-def _time_lines(records: list[dict[str, Any]], table: str, missing: list[Cell]) -> list[str]:
-    recs = [r for r in records if r["table"] == table and not r.get("same_run_as")]
+def _time_lines(
+    records: list[dict[str, Any]], sl: Slice, table: str, missing: list[Cell]
+) -> list[str]:
+    """The time a table's cells of slice ``sl`` took, and an estimate for its missing ones."""
+    recs = [r for r in _select(records, sl, table=table) if not r.get("same_run_as")]
     spent = sum(r["seconds"] for r in recs)
     devices = sorted({r.get("device", "?").split(" (")[0] for r in recs})
     left = sum(estimate_seconds(c, records) for c in missing)
@@ -165,7 +168,7 @@ def report_table1(
         plot = plot_table1(stats, split, docs_dir)
         if plot is not None:
             out += [PROSE.text("table1_plot", split=split, file=plot.name), ""]
-    out += _time_lines(records, "table1", missing)
+    out += _time_lines(records, sl, "table1", missing)
     out += _not_run_block(missing)
     return out
 
@@ -210,7 +213,7 @@ def report_figure2(
     plot = plot_figure2(stats, docs_dir)
     if plot is not None:
         out += [PROSE.text("figure2_plot", file=plot.name), ""]
-    out += _time_lines(records, "figure2", missing)
+    out += _time_lines(records, sl, "figure2", missing)
     out += _not_run_block(missing)
     return out
 
@@ -260,7 +263,7 @@ def report_multilora(
     plot = plot_multilora(recs, docs_dir)
     if plot is not None:
         out += [PROSE.text("multilora_plot", file=plot.name), ""]
-    out += _time_lines(records, "multilora", missing)
+    out += _time_lines(records, sl, "multilora", missing)
     out += _not_run_block(missing)
     return out
 
@@ -320,7 +323,7 @@ def report_add_domain(records: list[dict[str, Any]], sl: Slice, results_dir: Pat
         )
     out = PROSE.lines("add_domain", domain=HOLDOUT_DOMAIN, name=HOLDOUT_NAME, rows="\n".join(rows))
     out.append("")
-    out += _time_lines(records, "add_domain", missing)
+    out += _time_lines(records, sl, "add_domain", missing)
     out += _not_run_block(missing)
     return out
 
