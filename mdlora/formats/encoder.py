@@ -16,7 +16,8 @@ Conventions (shared with :mod:`mdlora.models.features`):
   strings, in a stable order: the order given in ``domain_order``, else natural order of the
   values seen in training (numeric order when every value is an integer, else string order).
   There is no OOV domain: an unknown domain value raises ``ValueError`` naming the division and
-  the value; register a new domain with :meth:`FeatureEncoder.add_domain`.
+  the value; a new domain comes with its adapter (``mdlora add-domain``, which extends the
+  model's lists and takes them here through :meth:`FeatureEncoder.set_domains`).
 
 Vocabulary keys are canonical STRINGS, so ``1``, ``1.0``, ``numpy.int64(1)`` and ``"1"`` all map
 to the same id. Canonical form: ``str`` as is; integers (and integral floats) as their decimal
@@ -388,8 +389,8 @@ class FeatureEncoder:
         shown = [v for v in values[:5]]
         return (
             f"division {division!r}: unknown domain value(s) {shown} "
-            f"(known domains: {self.domains.get(division)}); register a new domain with "
-            f"FeatureEncoder.add_domain({division!r}, name)"
+            f"(known domains: {self.domains.get(division)}); a new domain needs its adapter: "
+            f"mdlora add-domain --domain NAME, then register the package with the service"
         )
 
     # ---------------------------------------------------------------- spec
