@@ -307,6 +307,7 @@ DATA_SETTINGS = ("embed_dim", "tower", "dropout", "alpha", "ranks", "fusion_rank
 
 
 def model_default(name: str) -> Any:
+    """``ModelConfig``'s default for model setting ``name`` (the core owns the defaults)."""
     from mdlora.models.model import ModelConfig
 
     f = ModelConfig.__dataclass_fields__[name]
