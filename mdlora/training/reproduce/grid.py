@@ -40,6 +40,9 @@ ALL_METHODS = (
 
 #: the grid's method names: the training methods' labels, and MultiLoRA's fusion ablations
 LABELS = {**METHOD_LABELS, **{f"multilora-{f}": f"MultiLoRA-{f}" for f in ("add", "avg")}}
+#: the MultiLoRA paper's names for the grid's methods where its tables name them otherwise:
+#: Base, one model trained on every domain's rows mixed together, is its "Mix"
+MULTILORA_PAPER_NAMES = {"base": "Mix"}
 BACKBONE_LABELS = {
     "wdl": "WDL", "nfm": "NFM", "autoint": "AutoInt", "pnn": "PNN", "dcn": "DCN",
     "fibinet": "FiBiNET", "deepfm": "DeepFM", "xdeepfm": "xDeepFM", "mlp": "MLP",

@@ -34,6 +34,7 @@ from mdlora.training.reproduce.grid import (
     MULTILORA_BACKBONES,
     MULTILORA_METHODS_MLP,
     MULTILORA_METHODS_OTHER,
+    MULTILORA_PAPER_NAMES,
     PAPER_MULTILORA,
     PAPER_TABLE1_AVG,
     PAPER_TABLE1_CELLS,
@@ -250,7 +251,8 @@ def report_multilora(
             diff = "—" if paper is None or tot.mean is None else f"{tot.mean - paper:+.4f}"
             cells = [s.fmt(1.0, 4) for s in per] + [tot.fmt(1.0, 4)]
             cells += [s.fmt(1.0, 4) for s in lper] + [ltot.fmt(1.0, 4)]
-            name = "Mix (Base)" if m == "base" else LABELS[m]
+            paper_name = MULTILORA_PAPER_NAMES.get(m)
+            name = LABELS[m] if paper_name is None else f"{paper_name} ({LABELS[m]})"
             rows.append(f"| {name} | " + " | ".join(cells) + f" | {ptxt} | {diff} |")
         out += PROSE.lines(
             "multilora_backbone", backbone=BACKBONE_LABELS[bb],

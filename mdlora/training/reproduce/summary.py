@@ -20,6 +20,7 @@ from mdlora.training.reproduce.grid import (
     HOLDOUT_NAME,
     LABELS,
     MULTILORA_METHODS_MLP,
+    MULTILORA_PAPER_NAMES,
     PAPER_MULTILORA,
     PAPER_TABLE1_AVG,
     REPO_ROOT,
@@ -105,7 +106,8 @@ def summary_section(records: list[dict[str, Any]], sl: Slice) -> list[str]:
             vals = [r["test"]["age_group"]["auc"] for r in ml if r["method"] == m]
             if vals:
                 p = PAPER_MULTILORA.get(("mlp", m))
-                parts.append(f"{'Mix' if m == 'base' else LABELS[m]} {statistics.fmean(vals):.4f}"
+                name = MULTILORA_PAPER_NAMES.get(m, LABELS[m])
+                parts.append(f"{name} {statistics.fmean(vals):.4f}"
                              + ("" if p is None else f" (paper {p:.4f})"))  # fmt: skip
         findings.append(PROSE.text("summary_multilora", results=", ".join(parts)))
     adds = _select(records, sl, table="add_domain")
@@ -189,8 +191,11 @@ def _discussion(records: list[dict[str, Any]], sl: Slice, results_dir: Path) -> 
     """Why the numbers differ; every figure quoted here is computed from the cache."""
     stats = table1_stats(records, sl)
     stds = [100 * s.std for s in stats.values() if s.std is not None]
+    # MLoRA's distance from Base in each (split, backbone) where both ran
+    both = [(sp, b) for (sp, b) in dict.fromkeys(k[:2] for k in stats)
+            if (sp, b, "base") in stats and (sp, b, "mlora") in stats]  # fmt: skip
     gaps = [abs(100 * ((stats[(sp, b, "mlora")].mean or 0) - (stats[(sp, b, "base")].mean or 0)))
-            for (sp, b, m) in stats if m == "base" and (sp, b, "mlora") in stats]  # fmt: skip
+            for (sp, b) in both]  # fmt: skip
     if stds:
         gap = (PROSE.text("discussion_seeds_gap", gap=f"{statistics.fmean(gaps):.2f}")
                if gaps else "")  # fmt: skip
