@@ -70,6 +70,11 @@ ADAPTER_PREFIXES = ("tower.banks.", "tower.lora_sets.", "tower.domain_norms.", "
 # MultiLoRA family: how many leading phases each has (backbone, lora:nat, lora:aux) that are
 # the same computation in every member.
 MULTILORA_PREFIX = {"multilora": 3, "multilora-add": 3, "multilora-avg": 3, "singlelora": 2}
+#: the method the add-domain table grows a held-out domain into (MLoRA: a domain is one more
+#: adapter); its full retraining is Table 1's occupation cells
+ADD_DOMAIN_METHOD = "mlora"
+#: the method whose experts per domain Figure 2 varies (MoE-MLoRA)
+FIGURE2_METHOD = "moe"
 #: the method whose model the paper's Table 7 counts (both LoRA sets and the attention fusion);
 #: the report's trainable-parameter rows read its cells' ``param_counts``
 TABLE7_METHOD = "multilora"
@@ -77,6 +82,12 @@ TABLE7_METHOD = "multilora"
 
 class ReproduceError(RuntimeError):
     """The grid cannot run as asked; the message says what to change."""
+
+
+def train_method_of(method: str) -> str:
+    """The ``TrainConfig.method`` grid method ``method`` trains (``multilora-add``:
+    ``multilora``, fusion add)."""
+    return method.split("-")[0]
 
 
 # ---------------------------------------------------------------------------- cells
@@ -170,7 +181,7 @@ class Cell:
     @property
     def train_method(self) -> str:
         """The ``TrainConfig.method`` (``multilora-add`` trains ``multilora``, fusion add)."""
-        return self.method.split("-")[0]
+        return train_method_of(self.method)
 
     @property
     def fusion(self) -> str:
@@ -249,14 +260,16 @@ def build_grid(
         if (
             "add_domain" in want_tables
             and "occupation" in want_splits
-            and ("mlora" in want_methods)
+            and (ADD_DOMAIN_METHOD in want_methods)
         ):
             for b in _keep(ADD_DOMAIN_BACKBONES, want_bb):
                 # the full retraining it is compared with: Table 1's occupation cells
-                parts.append(t1("occupation", seed, [b], ["base", "mlora"]))
-                parts.append([Cell("add_domain", "occupation", b, "mlora", seed, slice=sl)])
-        if "figure2" in want_tables and "gender" in want_splits and "moe" in want_methods:
-            parts.append([Cell("figure2", "gender", b, "moe", seed, k, sl)
+                parts.append(t1("occupation", seed, [b], ["base", ADD_DOMAIN_METHOD]))
+                parts.append(
+                    [Cell("add_domain", "occupation", b, ADD_DOMAIN_METHOD, seed, slice=sl)]
+                )
+        if "figure2" in want_tables and "gender" in want_splits and FIGURE2_METHOD in want_methods:
+            parts.append([Cell("figure2", "gender", b, FIGURE2_METHOD, seed, k, sl)
                           for b in _keep(FIGURE2_BACKBONES, want_bb)
                           for k in FIGURE2_EXPERTS])  # fmt: skip
         if "multilora" in want_tables and MULTILORA_SPLIT in want_splits:

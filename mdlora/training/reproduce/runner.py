@@ -23,6 +23,7 @@ from mdlora.training.reproduce.grid import (
     MULTILORA_PREFIX,
     Cell,
     Settings,
+    train_method_of,
 )
 
 
@@ -59,9 +60,17 @@ def _phase_names(method: str, cfg_divisions: Sequence[str]) -> list[str]:
     return ["backbone"]
 
 
+def _per_domain(method: str) -> bool:
+    """Whether grid method ``method`` trains a model per domain (its recipe's trainer), so its
+    phase 1 is no mixed-data backbone to share."""
+    from mdlora.training.config import RECIPES
+
+    return RECIPES[train_method_of(method)].trainer == "per_domain"
+
+
 def shareable_phases(target: str, donor: str) -> int:
     """Leading phases ``target`` can take from a finished ``donor`` run of the same group."""
-    if "single" in (target, donor):
+    if _per_domain(target) or _per_domain(donor):
         return 0  # Single trains one model per domain, from scratch
     if target in MULTILORA_PREFIX and donor in MULTILORA_PREFIX:
         return min(MULTILORA_PREFIX[target], MULTILORA_PREFIX[donor])
