@@ -237,6 +237,10 @@ def grid_cell(
 # ---------------------------------------------------------------------------- the report
 #: the report's prose (``mdlora/training/amazon_template.md``)
 PROSE = template("mdlora.training", "amazon_template.md")
+#: the recipe (of :data:`RECIPES`) whose own reference is plain Base: its phase 1 is the
+#: backbone trained on every training row, so a recipe without a phase 1 of its own
+#: (``mlora_joint``) is compared with that reference of the same seed
+BASE_REFERENCE_RECIPE = "mlora"
 
 
 def _pct(x: float | None) -> str:
@@ -285,7 +289,7 @@ def _grid_section(grid: list[dict[str, Any]]) -> list[str]:
         of_backbone = [c for c in grid if c["backbone"] == backbone]
         # a recipe without a phase 1 of its own (joint) is compared with Base of the same seed
         base = {c["seed"]: c["reference"] for c in of_backbone
-                if c["recipe"] == "mlora" and c.get("reference")}  # fmt: skip
+                if c["recipe"] == BASE_REFERENCE_RECIPE and c.get("reference")}  # fmt: skip
         for recipe in RECIPES:
             cells = sorted((c for c in of_backbone if c["recipe"] == recipe),
                            key=lambda c: c["seed"])  # fmt: skip
