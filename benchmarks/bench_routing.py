@@ -35,6 +35,10 @@ from mdlora.training.data.presets import MOVIELENS_ALPHA
 
 BATCH = 1024
 STRATEGIES = ("bag", "fused_down", "kernel", "merged")
+#: the models timed: mode -> (method, experts per domain)
+MODES = {"mlora": ("mlora", 1), "moe": ("moe", 1), "moe3": ("moe", 3)}
+#: the mode whose one-pass scoring is compared with a loop over domains (JSON loop_* keys)
+LOOP_MODE = "mlora"
 
 
 def make_model(backbone: str, method: str, n_domains: int, experts: int = 1) -> MultiDomainModel:
@@ -130,20 +134,17 @@ def main() -> None:
         for n in (21, 200):
             batch = make_batch(n)
             base = make_model(backbone, "base", n)
-            modes = {
-                "mlora": make_model(backbone, "mlora", n),
-                "moe": make_model(backbone, "moe", n, 1),
-                "moe3": make_model(backbone, "moe", n, 3),
-            }
+            modes = {mode: make_model(backbone, method, n, experts)
+                     for mode, (method, experts) in MODES.items()}  # fmt: skip
             one = single_domain(batch)
             for mode, model in modes.items():
+                method, experts = MODES[mode]
                 fns: dict[str, Callable[[], object]] = {
                     "backbone": scorer(base, batch), "backbone_single": scorer(base, one),
                 }  # fmt: skip
                 default = model.default_routing()
                 for strategy in (*STRATEGIES, "default"):
-                    clone = make_model(backbone, "moe" if mode != "mlora" else "mlora", n,
-                                       3 if mode == "moe3" else 1)  # fmt: skip
+                    clone = make_model(backbone, method, n, experts)
                     clone.load_state_dict(model.state_dict())
                     clone.set_routing(default if strategy == "default" else strategy)
                     fns[strategy] = scorer(clone, batch)
@@ -172,7 +173,7 @@ def main() -> None:
                 results[f"{prefix}{key}_tuned"] = round(t["tuned"] / t["backbone"], 3)
                 results[f"{prefix}{mode}_single_domain_over_backbone_{n}"] = round(single, 3)
                 if backbone == "deepfm":
-                    if mode == "mlora":
+                    if mode == LOOP_MODE:
                         results[f"loop_over_onepass_{n}"] = round(t["loop"] / t["default"], 2)
                         results[f"loop_unmerged_over_onepass_{n}"] = round(
                             t["loop_unmerged"] / t["default"], 2

@@ -25,11 +25,7 @@ NAMES = frozenset({*REGISTRY, *RECIPES, *ALL_METHODS, *AMAZON_RECIPES})
 #: (the MultiLoRA table is named ``multilora``, after its paper)
 TABLE_OPERAND = re.compile(r"(^|_)tables?$")
 #: branches on a name left to their owners: (file, the comparison) -> why
-KNOWN = {
-    ("benchmarks/bench_routing.py", 'mode != "mlora"'): "the benchmark's modes are named after "
-    "the methods they build (mlora, moe, moe3); a table of (method, experts) per mode would say it",
-    ("benchmarks/bench_routing.py", 'mode == "mlora"'): "the same modes",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def _name(node: ast.expr) -> str | None:
