@@ -155,14 +155,21 @@ def grouped_linear(
     out = x.new_empty(plan.n if scatter_out else rows, n_out)
     if plan.n == 0:
         return out
-    block_m = max(16, min(64, plan.block))
-    tiles = -(-plan.block // block_m)
-    block_n = 64 if n_out >= 64 else max(16, triton.next_power_of_2(n_out))
-    grid = (plan.num_blocks * tiles, triton.cdiv(n_out, block_n))
+    tiles = launch_constants(plan.block, n_out)
+    grid = (plan.num_blocks * tiles["TILES"], triton.cdiv(n_out, tiles["BLOCK_N"]))
     kernel[grid](
         x, weight, bias, out, plan.block_domain, plan.sample_of_slot, plan.used_blocks,
         k_in, n_out, x.stride(0), out.stride(0),
-        BLOCK=plan.block, TILES=tiles, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32,
-        GATHER_IN=gather_in, SCATTER_OUT=scatter_out, RELU=relu,
+        **tiles, GATHER_IN=gather_in, SCATTER_OUT=scatter_out, RELU=relu,
     )  # fmt: skip
     return out
+
+
+def launch_constants(block: int, n_out: int) -> dict[str, int]:
+    """The kernel's tile sizes for plan blocks of ``block`` rows and a layer ``n_out`` wide
+    (tiles of at least 16 rows, as ``tl.dot`` needs before Triton 3.x padded smaller ones: a
+    block of 8 rows takes a 16-row tile, masked)."""
+    block_m = max(16, min(64, block))
+    block_n = 64 if n_out >= 64 else max(16, 1 << (n_out - 1).bit_length())
+    return {"BLOCK": block, "TILES": -(-block // block_m), "BLOCK_M": block_m,
+            "BLOCK_N": block_n, "BLOCK_K": 32}  # fmt: skip

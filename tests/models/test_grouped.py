@@ -116,3 +116,38 @@ def test_the_kernel_stays_out_where_it_cannot_run(monkeypatch: pytest.MonkeyPatc
     assert not grouped.available(x.double())  # float32 only
     assert not grouped.available(x.requires_grad_())  # inference only
     grouped.reset()
+
+
+@pytest.mark.parametrize(
+    ("block", "n_out", "flags", "capability"),
+    [
+        (8, 64, (True, False, True), 90),  # H100 / H200: a masked 16-row tile
+        (128, 128, (False, False, False), 90),  # two 64-row tiles per block
+        (32, 40, (False, True, True), 80),  # A100: a ragged output tile
+    ],
+)
+def test_the_grouped_kernel_compiles_for_datacenter_gpus(
+    block: int, n_out: int, flags: tuple[bool, bool, bool], capability: int
+) -> None:
+    """Triton compiles the kernel to a CUDA binary here, with no GPU: what the interpreter
+    cannot check (tile shapes ``tl.dot`` accepts, types, the lowering) is checked in CI."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip(f"triton {triton.__version__} has no ahead-of-time compile API")
+    if grouped._interpreting():
+        pytest.skip("TRITON_INTERPRET is set: there is no compiler to check")
+    kernel = grouped._build()
+    assert kernel is not None
+    constants = {**grouped.launch_constants(block, n_out),
+                 **dict(zip(("GATHER_IN", "SCATTER_OUT", "RELU"), flags, strict=True))}  # fmt: skip
+    names = kernel.arg_names
+    signature = {name: "*i64" if name in ("block_domain_ptr", "rows_ptr", "used_ptr") else
+                 "*fp32" if name.endswith("_ptr") else "i32" for name in names}  # fmt: skip
+    signature.update(dict.fromkeys(constants, "constexpr"))
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(names.index(k),): v for k, v in constants.items()})  # fmt: skip
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32))
+    assert compiled.asm["cubin"], "no CUDA binary"
