@@ -4,9 +4,12 @@ Everything is measured side by side in this run, on the same GPU:
 
 1. routing (``bench_routing``'s DeepFM models, MovieLens vocabularies, tower 256-128-64):
    one mixed-domain batch of 65,536 rows over 21 and 200 skewed domains, the model's
-   default routing on CUDA (``merged``, which runs as the segmented batched GEMMs there)
-   against the bare backbone, for MLoRA and MoE-MLoRA (one expert per domain), timed
-   interleaved with CUDA syncs; other strategies are printed for reference;
+   default routing on CUDA (``merged``, which runs as the segmented tower there: one grouped
+   Triton kernel per layer, ``mdlora.models.grouped``) against the bare backbone, for MLoRA
+   and MoE-MLoRA (one expert per domain), timed interleaved with CUDA syncs; the same
+   default with the kernel off (``default,eager``: batched GEMMs over gathered weights, the
+   path measured below; ``*_eager_over_backbone_cuda_*``) and other strategies are printed
+   for reference (``grouped_kernel`` in the JSON says whether the kernel ran);
 2. training (ML-1M gender, DeepFM, MLoRA, batch 1024, one epoch per phase): samples/s of
    phase 1 (backbone) and phase 2 (adapters) from the trainer's own per-phase counters; the
    real ML-1M at ``../shared/data/ml-1m`` when present, else a generated look-alike of its
@@ -32,6 +35,7 @@ fix); the per-sample ``gather`` 3.1-4.1x, embedding_bag 5-6.6x; training 300,949
 ``--profile`` put the layout itself at 0.36-0.63 ms and the per-block weight gathers at
 ~0.2 ms of the ~0.6-0.8 ms the segmented tower adds: the targets (1.5x MLoRA, 2x MoE) need a
 grouped GEMM that reads each block's weights in place (a Triton kernel), not eager ops.
+That kernel is now the default on CUDA (December 7); no GPU has timed it yet.
 """
 
 from __future__ import annotations
