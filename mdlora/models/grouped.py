@@ -15,6 +15,12 @@ the last domain's are skipped, and ReLU is applied in the epilogue when nothing 
 the layer and its activation. Accumulation is float32 with IEEE products (no TF32), so the
 result equals the eager path to float rounding.
 
+The layout itself (:func:`layout`) is two more kernels instead of ~25 eager ops and a sort:
+one counts each domain's rows with atomics, one gives every row a slot in its domain's blocks
+(an atomic cursor per domain), finds each block's domain by binary search over the domains'
+block ends and marks the padding slots. The order of a domain's rows inside its blocks then
+varies from call to call; every row is computed on its own, so no score does.
+
 It runs where Triton and a CUDA tensor are present (``MDLORA_GROUPED_KERNEL=0`` turns it off);
 ``TRITON_INTERPRET=1`` runs the same kernel on CPU tensors (how the tests check it without a
 GPU). Elsewhere :func:`grouped_linear` returns ``None`` and the caller keeps the eager path.
@@ -92,13 +98,57 @@ def _build() -> Any:
         tl.store(out_ptr + dst[:, None] * stride_out + rn[None, :], acc,
                  mask=dst_ok[:, None] & (rn[None, :] < N))  # fmt: skip
 
+    def count_kernel(idx_ptr, counts_ptr, n, D, ROWS: tl.constexpr):  # fmt: skip
+        i = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        live = i < n
+        d = tl.minimum(tl.maximum(tl.load(idx_ptr + i, mask=live, other=0), 0), D - 1)
+        tl.atomic_add(counts_ptr + d, 1, mask=live)
+
+    def place_kernel(
+        idx_ptr, counts_ptr, cursor_ptr, ends_ptr, first_ptr, slot_ptr, sample_ptr,
+        block_domain_ptr, n, D, num_blocks, steps,
+        BM: tl.constexpr, ROWS: tl.constexpr, BLOCKS: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0).to(tl.int64)
+        # each row: the next free slot of its domain's blocks
+        i = pid * ROWS + tl.arange(0, ROWS)
+        live = i < n
+        d = tl.minimum(tl.maximum(tl.load(idx_ptr + i, mask=live, other=0), 0), D - 1)
+        pos = tl.atomic_add(cursor_ptr + d, 1, mask=live)
+        slot = tl.load(first_ptr + d, mask=live, other=0) + pos
+        tl.store(slot_ptr + i, slot, mask=live)
+        tl.store(sample_ptr + slot, i, mask=live)
+        # each block: its domain (the first whose block end lies past it), its padding rows
+        b = pid * BLOCKS + tl.arange(0, BLOCKS)
+        in_range = b < num_blocks
+        lo = tl.full((BLOCKS,), 0, tl.int64)
+        hi = tl.full((BLOCKS,), 0, tl.int64) + D
+        for _ in range(steps):
+            active = lo < hi
+            mid = (lo + hi) // 2
+            end = tl.load(ends_ptr + mid, mask=in_range & active, other=0)
+            right = end <= b
+            lo = tl.where(active & right, mid + 1, lo)
+            hi = tl.where(active & (end > b), mid, hi)
+        bd = tl.minimum(lo, D - 1)
+        tl.store(block_domain_ptr + b, bd, mask=in_range)
+        nth = b - tl.load(first_ptr + bd, mask=in_range, other=0) // BM  # block of its domain
+        filled = tl.load(counts_ptr + bd, mask=in_range, other=0) - nth * BM
+        r = tl.arange(0, BM)
+        pad = in_range[:, None] & (r[None, :] >= filled[:, None])
+        tl.store(sample_ptr + b[:, None] * BM + r[None, :], tl.full((BLOCKS, BM), -1, tl.int64),
+                 mask=pad)  # fmt: skip
+
+    kernels = {"linear": grouped_linear_kernel, "count": count_kernel, "place": place_kernel}
     if _interpreting():
         # triton.jit reads TRITON_INTERPRET once, when triton is first imported (torch may
-        # import it before the tests set the variable): build the interpreted kernel directly
+        # import it before the tests set the variable): build the interpreted kernels directly
         from triton.runtime.interpreter import InterpretedFunction
 
-        return InterpretedFunction(grouped_linear_kernel)
-    return triton.jit(grouped_linear_kernel)
+        return {name: InterpretedFunction(fn) for name, fn in kernels.items()}
+    return {name: triton.jit(fn) for name, fn in kernels.items()}
+
+
 
 
 def _kernel() -> Any:
@@ -120,7 +170,11 @@ def available(x: Tensor) -> bool:
     tensor (or a CPU one under ``TRITON_INTERPRET=1``)."""
     if not ENABLED or x.dtype != torch.float32 or x.requires_grad:
         return False
-    if x.device.type != "cuda" and not (x.device.type == "cpu" and _interpreting()):
+    return _runs_on(x.device)
+
+
+def _runs_on(device: torch.device) -> bool:
+    if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
         return False
     return _kernel() is not None
 
@@ -145,7 +199,7 @@ def grouped_linear(
     """
     if not available(x) or weight.dtype != x.dtype or bias.dtype != x.dtype:
         return None
-    kernel = _kernel()
+    kernel = _kernel()["linear"]
     import triton
 
     x = x.contiguous()
@@ -173,3 +227,41 @@ def launch_constants(block: int, n_out: int) -> dict[str, int]:
     block_n = 64 if n_out >= 64 else max(16, 1 << (n_out - 1).bit_length())
     return {"BLOCK": block, "TILES": -(-block // block_m), "BLOCK_M": block_m,
             "BLOCK_N": block_n, "BLOCK_K": 32}  # fmt: skip
+
+
+#: rows and blocks per program of the layout kernels
+LAYOUT_ROWS, LAYOUT_BLOCKS = 1024, 16
+
+
+def layout(
+    index: Tensor, num_domains: int, block: int, num_blocks: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """A :class:`~mdlora.models.lora.SegmentPlan`'s ``(slot, sample_of_slot, block_domain,
+    used_blocks)`` for domain ids ``index``, in four launches; ``None`` where the kernels
+    cannot run (the plan then builds them with eager ops).
+
+    Each domain's rows fill its blocks from the first, as the eager layout's do, in an order
+    that may change from call to call.
+    """
+    if not ENABLED or index.dtype != torch.int64 or not _runs_on(index.device):
+        return None
+    kernels = _kernel()
+    n, dev = index.numel(), index.device
+    index = index.contiguous()
+    scratch = torch.zeros(2 * num_domains, dtype=torch.int32, device=dev)
+    counts, cursor = scratch[:num_domains], scratch[num_domains:]
+    if n:
+        kernels["count"][(-(-n // LAYOUT_ROWS),)](index, counts, n, num_domains, ROWS=LAYOUT_ROWS)
+    blocks = (counts + (block - 1)) // block
+    ends = blocks.cumsum(0)
+    first = (ends - blocks) * block
+    slot = torch.empty(n, dtype=torch.int64, device=dev)
+    sample = torch.empty(num_blocks * block, dtype=torch.int64, device=dev)
+    block_domain = torch.empty(num_blocks, dtype=torch.int64, device=dev)
+    programs = max(-(-n // LAYOUT_ROWS), -(-num_blocks // LAYOUT_BLOCKS))
+    kernels["place"][(programs,)](
+        index, counts, cursor, ends, first, slot, sample, block_domain,
+        n, num_domains, num_blocks, num_domains.bit_length() + 1,
+        BM=block, ROWS=LAYOUT_ROWS, BLOCKS=LAYOUT_BLOCKS,
+    )  # fmt: skip
+    return slot, sample, block_domain, ends[-1:]

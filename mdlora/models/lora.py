@@ -33,8 +33,9 @@ For an expert ``e`` the change to the layer's pre-activation is ``s_e * (x A_e B
   (``baddbmm`` over the blocks' gathered weights), keeping that layout through the whole
   tower: a fixed number of kernel launches per layer whatever the domains present, where a
   GPU is launch-bound (PERFORMANCE.md); padding rows are zeros and are dropped at the end.
-  On CUDA with Triton each layer is instead one grouped kernel that reads every block's
-  weights in place and the batch's rows through the layout (``mdlora.models.grouped``);
+  On CUDA with Triton the layout is two kernels (no sort) and each layer one grouped
+  kernel that reads every block's weights in place and the batch's rows through the layout
+  (``mdlora.models.grouped``);
 * ``merged`` (inference) keeps, per domain, the shared layer with its adapter merged in,
   ``W + A'_d B'_d`` and ``b + c_d``, and scores a batch as one GEMM per domain present
   (sorted segments); with more domains present than ``merge_limit`` it falls back to
@@ -55,6 +56,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from mdlora.models import grouped
 from mdlora.models.kernels import lowrank_add_
 
 # Hard routing with gradients uses the one-hot mixture up to this many stacked columns (E*r).
@@ -237,7 +239,9 @@ class SegmentPlan:
     The number of blocks is the static bound ``ceil(n / block) + D`` (a domain with ``c``
     samples takes ``ceil(c / block)`` blocks), so building the plan needs no host sync, and a
     layer is one ``baddbmm`` whatever the domains present (CUDA-graph capturable). Blocks
-    past the last domain's are all padding (domain ``D - 1``, zero rows).
+    past the last domain's are all padding (domain ``D - 1``, zero rows). On CUDA with Triton
+    the kernels of ``mdlora.models.grouped`` build it; a domain's rows then take its slots in
+    an order that varies between calls (each row is scored on its own, so no score does).
     """
 
     def __init__(self, index: Tensor, num_domains: int, block: int | None = None) -> None:
@@ -245,6 +249,11 @@ class SegmentPlan:
         self.n = n
         self.block = bm = block or segment_block(n, num_domains)
         self.num_blocks = -(-n // bm) + num_domains
+        self._sample_of_slot: Tensor | None = None
+        made = grouped.layout(index, num_domains, bm, self.num_blocks)
+        if made is not None:  # CUDA with Triton: four launches instead of the ops below
+            self.slot, self._sample_of_slot, self.block_domain, self.used_blocks = made
+            return
         # ids come from the model's own tables (score_batch checks them); clamping keeps a
         # bad id from writing outside the padded buffer
         index = index.clamp(0, num_domains - 1)
@@ -259,7 +268,6 @@ class SegmentPlan:
         ids = torch.arange(self.num_blocks, device=index.device)
         self.block_domain = torch.searchsorted(ends, ids, right=True).clamp_(max=num_domains - 1)
         self.used_blocks = ends[-1:]  # blocks holding samples (the rest are padding only)
-        self._sample_of_slot: Tensor | None = None
 
     @property
     def sample_of_slot(self) -> Tensor:

@@ -119,6 +119,35 @@ def test_the_kernel_stays_out_where_it_cannot_run(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.parametrize(
+    ("n", "domains", "block"),
+    [(300, 5, None), (37, 9, 8), (5000, 3, 128), (0, 4, None), (64, 1, 16), (900, 200, None)],
+)
+def test_the_kernel_layout_places_rows_as_the_eager_one(
+    kernel: torch.device, n: int, domains: int, block: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Triton layout (counts, slots by atomic cursors, block domains by binary search,
+    padding marks) gives each domain the eager layout's blocks and slots; only the order of
+    a domain's rows inside them may differ."""
+    g = torch.Generator().manual_seed(n + domains)
+    idx = torch.randint(0, domains, (n,), generator=g)
+    if domains > 2:
+        idx[idx == 1] = 0  # a domain with no row
+    idx = idx.to(kernel)
+    fast = SegmentPlan(idx, domains, block)
+    monkeypatch.setattr(grouped, "ENABLED", False)
+    eager = SegmentPlan(idx, domains, block)
+    assert (fast.block, fast.num_blocks) == (eager.block, eager.num_blocks)
+    assert torch.equal(fast.block_domain, eager.block_domain)
+    assert torch.equal(fast.used_blocks, eager.used_blocks)
+    assert torch.equal(fast.sample_of_slot == -1, eager.sample_of_slot == -1)
+    assert torch.equal(fast.sample_of_slot[fast.slot], torch.arange(n, device=kernel))
+    for d in range(domains):  # the same slots, whatever order the rows took them in
+        mine = idx == d
+        assert torch.equal(fast.slot[mine].sort().values, eager.slot[mine].sort().values)
+    assert torch.equal(fast.block_domain[fast.slot // fast.block], idx)
+
+
+@pytest.mark.parametrize(
     ("block", "n_out", "flags", "capability"),
     [
         (8, 64, (True, False, True), 90),  # H100 / H200: a masked 16-row tile
@@ -139,15 +168,27 @@ def test_the_grouped_kernel_compiles_for_datacenter_gpus(
         pytest.skip(f"triton {triton.__version__} has no ahead-of-time compile API")
     if grouped._interpreting():
         pytest.skip("TRITON_INTERPRET is set: there is no compiler to check")
-    kernel = grouped._build()
-    assert kernel is not None
+    kernels = grouped._build()
+    assert kernels is not None
     constants = {**grouped.launch_constants(block, n_out),
                  **dict(zip(("GATHER_IN", "SCATTER_OUT", "RELU"), flags, strict=True))}  # fmt: skip
-    names = kernel.arg_names
-    signature = {name: "*i64" if name in ("block_domain_ptr", "rows_ptr", "used_ptr") else
-                 "*fp32" if name.endswith("_ptr") else "i32" for name in names}  # fmt: skip
-    signature.update(dict.fromkeys(constants, "constexpr"))
-    source = ASTSource(fn=kernel, signature=signature,
-                       constexprs={(names.index(k),): v for k, v in constants.items()})  # fmt: skip
-    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32))
-    assert compiled.asm["cubin"], "no CUDA binary"
+    layout = {"BM": block, "ROWS": grouped.LAYOUT_ROWS, "BLOCKS": grouped.LAYOUT_BLOCKS}
+    for name, given in (("linear", constants), ("count", {"ROWS": grouped.LAYOUT_ROWS}),
+                        ("place", layout)):  # fmt: skip
+        kernel = kernels[name]
+        names = kernel.arg_names
+        signature = {a: POINTERS.get(a, "i32") for a in names}
+        signature.update(dict.fromkeys(given, "constexpr"))
+        source = ASTSource(fn=kernel, signature=signature,
+                           constexprs={(names.index(k),): v for k, v in given.items()})  # fmt: skip
+        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32))
+        assert compiled.asm["cubin"], f"no CUDA binary for the {name} kernel"
+
+
+#: the kernels' pointer arguments and their element types
+POINTERS = {
+    "x_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "out_ptr": "*fp32",
+    "block_domain_ptr": "*i64", "rows_ptr": "*i64", "used_ptr": "*i64", "idx_ptr": "*i64",
+    "counts_ptr": "*i32", "cursor_ptr": "*i32", "ends_ptr": "*i64", "first_ptr": "*i64",
+    "slot_ptr": "*i64", "sample_ptr": "*i64",
+}  # fmt: skip
