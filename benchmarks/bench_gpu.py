@@ -181,7 +181,8 @@ def profile_segment(device: torch.device, batch_size: int) -> dict[str, Any]:
             base = make_model("deepfm", "base", n).to(device)
             model = make_model("deepfm", "mlora", n).to(device)
             fns: dict[str, Callable[[], object]] = {"backbone": scorer(base, batch)}
-            fns["plan"] = functools.partial(SegmentPlan, index, n)
+            fns["plan"] = functools.partial(SegmentPlan, index, n)  # the Triton layout if any
+            fns["plan,eager"] = without_grouped(functools.partial(SegmentPlan, index, n))
             for block in (32, 64, 128, 256):
                 clone = make_model("deepfm", "mlora", n).to(device)
                 clone.load_state_dict(model.state_dict())
