@@ -324,7 +324,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke test)"
     print(f"device: {name}, torch {torch.__version__}")
     results: dict[str, Any] = {"device": name}
-    results["grouped_kernel"] = grouped.available(torch.zeros(1, device=device))
+    results["grouped_kernel"] = grouped.runs_on(device)
     batch = 8192 if args.quick else BATCH
     if args.profile:
         results.update(profile_segment(device, batch))

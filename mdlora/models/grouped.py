@@ -11,9 +11,9 @@ This Triton kernel is Punica's SGMV idea for CTR towers: one launch per layer, a
 (block tile, output tile) that loads its block's domain id and multiplies by that domain's
 merged weight where it lies. The first layer reads the batch's rows through the plan's slot
 map (no scatter), the last writes the samples' rows straight back (no gather), blocks past
-the last domain's are skipped, and ReLU is applied in the epilogue when nothing sits between
-the layer and its activation. Accumulation is float32 with IEEE products (no TF32), so the
-result equals the eager path to float rounding.
+the last domain's read and write nothing, and ReLU is applied in the epilogue when nothing
+sits between the layer and its activation. Accumulation is float32 with IEEE products (no
+TF32), so the result equals the eager path to float rounding.
 
 The layout itself (:func:`layout`) is two more kernels instead of ~25 eager ops and a sort:
 one counts each domain's rows with atomics, one gives every row a slot in its domain's blocks
@@ -21,21 +21,29 @@ one counts each domain's rows with atomics, one gives every row a slot in its do
 block ends and marks the padding slots. The order of a domain's rows inside its blocks then
 varies from call to call; every row is computed on its own, so no score does.
 
-It runs where Triton and a CUDA tensor are present (``MDLORA_GROUPED_KERNEL=0`` turns it off);
+It runs where Triton 3.x and a CUDA tensor are present, with autograd off
+(``MDLORA_GROUPED_KERNEL=0`` turns it off; a kernel that fails to compile or launch turns it
+off for the process, with a warning, and scoring goes on on the eager path);
 ``TRITON_INTERPRET=1`` runs the same kernel on CPU tensors (how the tests check it without a
 GPU). Elsewhere :func:`grouped_linear` returns ``None`` and the caller keeps the eager path.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import Any
 
 import torch
 from torch import Tensor
 
+logger = logging.getLogger(__name__)
+
 _KERNEL: Any = None
 _TRIED = False
+#: why the kernels were turned off for this process (a compile or launch failed), or None
+BROKEN: str | None = None
 
 
 #: ``MDLORA_GROUPED_KERNEL=0`` keeps the eager path on CUDA too (an operator's way out
@@ -53,6 +61,10 @@ def _build() -> Any:
         import triton.language as tl
     except ImportError:
         return None
+    if int(triton.__version__.split(".")[0]) < 3:  # tl.dot(input_precision=...) is 3.x
+        logger.warning("triton %s is older than 3.0: the grouped kernels stay off (eager path)",
+                       triton.__version__)  # fmt: skip
+        return None
 
     def grouped_linear_kernel(
         x_ptr, w_ptr, b_ptr, out_ptr, block_domain_ptr, rows_ptr, used_ptr,
@@ -66,7 +78,8 @@ def _build() -> Any:
         blk = (pid_m // TILES).to(tl.int64)  # row offsets past 2**31 elements stay exact
         local = (pid_m % TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
         slot = blk * BLOCK + local
-        live = (local < BLOCK) & (slot < tl.load(used_ptr) * BLOCK)
+        used = tl.load(used_ptr)  # blocks past the last domain's read and write nothing
+        live = (local < BLOCK) & (slot < used * BLOCK)
         d = tl.load(block_domain_ptr + blk)
         sample = tl.load(rows_ptr + slot, mask=live, other=-1)  # -1: a padding row
         if GATHER_IN:
@@ -83,8 +96,9 @@ def _build() -> Any:
             rk = k0 + tl.arange(0, BLOCK_K)
             xt = tl.load(x_ptr + src[:, None] * stride_x + rk[None, :],
                          mask=src_ok[:, None] & (rk[None, :] < K), other=0.0)  # fmt: skip
+            k_live = (rk < K) & (rk * 0 + blk < used)  # as vectors: masks are not scalars
             wt = tl.load(w_ptr + d * K * N + rk[:, None] * N + rn[None, :],
-                         mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)  # fmt: skip
+                         mask=k_live[:, None] & (rn[None, :] < N), other=0.0)  # fmt: skip
             acc += tl.dot(xt, wt, input_precision="ieee")
         acc += tl.load(b_ptr + d * N + rn, mask=rn < N, other=0.0)[None, :]
         if RELU:
@@ -146,7 +160,19 @@ def _build() -> Any:
         from triton.runtime.interpreter import InterpretedFunction
 
         return {name: InterpretedFunction(fn) for name, fn in kernels.items()}
-    return {name: triton.jit(fn) for name, fn in kernels.items()}
+    # Triton compiles a variant per integer argument equal to 1 or divisible by 16 and per
+    # pointer alignment: the batch-dependent ones stay generic, so a request of a new size
+    # (one row, a round number) does not wait for a compilation the warm-up did not do
+    generic = {"linear": ("used_ptr",), "count": ("n", "D"),
+               "place": ("n", "D", "num_blocks", "steps")}  # fmt: skip
+    built = {}
+    for name, fn in kernels.items():
+        try:
+            built[name] = triton.jit(fn, do_not_specialize=generic[name],
+                                     do_not_specialize_on_alignment=generic[name])  # fmt: skip
+        except TypeError:  # a Triton 3.x without the alignment switch
+            built[name] = triton.jit(fn, do_not_specialize=generic[name])
+    return built
 
 
 
@@ -160,20 +186,45 @@ def _kernel() -> Any:
 
 
 def reset() -> None:
-    """Forget the built kernel (tests switch ``TRITON_INTERPRET`` and build it again)."""
-    global _KERNEL, _TRIED
-    _KERNEL, _TRIED = None, False
+    """Forget the built kernels and any failure (tests switch ``TRITON_INTERPRET``)."""
+    global _KERNEL, _TRIED, BROKEN
+    _KERNEL, _TRIED, BROKEN = None, False, None
+
+
+def _launch(name: str, grid: tuple[int, ...], device: torch.device, *args: Any,
+            **constants: Any) -> bool:  # fmt: skip
+    """Run kernel ``name`` on ``device`` (Triton launches on the current CUDA device, so it is
+    made ``device``'s); False when it cannot compile or run here, which turns the kernels
+    off for this process with a warning (scoring goes on, on the eager path). With
+    ``MDLORA_GROUPED_STRICT=1`` (the tests) a failure is raised instead."""
+    global BROKEN
+    place = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    try:
+        with place:
+            _kernel()[name][grid](*args, **constants)
+    except Exception as exc:
+        if os.environ.get("MDLORA_GROUPED_STRICT", "0") not in ("", "0"):
+            raise  # the tests want a kernel's failure, not the fallback
+        BROKEN = f"{name} kernel: {type(exc).__name__}: {exc}"
+        logger.warning("grouped kernels off for this process (eager path from now on): %s",
+                       BROKEN)  # fmt: skip
+        return False
+    return True
 
 
 def available(x: Tensor) -> bool:
-    """Whether :func:`grouped_linear` runs for ``x``: Triton importable, float32, and a CUDA
-    tensor (or a CPU one under ``TRITON_INTERPRET=1``)."""
-    if not ENABLED or x.dtype != torch.float32 or x.requires_grad:
+    """Whether :func:`grouped_linear` runs for ``x``: Triton 3.x importable, float32, autograd
+    off (the kernels have no backward), and a CUDA tensor (or a CPU one under
+    ``TRITON_INTERPRET=1``)."""
+    if x.dtype != torch.float32 or torch.is_grad_enabled():
         return False
-    return _runs_on(x.device)
+    return runs_on(x.device)
 
 
-def _runs_on(device: torch.device) -> bool:
+def runs_on(device: torch.device) -> bool:
+    """Whether the kernels run for tensors on ``device`` (Triton 3.x, not turned off)."""
+    if not ENABLED or BROKEN is not None:
+        return False
     if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
         return False
     return _kernel() is not None
@@ -199,9 +250,6 @@ def grouped_linear(
     """
     if not available(x) or weight.dtype != x.dtype or bias.dtype != x.dtype:
         return None
-    kernel = _kernel()["linear"]
-    import triton
-
     x = x.contiguous()
     weight, bias = weight.contiguous(), bias.contiguous()
     k_in, n_out = weight.shape[1], weight.shape[2]
@@ -210,20 +258,21 @@ def grouped_linear(
     if plan.n == 0:
         return out
     tiles = launch_constants(plan.block, n_out)
-    grid = (plan.num_blocks * tiles["TILES"], triton.cdiv(n_out, tiles["BLOCK_N"]))
-    kernel[grid](
+    grid = (plan.num_blocks * tiles["TILES"], -(-n_out // tiles["BLOCK_N"]))
+    ran = _launch(
+        "linear", grid, x.device,
         x, weight, bias, out, plan.block_domain, plan.sample_of_slot, plan.used_blocks,
         k_in, n_out, x.stride(0), out.stride(0),
         **tiles, GATHER_IN=gather_in, SCATTER_OUT=scatter_out, RELU=relu,
     )  # fmt: skip
-    return out
+    return out if ran else None
 
 
 def launch_constants(block: int, n_out: int) -> dict[str, int]:
     """The kernel's tile sizes for plan blocks of ``block`` rows and a layer ``n_out`` wide
     (tiles of at least 16 rows, as ``tl.dot`` needs before Triton 3.x padded smaller ones: a
     block of 8 rows takes a 16-row tile, masked)."""
-    block_m = max(16, min(64, block))
+    block_m = max(16, min(64, 1 << (block - 1).bit_length()))  # a power of two
     block_n = 64 if n_out >= 64 else max(16, 1 << (n_out - 1).bit_length())
     return {"BLOCK": block, "TILES": -(-block // block_m), "BLOCK_M": block_m,
             "BLOCK_N": block_n, "BLOCK_K": 32}  # fmt: skip
@@ -243,15 +292,16 @@ def layout(
     Each domain's rows fill its blocks from the first, as the eager layout's do, in an order
     that may change from call to call.
     """
-    if not ENABLED or index.dtype != torch.int64 or not _runs_on(index.device):
-        return None
-    kernels = _kernel()
+    if index.dtype != torch.int64 or block & (block - 1) or not runs_on(index.device):
+        return None  # (tl.arange needs a power-of-two block)
     n, dev = index.numel(), index.device
     index = index.contiguous()
-    scratch = torch.zeros(2 * num_domains, dtype=torch.int32, device=dev)
-    counts, cursor = scratch[:num_domains], scratch[num_domains:]
-    if n:
-        kernels["count"][(-(-n // LAYOUT_ROWS),)](index, counts, n, num_domains, ROWS=LAYOUT_ROWS)
+    stride = -(-num_domains // 4) * 4  # the cursor starts 16-byte aligned, as counts does
+    scratch = torch.zeros(2 * stride, dtype=torch.int32, device=dev)
+    counts, cursor = scratch[:num_domains], scratch[stride : stride + num_domains]
+    if n and not _launch("count", (-(-n // LAYOUT_ROWS),), dev, index, counts, n, num_domains,
+                         ROWS=LAYOUT_ROWS):  # fmt: skip
+        return None
     blocks = (counts + (block - 1)) // block
     ends = blocks.cumsum(0)
     first = (ends - blocks) * block
@@ -259,9 +309,11 @@ def layout(
     sample = torch.empty(num_blocks * block, dtype=torch.int64, device=dev)
     block_domain = torch.empty(num_blocks, dtype=torch.int64, device=dev)
     programs = max(-(-n // LAYOUT_ROWS), -(-num_blocks // LAYOUT_BLOCKS))
-    kernels["place"][(programs,)](
+    if not _launch(
+        "place", (programs,), dev,
         index, counts, cursor, ends, first, slot, sample, block_domain,
         n, num_domains, num_blocks, num_domains.bit_length() + 1,
         BM=block, ROWS=LAYOUT_ROWS, BLOCKS=LAYOUT_BLOCKS,
-    )  # fmt: skip
+    ):  # fmt: skip
+        return None
     return slot, sample, block_domain, ends[-1:]

@@ -129,7 +129,9 @@ class AdaptedTower(nn.Module):
         assert route.index is not None and not route.lora and route.norm is None
         plan = SegmentPlan(route.index, banks[0].a.shape[0])
         if grouped.available(x):
-            return self._grouped(x, plan, banks)
+            out = self._grouped(x, plan, banks)
+            if out is not None:
+                return out
         h = plan.scatter(x)
         for i, bank in enumerate(banks):
             assert bank.merged_w is not None and bank.merged_b is not None
@@ -139,10 +141,13 @@ class AdaptedTower(nn.Module):
             h = self.acts[i](z)
         return plan.gather(h)
 
-    def _grouped(self, x: Tensor, plan: SegmentPlan, banks: list[InferenceBank]) -> Tensor:
+    def _grouped(
+        self, x: Tensor, plan: SegmentPlan, banks: list[InferenceBank]
+    ) -> Tensor | None:
         """:meth:`_segmented` with the grouped kernel (``mdlora.models.grouped``): the first
         layer reads the batch's rows in place, the last writes them back, ReLU in the kernel
-        where no norm sits between a layer and its activation."""
+        where no norm sits between a layer and its activation. None when a kernel cannot run
+        (the caller then takes the eager path from ``x``)."""
         h, last = x, len(banks) - 1
         for i, bank in enumerate(banks):
             assert bank.merged_w is not None and bank.merged_b is not None
@@ -151,7 +156,8 @@ class AdaptedTower(nn.Module):
                 h, bank.merged_w, bank.merged_b, plan,
                 gather_in=i == 0, scatter_out=i == last, relu=relu,
             )  # fmt: skip
-            assert z is not None  # available() held for x, and so for every layer's input
+            if z is None:
+                return None
             if self.norms is not None:
                 z = self.norms[i](z)
             h = z if relu else self.acts[i](z)

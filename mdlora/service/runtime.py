@@ -332,7 +332,7 @@ def warm_up(snapshot: Snapshot) -> None:
     if snapshot.backbone_model is not None:
         rows.backbone = np.array([False, True, False, True])
     runner.score(rows)
-    if isinstance(runner, TorchRunner) and grouped.available(torch.zeros(1, device=runner.device)):
+    if isinstance(runner, TorchRunner) and grouped.runs_on(runner.device):
         n_primary = len(model.config.divisions[0].domains)
         for block in BLOCK_SIZES:
             n = 2 * n_primary * block  # the rows that choose this block size

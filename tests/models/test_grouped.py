@@ -24,6 +24,7 @@ def kernel(device: torch.device, monkeypatch: pytest.MonkeyPatch) -> Iterator[to
         pytest.skip("triton is not installed (pip install -e '.[dev]' brings it)")
     if device.type == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("MDLORA_GROUPED_STRICT", "1")  # a kernel's failure fails the test
     grouped.reset()
     yield device
     grouped.reset()
@@ -61,10 +62,11 @@ def test_grouped_linear_equals_the_per_sample_layer(
     x, w, b, idx = x.to(kernel), w.to(kernel), b.to(kernel), idx.to(kernel)
     plan = SegmentPlan(idx, domains)
     want = torch.relu(reference(x, w, b, idx))
-    got = grouped.grouped_linear(
-        x if gather_in else plan.scatter(x), w, b, plan,
-        gather_in=gather_in, scatter_out=scatter_out, relu=True,
-    )  # fmt: skip
+    with torch.no_grad():  # the kernels run with autograd off only
+        got = grouped.grouped_linear(
+            x if gather_in else plan.scatter(x), w, b, plan,
+            gather_in=gather_in, scatter_out=scatter_out, relu=True,
+        )  # fmt: skip
     assert got is not None
     rows = got if scatter_out else plan.gather(got)
     assert rows.shape == (n, n_out)
@@ -111,11 +113,49 @@ def test_the_kernel_stays_out_where_it_cannot_run(monkeypatch: pytest.MonkeyPatc
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     grouped.reset()
     x = torch.randn(4, 8)
-    assert not grouped.available(x)  # a CPU tensor, not interpreted
+    with torch.no_grad():
+        assert not grouped.available(x)  # a CPU tensor, not interpreted
+    if importlib.util.find_spec("triton") is None:
+        return
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert not grouped.available(x.double())  # float32 only
-    assert not grouped.available(x.requires_grad_())  # inference only
+    with torch.no_grad():
+        assert grouped.available(x)
+        assert not grouped.available(x.double())  # float32 only
+        monkeypatch.setattr(grouped, "ENABLED", False)  # MDLORA_GROUPED_KERNEL=0
+        assert not grouped.available(x)
+    monkeypatch.setattr(grouped, "ENABLED", True)
+    assert not grouped.available(x)  # autograd on: the kernels have no backward
     grouped.reset()
+
+
+class _Broken:
+    """A kernel that cannot compile here (an unsupported GPU, a Triton that refuses it)."""
+
+    def __getitem__(self, grid: object) -> object:
+        def launch(*args: object, **kw: object) -> None:
+            raise RuntimeError("no kernel image is available for execution on the device")
+
+        return launch
+
+
+def test_a_kernel_that_cannot_run_leaves_scoring_on_the_eager_path(
+    kernel: torch.device, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = perturb(MultiDomainModel(make_config("deepfm", "mlora"))).eval().to(kernel)
+    batch = make_batch(300, seed=2).to(kernel)
+    model.set_routing("gather")
+    want = score(model, batch)
+    model.set_routing("segment")
+    monkeypatch.delenv("MDLORA_GROUPED_STRICT")
+    monkeypatch.setattr(grouped, "_kernel", lambda: dict.fromkeys(("linear", "count", "place"),
+                                                                   _Broken()))  # fmt: skip
+    with caplog.at_level("WARNING", logger="mdlora.models.grouped"):
+        got = score(model, batch)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert grouped.BROKEN is not None and "no kernel image" in grouped.BROKEN
+    assert "grouped kernels off for this process" in caplog.text
+    assert not grouped.runs_on(kernel)  # and they stay off: no second failure per call
+    torch.testing.assert_close(score(model, batch), want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -134,6 +174,7 @@ def test_the_kernel_layout_places_rows_as_the_eager_one(
         idx[idx == 1] = 0  # a domain with no row
     idx = idx.to(kernel)
     fast = SegmentPlan(idx, domains, block)
+    assert grouped.layout(idx, domains, fast.block, fast.num_blocks) is not None, "the kernels"
     monkeypatch.setattr(grouped, "ENABLED", False)
     eager = SegmentPlan(idx, domains, block)
     assert (fast.block, fast.num_blocks) == (eager.block, eager.num_blocks)
@@ -192,3 +233,18 @@ POINTERS = {
     "counts_ptr": "*i32", "cursor_ptr": "*i32", "ends_ptr": "*i64", "first_ptr": "*i64",
     "slot_ptr": "*i64", "sample_ptr": "*i64",
 }  # fmt: skip
+
+
+def test_a_block_size_that_is_no_power_of_two_still_scores(kernel: torch.device) -> None:
+    """An explicit block of 24 rows: the layout falls back to eager ops (its kernel needs a
+    power of two), the layer kernel masks a 32-row tile."""
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 3, (200,), generator=g).to(kernel)
+    x, w, b = (torch.randn(*shape, generator=g).to(kernel) for shape in ((200, 20), (3, 20, 24),
+                                                                        (3, 24)))  # fmt: skip
+    plan = SegmentPlan(idx, 3, block=24)
+    assert grouped.layout(idx, 3, 24, plan.num_blocks) is None
+    with torch.no_grad():
+        got = grouped.grouped_linear(x, w, b, plan, gather_in=True, scatter_out=True)
+    assert got is not None
+    torch.testing.assert_close(got, reference(x, w, b, idx), atol=2e-5, rtol=1e-5)
