@@ -16,6 +16,7 @@ it; an exported model keeps its final stage). A mixed-domain batch is always one
 from __future__ import annotations
 
 import difflib
+import numbers
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, cast
@@ -133,7 +134,11 @@ SETTINGS = tuple(f.name for f in fields(ModelConfig) if f.name not in
 
 
 def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_settings(config: ModelConfig) -> None:
@@ -158,12 +163,9 @@ def check_settings(config: ModelConfig) -> None:
             isinstance(v, tuple) and v and all(_positive_int(n) for n in v)
         ):
             raise ValueError(f"{name} must be a non-empty list of integers >= 1, got {v!r}")
-    if isinstance(c.dropout, bool) or not isinstance(c.dropout, int | float) \
-            or not 0 <= c.dropout < 1:  # fmt: skip
+    if not _real(c.dropout) or not 0 <= c.dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {c.dropout!r}")
-    if c.alpha is not None and (
-        isinstance(c.alpha, bool) or not isinstance(c.alpha, int | float) or not c.alpha > 0
-    ):
+    if c.alpha is not None and (not _real(c.alpha) or not c.alpha > 0):
         raise ValueError(f"alpha must be > 0, got {c.alpha!r}")
     if c.activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {c.activation!r}")

@@ -230,6 +230,8 @@ class TrainConfig:
         from mdlora.models.backbones import build_interaction
         from mdlora.models.model import SETTINGS, ModelConfig
 
+        if self.model is None:  # "model:" with nothing under it
+            self.model = {}
         if not isinstance(self.model, dict):
             raise ConfigError(f"model must be a mapping of model settings {SETTINGS}")
         unknown = sorted(set(self.model) - set(SETTINGS))
@@ -254,7 +256,7 @@ class TrainConfig:
                                   method=self.model_method, **probe)  # fmt: skip
             build_interaction(checked.backbone, 2, checked.embed_dim, 1,
                               dict(checked.backbone_options))  # fmt: skip
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, ArithmeticError) as exc:  # e.g. FiBiNET reduction 0
             raise ConfigError(f"model: {exc}") from None
 
     def setting(self, name: str) -> Any:
@@ -292,7 +294,10 @@ class TrainConfig:
 
         d = self.to_dict()
         del d["model"]  # runs were fingerprinted with the model settings at the top level
-        d.update({name: self.setting(name) for name in SETTINGS})
+        # the settings there were then always in; one the core gains later only when set, so
+        # a new field (or its default) leaves earlier runs' fingerprints as they were
+        d.update({name: self.setting(name) for name in SETTINGS
+                  if name in FIRST_SETTINGS or name in self.model})  # fmt: skip
         for key in ("out", "export", "onnx", "resume", "progress", "name", "eval_batch_size"):
             d.pop(key, None)
         for key, default in LATER_DEFAULTS.items():
@@ -355,6 +360,11 @@ def lift_model_settings(raw: dict[str, Any]) -> dict[str, Any]:
     out["model"] = block
     return out
 
+
+#: the model settings fingerprints were first taken with (at the top level of the config)
+FIRST_SETTINGS = ("backbone", "embed_dim", "tower", "dropout", "activation", "tower_norm",
+                  "backbone_options", "alpha", "ranks", "experts_per_domain", "gate_dim",
+                  "fusion", "fusion_rank")  # fmt: skip
 
 #: fields added after runs were cached: their defaults do not enter the fingerprint
 LATER_DEFAULTS: dict[str, Any] = {

@@ -187,3 +187,19 @@ def test_the_model_settings_are_the_core_models(tmp_path: Path) -> None:
             given = cfg.model[name]
             assert (list(value) if isinstance(value, tuple) else value) == given, name
     assert (mc.embed_dim, mc.fusion, mc.tower_norm) == (4, "attention", "none")
+
+
+def test_an_empty_model_block_and_numpy_numbers_are_taken(tmp_path: Path) -> None:
+    import numpy as np
+
+    from mdlora.training.config import config_from_dict
+    from tests.models.helpers import make_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("method: mlora\nmodel:\n")  # the block left empty
+    assert load_config(path).model == {}
+    # the Python API may hand the core numpy numbers
+    cfg = make_config("deepfm", "moe2", gate_dim=np.int64(3), dropout=np.float32(0.1))
+    assert cfg.gate_dim == 3
+    with pytest.raises(ConfigError, match="model: "):  # the backbone refuses, as a config error
+        config_from_dict({"backbone": "fibinet", "backbone_options": {"reduction": 0}})
