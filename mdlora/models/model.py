@@ -134,7 +134,7 @@ SETTINGS = tuple(f.name for f in fields(ModelConfig) if f.name not in
 
 
 def _positive_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 1
 
 
 def _real(value: Any) -> bool:
