@@ -22,8 +22,9 @@ block ends and marks the padding slots. The order of a domain's rows inside its 
 varies from call to call; every row is computed on its own, so no score does.
 
 It runs where Triton 3.x and a CUDA tensor are present, with autograd off
-(``MDLORA_GROUPED_KERNEL=0`` turns it off; a kernel that fails to compile or launch turns it
-off for the process, with a warning, and scoring goes on on the eager path);
+(``MDLORA_GROUPED_KERNEL=0`` turns it off; a kernel that fails to compile or launch, or whose
+first result in the process differs from the eager path's, turns it off for the process,
+with a warning, and scoring goes on on the eager path);
 ``TRITON_INTERPRET=1`` runs the same kernel on CPU tensors (how the tests check it without a
 GPU). Elsewhere :func:`grouped_linear` returns ``None`` and the caller keeps the eager path.
 """
@@ -42,8 +43,11 @@ logger = logging.getLogger(__name__)
 
 _KERNEL: Any = None
 _TRIED = False
-#: why the kernels were turned off for this process (a compile or launch failed), or None
+#: why the kernels were turned off for this process (a compile or launch failed, or their
+#: first result differed from the eager path's), or None
 BROKEN: str | None = None
+#: whether a kernel result of this process has been checked against the eager path
+VERIFIED = False
 
 
 #: ``MDLORA_GROUPED_KERNEL=0`` keeps the eager path on CUDA too (an operator's way out
@@ -186,9 +190,37 @@ def _kernel() -> Any:
 
 
 def reset() -> None:
-    """Forget the built kernels and any failure (tests switch ``TRITON_INTERPRET``)."""
-    global _KERNEL, _TRIED, BROKEN
-    _KERNEL, _TRIED, BROKEN = None, False, None
+    """Forget the built kernels, any failure and the check (tests switch
+    ``TRITON_INTERPRET``)."""
+    global _KERNEL, _TRIED, BROKEN, VERIFIED
+    _KERNEL, _TRIED, BROKEN, VERIFIED = None, False, None, False
+
+
+def _strict() -> bool:
+    return os.environ.get("MDLORA_GROUPED_STRICT", "0") not in ("", "0")
+
+
+def _turn_off(reason: str) -> None:
+    global BROKEN
+    BROKEN = reason
+    logger.warning("grouped kernels off for this process (eager path from now on): %s", reason)
+
+
+def verify(got: Tensor, want: Tensor) -> bool:
+    """Check the kernels' first result in this process against the eager path's: equal to
+    float rounding, the kernels stay on (and this is not asked again); else they are turned
+    off with a warning, so a GPU or Triton where they compute wrongly scores on the eager
+    path instead of silently (raised with ``MDLORA_GROUPED_STRICT=1``)."""
+    global VERIFIED
+    VERIFIED = True
+    if got.shape == want.shape and torch.allclose(got, want, rtol=1e-3, atol=1e-4):
+        return True
+    worst = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
+    reason = f"the first result differs from the eager path's (largest difference {worst:.3g})"
+    if _strict():
+        raise AssertionError(reason)
+    _turn_off(reason)
+    return False
 
 
 def _launch(name: str, grid: tuple[int, ...], device: torch.device, *args: Any,
@@ -197,17 +229,14 @@ def _launch(name: str, grid: tuple[int, ...], device: torch.device, *args: Any,
     made ``device``'s); False when it cannot compile or run here, which turns the kernels
     off for this process with a warning (scoring goes on, on the eager path). With
     ``MDLORA_GROUPED_STRICT=1`` (the tests) a failure is raised instead."""
-    global BROKEN
     place = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     try:
         with place:
             _kernel()[name][grid](*args, **constants)
     except Exception as exc:
-        if os.environ.get("MDLORA_GROUPED_STRICT", "0") not in ("", "0"):
+        if _strict():
             raise  # the tests want a kernel's failure, not the fallback
-        BROKEN = f"{name} kernel: {type(exc).__name__}: {exc}"
-        logger.warning("grouped kernels off for this process (eager path from now on): %s",
-                       BROKEN)  # fmt: skip
+        _turn_off(f"{name} kernel: {type(exc).__name__}: {exc}")
         return False
     return True
 

@@ -244,13 +244,15 @@ class SegmentPlan:
     an order that varies between calls (each row is scored on its own, so no score does).
     """
 
-    def __init__(self, index: Tensor, num_domains: int, block: int | None = None) -> None:
+    def __init__(
+        self, index: Tensor, num_domains: int, block: int | None = None, use_kernels: bool = True
+    ) -> None:
         n = index.numel()
         self.n = n
         self.block = bm = block or segment_block(n, num_domains)
         self.num_blocks = -(-n // bm) + num_domains
         self._sample_of_slot: Tensor | None = None
-        made = grouped.layout(index, num_domains, bm, self.num_blocks)
+        made = grouped.layout(index, num_domains, bm, self.num_blocks) if use_kernels else None
         if made is not None:  # CUDA with Triton: four launches instead of the ops below
             self.slot, self._sample_of_slot, self.block_domain, self.used_blocks = made
             return

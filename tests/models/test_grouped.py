@@ -248,3 +248,36 @@ def test_a_block_size_that_is_no_power_of_two_still_scores(kernel: torch.device)
         got = grouped.grouped_linear(x, w, b, plan, gather_in=True, scatter_out=True)
     assert got is not None
     torch.testing.assert_close(got, reference(x, w, b, idx), atol=2e-5, rtol=1e-5)
+
+
+def test_a_kernel_that_computes_wrongly_is_caught_by_the_first_check(
+    kernel: torch.device, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The process's first kernel result is compared with the eager path on its own layout:
+    right, the kernels stay on; wrong (a GPU or Triton where they miscompute), they are off
+    and the scores are the eager path's, never the wrong ones."""
+    model = perturb(MultiDomainModel(make_config("deepfm", "moe3"))).eval().to(kernel)
+    batch = make_batch(300, seed=4).to(kernel)
+    model.set_routing("gather")
+    want = score(model, batch)
+    model.set_routing("segment")
+    torch.testing.assert_close(score(model, batch), want, atol=1e-5, rtol=0)
+    assert grouped.VERIFIED and grouped.BROKEN is None
+
+    grouped.reset()  # a new process, whose kernel is off by a factor
+    right = grouped.grouped_linear
+
+    def wrong(*args: object, **kw: object) -> torch.Tensor | None:
+        out = right(*args, **kw)  # type: ignore[arg-type]
+        return None if out is None else out * 1.01
+
+    monkeypatch.setattr(grouped, "grouped_linear", wrong)
+    with pytest.raises(AssertionError, match="differs from the eager path"):
+        score(model, batch)  # the tests' strict mode: raised
+    grouped.reset()
+    monkeypatch.delenv("MDLORA_GROUPED_STRICT")
+    with caplog.at_level("WARNING", logger="mdlora.models.grouped"):
+        got = score(model, batch)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert grouped.BROKEN is not None and "differs from the eager path" in caplog.text
+    assert not grouped.runs_on(kernel)
