@@ -5,7 +5,8 @@
 #      their own needs, deepctr-torch for the training comparison) into a private folder;
 #   2. runs the CUDA tests: pytest -m "not slow" over tests/models, tests/test_artifact.py,
 #      tests/test_onnx_export.py, tests/training and the service's torch-runtime tests, with
-#      the device fixture on CUDA (MDLORA_TEST_DEVICE=cuda; the CPU half runs in CI);
+#      the device fixture on CUDA (MDLORA_TEST_DEVICE=cuda; the CPU half runs in CI), the
+#      grouped Triton kernels strict (MDLORA_GROUPED_STRICT=1: a failure fails, no fallback);
 #   3. runs benchmarks/bench_gpu.py (routing, training, service; its last line is JSON).
 # Logs go to $OUT (the device tool's output folder; /tmp/gpu-check otherwise).
 #
@@ -68,7 +69,7 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
   if "$PY" -c "import xdist" 2>/dev/null; then XDIST="-n ${WORKERS:-8} --dist loadscope"; fi
   stamp "tests (MDLORA_TEST_DEVICE=cuda, xdist: ${XDIST:-none})"
   # -v: each result is logged as it comes, so a run stopped by the timeout still names them
-  MDLORA_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-200}" "$PY" -m pytest -m "not slow" -v \
+  MDLORA_TEST_DEVICE=cuda MDLORA_GROUPED_STRICT=1 timeout "${TEST_TIMEOUT:-200}" "$PY" -m pytest -m "not slow" -v \
     -p no:cacheprovider $XDIST --timeout 200 -o addopts="" \
     --import-mode=importlib -rfE --junitxml "$OUT/junit.xml" $TESTS >"$OUT/tests.log" 2>&1
   rc=$?
