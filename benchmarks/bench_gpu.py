@@ -9,7 +9,8 @@ Everything is measured side by side in this run, on the same GPU:
    and MoE-MLoRA (one expert per domain), timed interleaved with CUDA syncs; the same
    default with the kernel off (``default,eager``: batched GEMMs over gathered weights, the
    path measured below; ``*_eager_over_backbone_cuda_*``) and other strategies are printed
-   for reference (``grouped_kernel`` in the JSON says whether the kernel ran);
+   for reference (``grouped_kernel`` in the JSON says whether the kernels were usable at the
+   start, ``grouped_kernel_off`` why they were turned off during the run, if they were);
 2. training (ML-1M gender, DeepFM, MLoRA, batch 1024, one epoch per phase): samples/s of
    phase 1 (backbone) and phase 2 (adapters) from the trainer's own per-phase counters; the
    real ML-1M at ``../shared/data/ml-1m`` when present, else a generated look-alike of its
@@ -328,13 +329,13 @@ def main() -> None:
     batch = 8192 if args.quick else BATCH
     if args.profile:
         results.update(profile_segment(device, batch))
-        print(json.dumps(results))
+        print(json.dumps({**results, "grouped_kernel_off": grouped.BROKEN}))
         return
     results.update(bench_routing(device, batch, 3 if device.type == "cpu" else
                                  10 if args.quick else 40))  # fmt: skip
     results["routing_batch"] = batch
     if args.routing_only:
-        print(json.dumps(results))
+        print(json.dumps({**results, "grouped_kernel_off": grouped.BROKEN}))
         return
     with tempfile.TemporaryDirectory(prefix="mdlora-bench-gpu-") as tmp:
         results.update(bench_training(device, Path(tmp), args.quick, not args.skip_deepctr))
@@ -344,7 +345,7 @@ def main() -> None:
     else:
         results.update(bench_service(device))
     results["seconds"] = round(time.perf_counter() - t_start, 1)
-    print(json.dumps(results))
+    print(json.dumps({**results, "grouped_kernel_off": grouped.BROKEN}))
 
 
 if __name__ == "__main__":
