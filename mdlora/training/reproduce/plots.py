@@ -5,11 +5,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    pass
-
+from typing import Any
 
 from mdlora.training.reproduce.grid import (
     BACKBONE_LABELS,

@@ -12,11 +12,7 @@ import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    pass
-
+from typing import Any
 
 from mdlora.training.prose import template
 from mdlora.training.reproduce.cache import load_cache

@@ -8,11 +8,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    pass
-
+from typing import Any
 
 from mdlora.training.reproduce.cache import _alias, load_cache, write_cell
 from mdlora.training.reproduce.data import DataCache

@@ -7,11 +7,7 @@ import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    pass
-
+from typing import Any
 
 from mdlora.training.prose import template
 from mdlora.training.reproduce.grid import (
