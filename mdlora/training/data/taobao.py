@@ -33,6 +33,7 @@ import pandas as pd
 
 from mdlora.formats.encoder import FeatureEncoder, canonical_value
 from mdlora.training.data.prepared import DataError, PreparedData, encode_splits
+from mdlora.training.data.presets import MLORA_HPARAMS
 from mdlora.training.data.splits import stratified_domain_split, subsample
 
 __all__ = [
@@ -51,16 +52,10 @@ TAOBAO_ALPHA: dict[str, float] = {
     "pnn": 16, "wdl": 16, "xdeepfm": 16, "mlp": 256,
 }  # fmt: skip
 
+#: the MLoRA paper's setting, as on MovieLens, with Taobao's rank temperatures
 TAOBAO_HPARAMS: dict[str, Any] = {
+    **MLORA_HPARAMS,
     "alpha": TAOBAO_ALPHA,  # per backbone
-    "embed_dim": 8,
-    "tower": [256, 128, 64],
-    "dropout": 0.5,
-    "optimizer": "adam",
-    "lr": 1e-3,
-    "batch_size": 1024,
-    "l2": 1e-5,
-    "split": [0.6, 0.2, 0.2],
     "ctr_range": [0.2, 0.5],
 }
 
