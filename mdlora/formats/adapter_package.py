@@ -316,7 +316,10 @@ def _conform_dtypes(
 
 
 def apply_adapter(model: MultiDomainModel, pkg: AdapterPackage, max_rank: int | None = None) -> int:
-    """Validate ``pkg`` against ``model`` and install it (adds the domain if new)."""
+    """Validate ``pkg`` against ``model`` and install it (adds the domain if new).
+
+    The model only: an encoder beside it does not learn the domain or the ids the package
+    brought. ``Artifact.apply_adapter`` does both."""
     check_adapter_fits(model, pkg, max_rank)
     scope = pkg.config.get("gate_scope")
     return install_adapter(

@@ -30,8 +30,10 @@ import torch
 from torch import Tensor
 
 from mdlora.formats.adapter_package import (
+    AdapterPackage,
     apply_adapter,
     backbone_bytes,
+    check_adapter_fits,
     make_adapter_package,
     read_adapter_package,
     write_adapter_package,
@@ -96,6 +98,46 @@ class Artifact:
                 return self.model.score_batch(batch).cpu().numpy()
         finally:
             self.model.train(was_training)
+
+    def apply_adapter(self, pkg: AdapterPackage, max_rank: int | None = None) -> int:
+        """Install ``pkg`` in this artifact's model and teach its encoder the package's domain
+        and the ids it brought (``grown_vocab``), so :meth:`score` serves the domain at once;
+        returns the domain's id.
+
+        The in-process twin of registering a package with the service. All or nothing: the
+        package and its grown ids are checked against the model and the encoder before either
+        changes, so a refused package (``ArtifactError``) leaves the artifact as it was.
+        ``max_rank``: refuse adapters of a higher rank. A package whose domain the model
+        already has replaces that domain's adapter (and its grown ids, rows included).
+        """
+        from mdlora.formats.domains import model_domains
+        from mdlora.formats.encoder import FeatureEncoder
+        from mdlora.formats.grown import place
+
+        check_adapter_fits(self.model, pkg, max_rank)
+        encoder = None
+        if self.encoder is not None:
+            encoder = FeatureEncoder.from_dict(self.encoder)
+            domains = model_domains(self.model.config)
+            if pkg.division not in domains:
+                raise ArtifactError(
+                    f"adapter is for division {pkg.division!r}; the model's divisions are "
+                    f"{list(domains)}"
+                )
+            if pkg.domain not in domains[pkg.division]:
+                domains[pkg.division].append(pkg.domain)
+            try:
+                encoder.set_domains(domains)
+                encoder.set_grown(pkg.division, pkg.domain, pkg.config.get(GROWN_VOCAB) or {})
+            except ValueError as exc:
+                raise ArtifactError(f"adapter {pkg.division}/{pkg.domain}: {exc}") from None
+        domain_id = apply_adapter(self.model, pkg, max_rank)
+        if encoder is not None:
+            place(encoder, self.model)  # checked above: the rows and the ids agree
+            self.encoder = encoder.to_dict()
+        if isinstance(pkg.config.get("version"), int):
+            self.adapter_versions[(pkg.division, pkg.domain)] = pkg.config["version"]
+        return domain_id
 
 
 def adapter_dir(root: Path, division: str, domain: str, version: int) -> Path:

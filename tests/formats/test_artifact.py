@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mdlora.formats.adapter_package import (
+    AdapterPackage,
     apply_adapter,
     make_adapter_package,
     read_adapter_package,
@@ -287,3 +288,63 @@ def test_a_domain_added_to_the_model_reaches_the_saved_encoder_only_through_the_
     assert grown.encoder["domains"]["age"] == grown.encoder["domain_order"]["age"] == names
     records: list[dict[str, object]] = [{"user_id": 5, "movie_id": 3, "age": a} for a in (25, 99)]
     assert np.allclose(grown.score(records), replace(art, encoder=enc.to_dict()).score(records))
+
+
+def test_artifact_apply_adapter_serves_a_new_domain_in_one_call(
+    tmp_path: Path, device: torch.device
+) -> None:
+    """``Artifact.apply_adapter`` installs the package and teaches the encoder its domain, so
+    ``score`` serves it; the result is what the manual four steps gave."""
+    from dataclasses import replace
+
+    from mdlora.formats.domains import model_domains
+    from mdlora.formats.encoder import FeatureEncoder
+    from tests.service.demo import build_demo_artifact, demo_adapter
+
+    folder = build_demo_artifact(tmp_path / "a", method="mlora", division="age")
+    art = load_artifact(folder, map_location=device)
+    pkg = demo_adapter(load_artifact(folder).model, "age", "99")
+    records: list[dict[str, object]] = [{"user_id": 5, "movie_id": 3, "age": a} for a in (25, 99)]
+    with pytest.raises(ValueError, match="unknown domain"):
+        art.score(records)
+    before = art.score(records[:1])
+    assert art.apply_adapter(pkg) == 7
+    assert art.adapter_versions[("age", "99")] == 1
+    assert art.encoder is not None and art.encoder["domains"]["age"][-1] == "99"
+    scores = art.score(records)
+    assert np.array_equal(scores[:1], before)  # an existing domain is untouched
+
+    manual = load_artifact(folder, map_location=device)
+    apply_adapter(manual.model, pkg)
+    enc = FeatureEncoder.from_dict(manual.encoder or {})
+    enc.set_domains(model_domains(manual.model.config))
+    assert np.allclose(scores, replace(manual, encoder=enc.to_dict()).score(records), atol=1e-6)
+
+
+def test_artifact_apply_adapter_refused_leaves_the_artifact_as_it_was(tmp_path: Path) -> None:
+    from mdlora.formats.files import GROWN_VOCAB
+    from mdlora.models.rows import rows_signature
+    from tests.service.demo import build_demo_artifact, demo_adapter
+
+    folder = build_demo_artifact(tmp_path / "a", method="mlora", division="age")
+    art = load_artifact(folder)
+    encoder = json.dumps(art.encoder, sort_keys=True)
+    state = {k: v.clone() for k, v in art.model.state_dict().items()}
+    pkg = demo_adapter(art.model, "age", "99")
+    # grown ids the export already knows: refused before the model changes
+    known = next(iter(art.encoder["vocabs"]["user_id"])) if art.encoder else "1"
+    rows = {
+        k: torch.zeros(shape, dtype=dt) for k, (shape, dt) in rows_signature(art.model, 1).items()
+    }
+    bad = AdapterPackage({**pkg.config, GROWN_VOCAB: {"user_id": [known]}},
+                         {**pkg.tensors, **rows})  # fmt: skip
+    with pytest.raises(ArtifactError, match="values the export already knows"):
+        art.apply_adapter(bad)
+    other = demo_adapter(art.model, "age", "98")
+    other.config["model_signature"] = "0" * 16
+    with pytest.raises(ArtifactError, match="different backbone"):
+        art.apply_adapter(other)
+    assert json.dumps(art.encoder, sort_keys=True) == encoder
+    assert art.model.domain_names("age")[-1] != "99"
+    after = art.model.state_dict()
+    assert set(after) == set(state) and all(torch.equal(after[k], state[k]) for k in state)

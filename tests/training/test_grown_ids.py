@@ -111,7 +111,8 @@ def test_new_users_and_items_get_rows_that_learn(root: Path, method: str) -> Non
     encoder = FeatureEncoder.from_dict(served.encoder or {})
     encoder.add_domain("domain", "d_new")
     apply_adapter(served.model, read_adapter_package(flat_pkg))
-    auc_flat = _auc(replace(served, encoder=encoder.to_dict()).score(_records(held_out)), labels)
+    auc_flat_scores = replace(served, encoder=encoder.to_dict()).score(_records(held_out))
+    auc_flat = _auc(auc_flat_scores, labels)
     apply_adapter(served.model, pkg)  # version 2 of the domain brings rows
     encoder.set_grown("domain", "d_new", pkg.config[GROWN_VOCAB])
     place(encoder, served.model)
@@ -119,6 +120,14 @@ def test_new_users_and_items_get_rows_that_learn(root: Path, method: str) -> Non
     assert np.allclose(batch_scores, grown.score(_records(held_out)), atol=1e-6)
     assert np.array_equal(served.score(old_rows), old_scores)
     assert auc_grown > 0.66 and auc_grown > auc_flat + 0.05, (auc_grown, auc_flat)
+
+    # the same in one call: Artifact.apply_adapter teaches the encoder the package's ids too
+    once = load_artifact(artifact)
+    once.apply_adapter(pkg)
+    assert np.allclose(once.score(_records(held_out)), batch_scores, atol=1e-6)
+    once.apply_adapter(read_adapter_package(flat_pkg))  # a version without rows drops them
+    assert once.encoder is not None and not once.encoder.get("grown")
+    assert np.allclose(once.score(_records(held_out)), auc_flat_scores, atol=1e-6)
 
     # rolling back to the package without rows drops them; old domains still identical
     apply_adapter(served.model, read_adapter_package(flat_pkg))
