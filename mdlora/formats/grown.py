@@ -138,6 +138,13 @@ def place(encoder: FeatureEncoder, model: MultiDomainModel) -> None:
                     "the encoder and the model come from different add-domain runs"
                 )
             starts[(div, dom)] = region[0]
+    for (div, dom), (_, n) in regions.items():
+        if (div, dom) not in starts and dom in encoder.domains.get(div, []):
+            raise ValueError(
+                f"the model has {n} grown rows for {div}/{dom} but the encoder knows none of "
+                "their ids, so its rows would be encoded as unknown: install adapter packages "
+                "with Artifact.apply_adapter, which gives the encoder the package's ids"
+            )
     encoder.set_grown_starts(starts)
 
 

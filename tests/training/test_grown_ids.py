@@ -114,6 +114,8 @@ def test_new_users_and_items_get_rows_that_learn(root: Path, method: str) -> Non
     auc_flat_scores = replace(served, encoder=encoder.to_dict()).score(_records(held_out))
     auc_flat = _auc(auc_flat_scores, labels)
     apply_adapter(served.model, pkg)  # version 2 of the domain brings rows
+    with pytest.raises(ValueError, match="encoder knows none of their ids"):  # not as unknown ids
+        replace(served, encoder=encoder.to_dict()).score(_records(held_out))
     encoder.set_grown("domain", "d_new", pkg.config[GROWN_VOCAB])
     place(encoder, served.model)
     batch_scores = replace(served, encoder=encoder.to_dict()).score(_records(held_out))
