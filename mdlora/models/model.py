@@ -250,8 +250,10 @@ class MultiDomainModel(nn.Module):
 
     def train(self, mode: bool = True) -> MultiDomainModel:
         """Also drops the inference-bank cache: optimisers that write parameters without
-        bumping their version counter (fused Adam) would otherwise leave it stale."""
-        self._inference_cache = None
+        bumping their version counter (fused Adam) would otherwise leave it stale. Only a
+        model that was or will be training drops it: ``eval()`` on an eval model keeps it."""
+        if mode or self.training:
+            self._inference_cache = None
         return super().train(mode)
 
     def set_routing(self, strategies: str | list[str]) -> None:

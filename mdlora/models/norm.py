@@ -7,10 +7,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 
-def _domain_sums(x: Tensor, index: Tensor, n_dom: int) -> Tensor:
+def _domain_sums(x: Tensor, index: Tensor, n_dom: int, onehot_t: Tensor | None) -> Tensor:
     """Per-domain row sums ``[D, features]``, in an order that does not vary between runs."""
-    if x.device.type == "cuda":
-        return torch.mm(F.one_hot(index, n_dom).to(x.dtype).t(), x)
+    if onehot_t is not None:
+        return torch.mm(onehot_t, x)
     return x.new_zeros(n_dom, x.shape[1]).index_add_(0, index, x)
 
 
@@ -18,9 +18,11 @@ class DomainBatchNorm(nn.Module):
     """Batch norm with running statistics and affine parameters per domain.
 
     A mixed-domain batch is normalised in one pass: per-domain means and variances come from
-    ``index_add`` over the batch (on CUDA, a one-hot matmul: ``index_add_`` adds with atomics
-    there, so two runs of the same training would differ in the last bits), not from one
-    call per domain.
+    ``index_add`` over the batch, not from one call per domain. Off the CPU they come from
+    one-hot matmuls instead: ``index_add_`` adds with atomics there (two runs of the same
+    training would differ in the last bits) and ``bincount`` reads the largest id back to the
+    host (a sync per layer and step). The statistics are float32 even under autocast (a
+    float16 sum of squares overflows).
     """
 
     running_mean: Tensor  # buffer [D, features]
@@ -42,26 +44,36 @@ class DomainBatchNorm(nn.Module):
 
     def forward(self, x: Tensor, index: Tensor) -> Tensor:
         if self.training:
-            n_dom = self.num_domains
-            counts = torch.bincount(index, minlength=n_dom).to(x.dtype).unsqueeze(1)
-            safe = counts.clamp(min=1)
-            mean = _domain_sums(x, index, n_dom) / safe
-            centered = x - mean[index]
-            var = _domain_sums(centered.square(), index, n_dom) / safe
-            x_hat = centered * torch.rsqrt(var[index] + self.eps)
-            with torch.no_grad():
-                seen = counts > 0
-                unbiased = var * counts / (counts - 1).clamp(min=1)
-                m = self.momentum
-                self.running_mean.copy_(
-                    torch.where(seen, (1 - m) * self.running_mean + m * mean, self.running_mean)
-                )
-                self.running_var.copy_(
-                    torch.where(seen, (1 - m) * self.running_var + m * unbiased, self.running_var)
-                )
-            return x_hat * self.weight[index] + self.bias[index]
+            half = x.dtype in (torch.float16, torch.bfloat16)
+            with torch.autocast(x.device.type, enabled=False):
+                return self._train_forward(x.float() if half else x, index, x.device.type != "cpu")
         scale, shift = self.affine()
         return torch.addcmul(shift[index], x, scale[index])
+
+    def _train_forward(self, x: Tensor, index: Tensor, onehot: bool) -> Tensor:
+        n_dom = self.num_domains
+        onehot_t = None
+        if onehot:
+            onehot_t = F.one_hot(index, n_dom).to(x.dtype).t()
+            counts = onehot_t.sum(1, keepdim=True)
+        else:
+            counts = torch.bincount(index, minlength=n_dom).to(x.dtype).unsqueeze(1)
+        safe = counts.clamp(min=1)
+        mean = _domain_sums(x, index, n_dom, onehot_t) / safe
+        centered = x - mean[index]
+        var = _domain_sums(centered.square(), index, n_dom, onehot_t) / safe
+        x_hat = centered * torch.rsqrt(var[index] + self.eps)
+        with torch.no_grad():
+            seen = counts > 0
+            unbiased = var * counts / (counts - 1).clamp(min=1)
+            m = self.momentum
+            self.running_mean.copy_(
+                torch.where(seen, (1 - m) * self.running_mean + m * mean, self.running_mean)
+            )
+            self.running_var.copy_(
+                torch.where(seen, (1 - m) * self.running_var + m * unbiased, self.running_var)
+            )
+        return x_hat * self.weight[index] + self.bias[index]
 
     def affine(self) -> tuple[Tensor, Tensor]:
         """Inference form ``x * scale[d] + shift[d]``."""

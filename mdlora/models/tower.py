@@ -107,7 +107,12 @@ class AdaptedTower(nn.Module):
                 assert route is not None and route.index is not None
                 plan = plan or SegmentPlan(route.index, banks[i].a.shape[0])
                 merged = banks[i].segment_forward(x, plan)
-            elif route is not None and route.banks is not None and route.banks[i].merge_limit:
+            elif (
+                route is not None and route.banks is not None and route.banks[i].merge_limit
+                and x.device.type == "cpu"
+            ):  # fmt: skip
+                # which domains a batch holds is read on the host: off the CPU that is a
+                # device sync per call, so there the strategy routes the batch as it is
                 assert route.index is not None and not route.lora and route.norm is None
                 segments = segments or Segments(route.index)
                 merged = route.banks[i].merged_forward(x, segments)

@@ -204,6 +204,13 @@ def test_an_artifact_scores_raw_records_like_the_core(tmp_path: Path, device: to
         assert np.allclose(got, art.model.score_batch(batch.to(device)).cpu().numpy(), atol=1e-6)
     with pytest.raises(ValueError, match="domain"):
         art.score([{"user_id": 5, "movie_id": 3, "age": 99}])
+    # scoring again reuses the inference banks (folding them is the costly part)
+    banks = art.model.inference_banks()
+    assert np.array_equal(art.score(records), got)
+    assert art.model.inference_banks() is banks
+    art.model.train()  # ... which training drops, as it may change the weights
+    art.model.eval()
+    assert art.model.inference_banks() is not banks
 
 
 def test_an_artifact_saved_without_alpha_or_ranks_loads_with_the_ranks_it_had(

@@ -53,3 +53,33 @@ def test_training_statistics_are_per_domain_and_repeatable(
     cpu = _step(DomainBatchNorm(6, 16).train(), x.cpu(), index.cpu())
     for a, b in zip(runs[0], cpu, strict=True):
         torch.testing.assert_close(a.cpu(), b, atol=1e-4, rtol=1e-4)
+
+
+def test_the_one_hot_statistics_off_the_cpu_equal_the_index_add_ones() -> None:
+    """Off the CPU the statistics are one-hot matmuls (no atomics, no host sync); the same
+    numbers as ``bincount``/``index_add_`` to rounding, gradients included."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(512, 8, generator=g) * 2 + 3
+    index = torch.randint(0, 4, (512,), generator=g)
+    runs = []
+    for onehot in (False, True):
+        norm = DomainBatchNorm(5, 8).train()
+        xg = x.clone().requires_grad_(True)
+        out = norm._train_forward(xg, index, onehot)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        assert xg.grad is not None
+        runs.append((out.detach(), xg.grad, norm.running_mean.clone(), norm.running_var.clone()))
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_statistics_stay_float32_under_autocast() -> None:
+    """A half-precision sum of squares overflows; under autocast the norm computes in float32."""
+    x = torch.full((64, 4), 300.0)
+    x[::2] = -300.0  # variance 9e4: its per-domain sum of squares is far past float16's range
+    index = torch.zeros(64, dtype=torch.long)
+    norm = DomainBatchNorm(1, 4).train()
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = norm(x.half(), index)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.abs(), torch.ones_like(out), atol=1e-2, rtol=0)
