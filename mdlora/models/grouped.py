@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -81,9 +82,12 @@ def _build() -> Any:
         pid_n = tl.program_id(1)
         blk = (pid_m // TILES).to(tl.int64)  # row offsets past 2**31 elements stay exact
         local = (pid_m % TILES) * BLOCK_M + tl.arange(0, BLOCK_M)
+        if blk >= tl.load(used_ptr):
+            # past the last domain's blocks: padding only (up to one per domain, so a small
+            # request to a model of many domains would otherwise run a tile per domain)
+            return
         slot = blk * BLOCK + local
-        used = tl.load(used_ptr)  # blocks past the last domain's read and write nothing
-        live = (local < BLOCK) & (slot < used * BLOCK)
+        live = local < BLOCK
         d = tl.load(block_domain_ptr + blk)
         sample = tl.load(rows_ptr + slot, mask=live, other=-1)  # -1: a padding row
         if GATHER_IN:
@@ -100,9 +104,8 @@ def _build() -> Any:
             rk = k0 + tl.arange(0, BLOCK_K)
             xt = tl.load(x_ptr + src[:, None] * stride_x + rk[None, :],
                          mask=src_ok[:, None] & (rk[None, :] < K), other=0.0)  # fmt: skip
-            k_live = (rk < K) & (rk * 0 + blk < used)  # as vectors: masks are not scalars
             wt = tl.load(w_ptr + d * K * N + rk[:, None] * N + rn[None, :],
-                         mask=k_live[:, None] & (rn[None, :] < N), other=0.0)  # fmt: skip
+                         mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)  # fmt: skip
             acc += tl.dot(xt, wt, input_precision="ieee")
         acc += tl.load(b_ptr + d * N + rn, mask=rn < N, other=0.0)[None, :]
         if RELU:
@@ -120,7 +123,7 @@ def _build() -> Any:
         i = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         live = i < n
         d = tl.minimum(tl.maximum(tl.load(idx_ptr + i, mask=live, other=0), 0), D - 1)
-        tl.atomic_add(counts_ptr + d, 1, mask=live)
+        tl.atomic_add(counts_ptr + d, 1, mask=live, sem="relaxed")  # ordered by the launch
 
     def place_kernel(
         idx_ptr, counts_ptr, cursor_ptr, ends_ptr, first_ptr, slot_ptr, sample_ptr,
@@ -132,7 +135,7 @@ def _build() -> Any:
         i = pid * ROWS + tl.arange(0, ROWS)
         live = i < n
         d = tl.minimum(tl.maximum(tl.load(idx_ptr + i, mask=live, other=0), 0), D - 1)
-        pos = tl.atomic_add(cursor_ptr + d, 1, mask=live)
+        pos = tl.atomic_add(cursor_ptr + d, 1, mask=live, sem="relaxed")  # a ticket
         slot = tl.load(first_ptr + d, mask=live, other=0) + pos
         tl.store(slot_ptr + i, slot, mask=live)
         tl.store(sample_ptr + slot, i, mask=live)
@@ -213,7 +216,12 @@ def verify(got: Tensor, want: Tensor) -> bool:
     path instead of silently (raised with ``MDLORA_GROUPED_STRICT=1``)."""
     global VERIFIED
     VERIFIED = True
-    if got.shape == want.shape and torch.allclose(got, want, rtol=1e-3, atol=1e-4):
+    rtol, atol = 1e-3, 1e-4
+    if got.shape == want.shape and tf32_matmul(got.device):
+        # the eager reference multiplied in TF32 (10-bit mantissa): its own error reaches
+        # 1e-3; a kernel that computes wrongly is off by far more than this bound
+        rtol, atol = 1e-2, 1e-2 * float(want.abs().mean())
+    if got.shape == want.shape and torch.allclose(got, want, rtol=rtol, atol=atol):
         return True
     worst = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
     reason = f"the first result differs from the eager path's (largest difference {worst:.3g})"
@@ -221,6 +229,27 @@ def verify(got: Tensor, want: Tensor) -> bool:
         raise AssertionError(reason)
     _turn_off(reason)
     return False
+
+
+def tf32_matmul(device: torch.device) -> bool:
+    """Whether float32 matmuls on ``device`` may run in TF32 (CUDA with
+    ``torch.set_float32_matmul_precision("high")``, ``allow_tf32`` or ``fp32_precision =
+    "tf32"``). Torch raises on reading the legacy flag once the newer per-backend setting was
+    written, hence both reads."""
+    if device.type != "cuda":
+        return False
+    matmul = torch.backends.cuda.matmul
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if getattr(matmul, "fp32_precision", None) == "tf32":
+                return True
+        except Exception:  # the legacy read below decides
+            pass
+        try:
+            return bool(matmul.allow_tf32)
+        except Exception:  # unreadable: assume it may
+            return True
 
 
 def _launch(name: str, grid: tuple[int, ...], device: torch.device, *args: Any,

@@ -281,3 +281,24 @@ def test_a_kernel_that_computes_wrongly_is_caught_by_the_first_check(
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert grouped.BROKEN is not None and "differs from the eager path" in caplog.text
     assert not grouped.runs_on(kernel)
+
+
+def test_the_first_check_allows_for_a_tf32_reference_only_where_matmuls_use_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With TF32 matmuls (``set_float32_matmul_precision("high")``, common in production) the
+    eager reference is off by about 1e-3 itself: the check then allows for that rounding, not
+    for a kernel that computes wrongly."""
+    monkeypatch.delenv("MDLORA_GROUPED_STRICT", raising=False)
+    g = torch.Generator().manual_seed(5)
+    want = torch.randn(256, 16, generator=g)
+    rounded = want * (1 + 3e-3 * torch.randn(256, 16, generator=g))
+    assert not grouped.tf32_matmul(torch.device("cpu"))
+    grouped.reset()
+    assert not grouped.verify(rounded, want)  # IEEE reference: 3e-3 is a wrong kernel
+    monkeypatch.setattr(grouped, "tf32_matmul", lambda device: True)
+    grouped.reset()
+    assert grouped.verify(rounded, want)
+    grouped.reset()
+    assert not grouped.verify(want * 1.05, want)  # still caught
+    grouped.reset()
