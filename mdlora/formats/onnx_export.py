@@ -56,6 +56,8 @@ from mdlora.formats.files import model_signature
 from mdlora.models.lora import InferenceBank
 from mdlora.models.model import MultiDomainModel
 
+log = logging.getLogger(__name__)
+
 BANK_STAGES = ("adapters", "gate")
 BAKED_STAGES = ("backbone", "lora", "fusion")
 # Above this many bytes of weights the graph is saved with an external ``<file>.data``
@@ -297,20 +299,35 @@ def _check_against_torch(
 
 
 # ----------------------------------------------------------------------------- runtime
-def default_providers() -> list[str]:
-    """CUDA when both onnxruntime and torch see a GPU, else the CPU provider.
+#: an onnxruntime provider: its name, or (name, options) such as a GPU's ``device_id``
+Provider = str | tuple[str, dict[str, Any]]
+
+
+def default_providers(device: torch.device | str | None = None) -> list[Provider]:
+    """The providers that score where ``device`` says: the CPU provider for a CPU device,
+    the CUDA provider on that GPU (``cuda:1`` -> ``device_id`` 1) for a CUDA one. With no
+    device: CUDA (GPU 0) when both onnxruntime and torch see a GPU, else the CPU.
 
     The ``onnxruntime-gpu`` wheel lists the CUDA provider even on machines without a GPU or
-    CUDA libraries, so its list alone does not say that CUDA works.
+    CUDA libraries, so its list alone does not say that CUDA works; a CUDA device without
+    the CUDA provider scores on the CPU, with a warning.
     """
     import onnxruntime as ort
 
-    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+    dev = None if device is None else torch.device(device)
+    if dev is not None and dev.type != "cuda":
+        return ["CPUExecutionProvider"]
+    if not cuda:
+        if dev is not None:
+            log.warning("onnxruntime has no usable CUDA provider here (install onnxruntime-gpu):"
+                        " the ONNX graph scores on the CPU, not %s", dev)  # fmt: skip
+        return ["CPUExecutionProvider"]
+    index = torch.cuda.current_device() if dev is None or dev.index is None else dev.index
+    return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
 
 
-def _session(path: Path, providers: Sequence[str], threads: int) -> Any:
+def _session(path: Path, providers: Sequence[Provider], threads: int) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -347,7 +364,7 @@ class OnnxScorer:
     def __init__(
         self,
         path: Path | str,
-        providers: Sequence[str] | None = None,
+        providers: Sequence[Provider] | None = None,
         threads: int | None = None,
     ) -> None:
         self.path = Path(path)

@@ -70,7 +70,9 @@ class Service:
             base = ArtifactBase.load(settings.artifact_dir, self.device, settings.max_adapter_rank)
         self.routing = choose_routing(base.model, settings.routing)
         self.onnx = (
-            OnnxRuntime(threads=settings.torch_threads) if settings.runtime == "onnx" else None
+            OnnxRuntime(threads=settings.torch_threads, device=self.device)
+            if settings.runtime == "onnx"
+            else None
         )
         store = open_store(
             settings.registry,

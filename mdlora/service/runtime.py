@@ -201,10 +201,20 @@ class OnnxRuntime:
     snapshot; MultiLoRA graphs have their adapters baked in and are exported per snapshot.
     """
 
-    def __init__(self, workdir: Path | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path | None = None,
+        threads: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """``device``: where the sessions score (``default_providers``: the CPU provider for
+        a CPU device, the CUDA one on that GPU for ``cuda:N``; None: a GPU when there is one)."""
+        from mdlora.formats.onnx_export import default_providers
+
         self._owns_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="mdlora-onnx-"))
         self.threads = threads
+        self.providers = default_providers(device)
         self._sessions: dict[str, Any] = {}
         self._count = 0
         self._lock = threading.Lock()
@@ -220,7 +230,7 @@ class OnnxRuntime:
         try:
             folder.mkdir(parents=True)
             path = export_onnx(model, folder / "scorer.onnx")
-            scorer = OnnxScorer(path, threads=self.threads)
+            scorer = OnnxScorer(path, self.providers, self.threads)
         finally:
             # the session holds the graph (external data stays mapped while it lives), so the
             # files go at once: a replica that re-exports on every change must not fill /tmp
@@ -250,7 +260,7 @@ class OnnxRuntime:
         if not path.is_file():
             return None
         try:
-            scorer = OnnxScorer(path, threads=self.threads)
+            scorer = OnnxScorer(path, self.providers, self.threads)
         except Exception as exc:  # an unreadable file: export our own instead
             log.warning("ignoring %s: %s", path, exc)
             return None

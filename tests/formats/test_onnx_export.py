@@ -236,7 +236,26 @@ def test_providers_use_cuda_only_when_torch_sees_a_gpu(monkeypatch: pytest.Monke
     assert default_providers() == ["CPUExecutionProvider"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "X"])
-    assert default_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cuda = ("CUDAExecutionProvider", {"device_id": 0})
+    assert default_providers() == [cuda, "CPUExecutionProvider"]
+
+
+def test_providers_follow_the_serving_device(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A service told to score on the CPU or on a given GPU runs its ONNX sessions there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "X"])
+    assert default_providers("cpu") == ["CPUExecutionProvider"]
+    assert default_providers(torch.device("cuda:1"))[0] == ("CUDAExecutionProvider",
+                                                            {"device_id": 1})  # fmt: skip
+    assert default_providers("cuda")[0] == ("CUDAExecutionProvider", {"device_id": 0})
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with caplog.at_level("WARNING", logger="mdlora.formats.onnx_export"):
+        assert default_providers("cuda:1") == ["CPUExecutionProvider"]
+    assert "onnxruntime-gpu" in caplog.text
 
 
 @pytest.mark.parametrize(("method", "backbone"), [("mlora", "deepfm"), ("moe", "dcn")])
