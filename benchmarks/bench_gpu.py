@@ -283,24 +283,36 @@ def bench_training(device: torch.device, tmp: Path, quick: bool, deepctr: bool) 
 
 
 # ------------------------------------------------------------------------------- service
-def bench_service(device: torch.device) -> dict[str, Any]:
+def _service_run(device: torch.device, scorer_thread: str) -> dict[str, Any]:
     cmd = [sys.executable, str(REPO / "benchmarks" / "bench_service.py"), "--quick",
-           "--device", str(device)]  # fmt: skip
+           "--device", str(device), "--scorer-thread", scorer_thread]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=200)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         reason = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
-        print(f"service benchmark failed: {reason}")
-        return {"service_over_inprocess_cuda": None, "service_note": reason}
+        print(f"service benchmark ({scorer_thread}) failed: {reason}")
+        return {"error": reason}
     for line in lines[:-1]:
         print(f"  {line}")
-    res = json.loads(lines[-1])
-    return {
+    return dict(json.loads(lines[-1]))
+
+
+def bench_service(device: torch.device) -> dict[str, Any]:
+    """The service's default (on a GPU: model calls on a scorer thread), then model calls on
+    the event loop (``MDLORA_SCORER_THREAD=false``) for comparison."""
+    res = _service_run(device, "auto")
+    if "error" in res:
+        return {"service_over_inprocess_cuda": None, "service_note": res["error"]}
+    out = {
         "service_over_inprocess_cuda": res["service_over_inprocess"],
+        "service_scorer_thread_cuda": res["scorer_thread"],
         "service_p99_ms_half_load_cuda": res["p99_ms_half_load"],
         "service_p99_swap_over_steady_cuda": res["p99_swap_over_steady"],
         "service_errors_cuda": res["errors"],
     }
+    inline = _service_run(device, "off")
+    out["service_over_inprocess_cuda_inline"] = inline.get("service_over_inprocess")
+    return out
 
 
 def main() -> None:

@@ -297,7 +297,10 @@ def main() -> None:
         help="seconds between the canary phase's feedback calls (0: one call per answer)",
     )  # fmt: skip
     parser.add_argument("--no-micro-batch", action="store_true", help="one model call per request")
-    parser.add_argument("--scorer-thread", action="store_true", help="model calls on a thread")
+    parser.add_argument(
+        "--scorer-thread", choices=("auto", "on", "off"), default="auto",
+        help="model calls on a thread: the service's default (auto: on a GPU), or on / off",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="the service's torch threads")
     parser.add_argument("--routing", default="artifact", help="the service's MDLORA_ROUTING")
     parser.add_argument(
@@ -336,9 +339,10 @@ def main() -> None:
             "MDLORA_TORCH_THREADS": str(args.threads),
             "MDLORA_ROUTING": args.routing,
             "MDLORA_MICRO_BATCH": "false" if args.no_micro_batch else "true",
-            "MDLORA_SCORER_THREAD": "true" if args.scorer_thread else "false",
             "MDLORA_DEVICE": str(device),
         }
+        if args.scorer_thread != "auto":
+            env["MDLORA_SCORER_THREAD"] = "true" if args.scorer_thread == "on" else "false"
         # The load generator's own pauses count in its latencies: keep the ~0.5 s full
         # collections of everything loaded so far (torch, the model) out of the measurement.
         gc.collect()
@@ -430,7 +434,8 @@ def main() -> None:
         "load_average": round(os.getloadavg()[0], 2),
         "concurrency": args.concurrency,
         "micro_batch": not args.no_micro_batch,
-        "scorer_thread": args.scorer_thread,
+        "scorer_thread": (device.type == "cuda") if args.scorer_thread == "auto"
+        else args.scorer_thread == "on",
         "device": str(device),
     }
     print(json.dumps(result))

@@ -91,12 +91,17 @@ class Service:
             settings.reconcile_interval_s,
             lambda: configure_thread(settings.torch_threads),
         )
+        # on a GPU a model call mostly waits for the device, with the interpreter lock free:
+        # a scorer thread lets the event loop parse the next requests meanwhile
+        self.scorer_thread = (
+            self.device.type == "cuda" if settings.scorer_thread is None else settings.scorer_thread
+        )
         self.batcher = MicroBatcher(
             metrics,
             settings.max_batch_rows,
             settings.micro_batch,
             settings.torch_threads,
-            thread=settings.scorer_thread,
+            thread=self.scorer_thread,
         )
         self.user_field, self.item_field = detect_id_fields(
             base.encoder, base.info.manifest, settings.user_id_field, settings.item_id_field
@@ -155,7 +160,7 @@ class Service:
             "registry_ok": self.control.registry_ok,
             "unknown_domain": s.unknown_domain,
             "micro_batch": s.micro_batch,
-            "scorer_thread": s.scorer_thread,
+            "scorer_thread": self.scorer_thread,
             "routing": self.routing,
             "threads": s.torch_threads,
             "feature_store": s.use_feature_store,

@@ -66,8 +66,10 @@ class ServiceSettings(BaseSettings):
     max_adapter_rank: Annotated[int, F("highest adapter rank accepted", ge=1)] = 256
     micro_batch: Annotated[bool, F("score concurrent requests in one model call")] = True
     scorer_thread: Annotated[
-        bool, F("model calls on a worker thread instead of the event loop (see runtime.py)")
-    ] = False
+        bool | None,
+        F("model calls on a worker thread instead of the event loop (see runtime.py); unset: "
+          "on a GPU, where a call mostly waits for the device with the interpreter lock free"),
+    ] = None  # fmt: skip
     max_batch_rows: Annotated[int, F("rows in one micro-batched model call", ge=1)] = 4096
     reconcile_interval_s: Annotated[
         float, F("how often to check the registry in case a message was missed", gt=0)

@@ -59,8 +59,10 @@ def test_predict_on_the_device_gives_the_cores_scores(
     division = DIVISION[method]
     domain = {"age": "25", "gender": "F"}[division]
     items = [3, 6, 30, 123, 900, 424242]
-    settings = ServiceSettings(artifact_dir=art, device=device.type)
+    settings = ServiceSettings(artifact_dir=art, device=device.type, dev_mode=True)
     with TestClient(create_app(settings)) as c:
+        # unset, model calls run on a scorer thread on a GPU (they mostly wait for it)
+        assert c.get("/v1/models").json()["scorer_thread"] == (device.type == "cuda")
         r = c.post("/predict", json={"domain": domain, "user": {"id": 7}, "item_ids": items})
         assert r.status_code == 200, r.text
         batch = c.post("/predict/batch", json={"requests": [
