@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -203,20 +203,35 @@ def _restore(model: nn.Module, state: dict[str, Tensor]) -> None:
         current[k].copy_(v)
 
 
-def make_adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
-    """Adam without weight decay; the fused kernel where this torch has one for the device.
+def make_adam(
+    params: list[nn.Parameter], lr: float, l2: float = 0.0, l2_params: Sequence[Tensor] = ()
+) -> torch.optim.Adam:
+    """Adam; the fused kernel where this torch has one for the device.
+
+    ``l2_params`` (a subset of ``params``) take the L2 term ``l2 * sum(p**2)`` as Adam's
+    coupled weight decay: the step adds its gradient ``2 * l2 * p`` to theirs, which is the
+    gradient the explicit term gives, without its dozen kernels a step. Only for whole
+    tensors: a row-masked one (``models.freeze``) keeps the explicit term, whose gradient its
+    hook masks; decay added in the step would move its frozen rows. Every other parameter
+    has no decay.
 
     Fused Adam is about 3x faster than ``foreach`` on CPU. It does not bump the tensors'
     version counters, which the model's inference-bank cache keys on; the model drops that
     cache on every ``train()`` / ``eval()``, and validation always goes through ``eval()``.
     """
+    decayed = {id(p) for p in l2_params} if l2 > 0 else set()
+    groups: list[dict[str, Any]] = [
+        {"params": [p for p in params if id(p) not in decayed]},
+        {"params": [p for p in params if id(p) in decayed], "weight_decay": 2 * l2},
+    ]
+    groups = [g for g in groups if g["params"]] or [{"params": params}]
     device = params[0].device.type if params else "cpu"
     if device in ("cpu", "cuda"):
         try:
-            return torch.optim.Adam(params, lr=lr, fused=True)
+            return torch.optim.Adam(groups, lr=lr, fused=True)
         except RuntimeError:  # a torch without the fused kernel for this device (CPU < 2.4)
             pass
-    return torch.optim.Adam(params, lr=lr, foreach=True)
+    return torch.optim.Adam(groups, lr=lr, foreach=True)
 
 
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
@@ -248,7 +263,10 @@ def train_phase(
     if not params:
         raise ValueError(f"phase {phase.name!r}: groups {phase.groups} select no parameters")
     trainable = trainable_parameter_count(model)
-    reg = [p for p in l2_parameters(model) if p.requires_grad] if settings.l2 > 0 else []
+    l2_params = [p for p in l2_parameters(model) if p.requires_grad] if settings.l2 > 0 else []
+    # whole tensors take the L2 term as Adam's weight decay (make_adam); row-masked ones keep
+    # the explicit term, whose gradient their hook masks
+    reg = [p for p in l2_params if hasattr(p, "_mdlora_rows")]
     column = phase.metric_column
     train_rows = rows_of_domains(train, phase.domains, column)
     val_part = val.select(rows_of_domains(val, phase.domains, column))
@@ -256,7 +274,9 @@ def train_phase(
     net = wrap(model, ctx, find_unused=unused)
     # A fresh optimiser per phase and no weight decay: the row hooks then keep every frozen row
     # bit-identical (models.freeze).
-    opt = make_adam(params, phase.lr)
+    opt = make_adam(
+        params, phase.lr, settings.l2, [p for p in l2_params if not hasattr(p, "_mdlora_rows")]
+    )
     use_amp = settings.amp
     scaler = torch.amp.GradScaler("cuda") if use_amp and device.type == "cuda" else None
     torch.manual_seed(settings.seed + 7919 * phase_index)

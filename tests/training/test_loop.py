@@ -176,6 +176,43 @@ def test_l2_term_covers_embeddings_linear_and_cross_only(tmp_path: Path) -> None
     ]
 
 
+def test_l2_as_adams_weight_decay_trains_as_the_explicit_term(
+    tmp_path: Path, device: torch.device
+) -> None:
+    """Whole tensors take L2 as Adam's coupled weight decay (a dozen kernels a step fewer):
+    the same steps as ``loss + l2 * sum(p**2)`` to float rounding."""
+    import torch.nn.functional as F
+
+    from mdlora.models.freeze import set_trainable
+
+    _, _, model, train, _ = _setup(tmp_path, "base", device, backbone="dcn")
+    other = _setup(tmp_path, "base", device, backbone="dcn")[2]
+    other.load_state_dict(model.state_dict())
+    start = _state(model)
+    l2 = 0.05  # large, so a missing or doubled term shows
+    runs = []
+    for m, as_decay in ((model, True), (other, False)):
+        params = set_trainable(m, ["backbone"])
+        reg = [p for p in loop.l2_parameters(m) if p.requires_grad]
+        assert len(reg) == 4
+        opt = loop.make_adam(params, 1e-2, l2, reg) if as_decay else loop.make_adam(params, 1e-2)
+        m.eval()  # no dropout: both runs see the same function
+        for i in range(5):
+            b = train.select(torch.arange(i * 64, (i + 1) * 64, device=device))
+            assert b.labels is not None
+            logits = m(b.sparse, b.dense, b.domains, b.multi_hot)
+            loss = F.binary_cross_entropy_with_logits(logits, b.labels)
+            if not as_decay:
+                loss = loss + l2 * sum(p.square().sum() for p in reg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        runs.append(_state(m))
+    for k, v in runs[0].items():
+        torch.testing.assert_close(v, runs[1][k], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(runs[0]["embedding.weight"], start["embedding.weight"])
+
+
 def test_amp_on_cpu_trains_with_bfloat16_autocast(tmp_path: Path) -> None:
     _, _, model, train, val = _setup(tmp_path, "base")
     ph = Phase("backbone", "backbone", ["backbone"], epochs=1)
