@@ -18,7 +18,9 @@ Everything is measured side by side in this run, on the same GPU:
    DeepCTR-Torch's DeepFM ``fit`` on the same rows, GPU and batch when ``deepctr_torch``
    imports (``ours_over_deepctr_cuda``: our phase 1 over it), else null with the reason;
 3. serving: ``bench_service.py --quick --device cuda`` (service and in-process scorer both on
-   the GPU), its ``service_over_inprocess``.
+   the GPU), its ``service_over_inprocess`` with the service's default (on a GPU, model
+   calls on a scorer thread) and, as ``service_over_inprocess_cuda_inline``, with model calls
+   on the event loop (``--scorer-thread off``).
 
 Prints tables, then, LAST, one JSON line. ``--quick``: smaller batches, fewer rounds, a
 quarter of the rows, no service run (under a minute). On a machine without CUDA it says so

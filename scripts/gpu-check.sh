@@ -18,7 +18,7 @@
 #     typing_extensions opentelemetry-api deepctr-torch
 # then, on the device tool: run(command="bash scripts/gpu-check.sh", carry=[".whl"]).
 #
-# Knobs: TEST_TIMEOUT (s, default 200), BENCH_TIMEOUT (s, default 200), WORKERS (pytest-xdist
+# Knobs: TEST_TIMEOUT (s, default 200), BENCH_TIMEOUT (s, default 260), WORKERS (pytest-xdist
 # workers, default 8), TESTS (paths), SKIP_TESTS=1, SKIP_BENCH=1, BENCH_ARGS (e.g.
 # "--skip-service").
 set -uo pipefail
@@ -83,7 +83,7 @@ fi
 if [ "${SKIP_BENCH:-0}" != "1" ]; then
   stamp "benchmarks/bench_gpu.py ${BENCH_ARGS:-}"
   # shellcheck disable=SC2086
-  timeout "${BENCH_TIMEOUT:-200}" "$PY" benchmarks/bench_gpu.py ${BENCH_ARGS:-} \
+  timeout "${BENCH_TIMEOUT:-260}" "$PY" benchmarks/bench_gpu.py ${BENCH_ARGS:-} \
     >"$OUT/bench.log" 2>&1
   rc=$?
   stamp "bench exit code $rc"
