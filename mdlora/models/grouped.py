@@ -49,6 +49,9 @@ _TRIED = False
 BROKEN: str | None = None
 #: whether a kernel result of this process has been checked against the eager path
 VERIFIED = False
+#: what callers warmed the kernels up for in this process (the service's warm-up: a device,
+#: tower shape and block size compile once, so later snapshots skip them)
+WARMED: set[tuple[Any, ...]] = set()
 
 
 #: ``MDLORA_GROUPED_KERNEL=0`` keeps the eager path on CUDA too (an operator's way out
@@ -193,10 +196,11 @@ def _kernel() -> Any:
 
 
 def reset() -> None:
-    """Forget the built kernels, any failure and the check (tests switch
+    """Forget the built kernels, any failure, the check and the warm-ups (tests switch
     ``TRITON_INTERPRET``)."""
     global _KERNEL, _TRIED, BROKEN, VERIFIED
     _KERNEL, _TRIED, BROKEN, VERIFIED = None, False, None, False
+    WARMED.clear()
 
 
 def _strict() -> bool:

@@ -334,8 +334,10 @@ def warm_up(snapshot: Snapshot) -> None:
     """Score a few rows so lazy state (folded inference banks) is built before the swap.
 
     On CUDA with the grouped kernel (``mdlora.models.grouped``), which Triton compiles once
-    per block size, a mixed batch of each size is scored too: the compilations (on first use
-    in a process; not yet timed on a GPU) happen here, not in the first requests.
+    per block size and layer shape, a mixed batch of each size is scored too: the
+    compilations (on first use in a process; not yet timed on a GPU) happen here, not in the
+    first requests. Once per process and tower shape: a later snapshot (an adapter swap)
+    needs no new compilation, and those batches would only compete with live traffic.
     """
     model, runner = snapshot.serving_model, runner_of(snapshot)
     rows = synthetic_rows(model, 4)
@@ -344,11 +346,17 @@ def warm_up(snapshot: Snapshot) -> None:
     runner.score(rows)
     if isinstance(runner, TorchRunner) and grouped.runs_on(runner.device):
         n_primary = len(model.config.divisions[0].domains)
+        tower = model.tower
+        layers = tuple((lin.in_features, lin.out_features) for lin in tower.linears)
+        shape = (str(runner.device), layers, repr(tower.norms), repr(tower.acts))
         for block in BLOCK_SIZES:
             n = 2 * n_primary * block  # the rows that choose this block size
             if n > WARM_UP_MAX_ROWS:  # a batch this large is rare enough to compile itself
                 break
+            if (shape, block) in grouped.WARMED:
+                continue
             runner.score(synthetic_rows(model, n, seed=block))
+            grouped.WARMED.add((shape, block))
 
 
 PROBE_ROWS = 64

@@ -107,4 +107,14 @@ def test_warm_up_compiles_the_grouped_kernel_for_every_block_size(
     monkeypatch.setattr(grouped, "grouped_linear", spy)
     warm_up(snap)
     assert blocks == set(BLOCK_SIZES)
+    # the next snapshot of the same tower (an adapter swap) needs no compilation: its
+    # warm-up scores no large batches beside live traffic
+    blocks.clear()
+    pkg = demo_adapter(ArtifactBase.load(demo_artifacts["mlora"]).model, "age", "new", seed=2)
+    new = snap.with_adapters([(pkg, LoadedAdapter(1, "x", "registry"))], 1)
+    if device.type == "cpu":
+        new.serving_model.set_routing("segment")
+    new.runner = TorchRunner(new)
+    warm_up(new)
+    assert blocks <= {min(BLOCK_SIZES)}  # at most the four-row batch's
     grouped.reset()
