@@ -40,26 +40,51 @@ def _is_table(node: ast.expr) -> bool:
     return ident is not None and bool(TABLE_OPERAND.search(ident))
 
 
+def _literal_options(node: ast.expr) -> list[ast.expr]:
+    """The literal alternatives of ``x in <node>``: ``(...)``, ``[...]``, ``{...}`` and those
+    wrapped in ``frozenset(...)`` / ``set(...)`` / ``tuple(...)`` / ``list(...)``."""
+    if (
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+        and node.func.id in ("frozenset", "set", "tuple", "list") and len(node.args) == 1
+    ):  # fmt: skip
+        node = node.args[0]
+    return list(node.elts) if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else []
+
+
+def _prefix_test(node: ast.AST) -> bool:
+    """``x.startswith("multilora")`` / ``.endswith(...)`` with a name (or a tuple holding one)."""
+    if not (
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+        and node.func.attr in ("startswith", "endswith") and node.args
+    ):  # fmt: skip
+        return False
+    arg = node.args[0]
+    return bool(_name(arg) or any(_name(e) for e in _literal_options(arg)))
+
+
 def name_tests(source: str) -> list[tuple[int, str]]:
     """Every test of a value against a method or recipe name in ``source``: ``==`` / ``!=`` /
-    ``in`` / ``not in`` with a name's string literal on either side (or among the literal
-    alternatives of ``in (...)``), whatever the other side is called (``cfg.method``,
-    ``r["method"]``, ``m``, ``c["recipe"]``), and ``case "name":``. A name as a key
+    ``in`` / ``not in`` / ``is`` / ``is not`` with a name's string literal on either side (or
+    among the literal alternatives of ``in (...)``, ``in frozenset({...})``), whatever the
+    other side is called (``cfg.method``, ``r["method"]``, ``m``, ``c["recipe"]``),
+    ``.startswith("name")`` / ``.endswith(...)``, and ``case "name":``. A name as a key
     (``stats[(split, b, "mlora")]``, ``(split, b, "mlora") in stats``), a loop over names and
     a name in a comment or docstring are no tests. (line, the comparison's source) each."""
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.MatchValue) and _name(node.value):
             found.append((node.lineno, ast.get_source_segment(source, node) or ""))
+        if _prefix_test(node):
+            found.append((node.lineno, ast.get_source_segment(source, node) or ""))
         if not isinstance(node, ast.Compare):
             continue
         operands = [node.left, *node.comparators]
         for op, a, b in zip(node.ops, operands[:-1], operands[1:], strict=True):
-            if not isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn)):
+            if not isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn, ast.Is, ast.IsNot)):
                 continue
             if _is_table(a) or _is_table(b):
                 continue
-            options = b.elts if isinstance(b, (ast.Tuple, ast.List, ast.Set)) else []
+            options = _literal_options(b)
             membership = isinstance(op, (ast.In, ast.NotIn))
             if _name(a) or _name(b) or (membership and any(_name(e) for e in options)):
                 found.append((node.lineno, ast.get_source_segment(source, node) or ""))
@@ -68,7 +93,7 @@ def name_tests(source: str) -> list[tuple[int, str]]:
 
 def test_no_code_outside_the_method_room_branches_on_a_model_method_name() -> None:
     offenders, known = [], set()
-    for folder in ("mdlora", "benchmarks"):
+    for folder in ("mdlora", "benchmarks", "scripts"):
         for path in sorted((ROOT / folder).rglob("*.py")):
             if path.parent == ROOT / "mdlora" / "models" / "methods":
                 continue
@@ -109,6 +134,11 @@ def test_no_code_outside_the_method_room_branches_on_a_model_method_name() -> No
         ('if self.table == "multilora":\n    pass', False),  # a reproduce table's name
         ('"multilora" in want_tables and table != "multilora"', False),
         ('# if m == "base":\n"""m == "base" """', False),  # comments and docstrings
+        ('m is "base"', True),
+        ('m in frozenset({"mlora", "moe"})', True),
+        ('name.startswith("multilora")', True),
+        ('name.endswith(("x", "moe"))', True),
+        ('path.startswith("runs/")', False),
     ],
 )
 def test_the_guard_sees_any_test_against_a_name(source: str, branches: bool) -> None:
