@@ -51,10 +51,10 @@ def _literal_options(node: ast.expr) -> list[ast.expr]:
     return list(node.elts) if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else []
 
 
-def _prefix_test(node: ast.AST) -> bool:
+def _prefix_test(node: ast.Call) -> bool:
     """``x.startswith("multilora")`` / ``.endswith(...)`` with a name (or a tuple holding one)."""
     if not (
-        isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+        isinstance(node.func, ast.Attribute)
         and node.func.attr in ("startswith", "endswith") and node.args
     ):  # fmt: skip
         return False
@@ -74,7 +74,7 @@ def name_tests(source: str) -> list[tuple[int, str]]:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.MatchValue) and _name(node.value):
             found.append((node.lineno, ast.get_source_segment(source, node) or ""))
-        if _prefix_test(node):
+        if isinstance(node, ast.Call) and _prefix_test(node):
             found.append((node.lineno, ast.get_source_segment(source, node) or ""))
         if not isinstance(node, ast.Compare):
             continue
