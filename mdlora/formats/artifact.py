@@ -48,6 +48,7 @@ from mdlora.formats.files import (
     GATE_WEIGHTS,
     GROWN_VOCAB,
     MANIFEST,
+    REGISTRY,
     SCHEMA_VERSION,
     ArtifactError,
     describe_tensors,
@@ -150,6 +151,32 @@ def _safe(name: str) -> str:
     return name
 
 
+def check_artifact_target(directory: Path | str) -> None:
+    """Refuse (``ArtifactError``) to write an artifact where that would lose something: over
+    a file, a non-empty folder that holds no artifact, or an artifact a service has
+    registered adapters on (they would be dropped, and a service still serving it would
+    write its registry back into the new artifact). Writers call it before long work."""
+    directory = Path(directory)
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory} is a file, not a folder: write the artifact elsewhere")
+    if not any(directory.iterdir()):
+        return
+    if not (directory / MANIFEST).is_file():
+        raise ArtifactError(
+            f"{directory} is not empty and holds no mdlora artifact ({MANIFEST} is missing): "
+            "refusing to replace what is in it; write the artifact to a new or empty folder"
+        )
+    if (directory / REGISTRY).exists():
+        raise ArtifactError(
+            f"{directory} holds adapters registered with a service ({REGISTRY}): writing over "
+            "it would drop them, and a service still serving it would write its registry back "
+            "into the new artifact; write the new artifact to another folder, or stop the "
+            "service and remove this one first"
+        )
+
+
 def save_artifact(
     model: MultiDomainModel,
     directory: Path | str,
@@ -160,9 +187,11 @@ def save_artifact(
     """Write ``model`` (and the encoder dict) as an artifact directory.
 
     Written to a temporary sibling and renamed into place, so a crash never leaves half an
-    artifact where a previous one was.
+    artifact where a previous one was. Replaces an artifact already there, nothing else
+    (:func:`check_artifact_target`).
     """
     directory = Path(directory)
+    check_artifact_target(directory)
     problem = disagreement(encoder or {}, model.config)
     if problem:  # the model's divisions own the domain list (mdlora.formats.domains)
         raise ArtifactError(

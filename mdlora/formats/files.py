@@ -21,6 +21,8 @@ SCHEMA_VERSION = 1
 
 #: the file names of an artifact and of an adapter package (the one place they are spelt)
 MANIFEST = "manifest.json"
+#: what a service keeps of the adapters registered on an artifact folder (service.registry)
+REGISTRY = "registry.json"
 
 
 BACKBONE_WEIGHTS = "backbone.safetensors"

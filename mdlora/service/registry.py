@@ -46,6 +46,7 @@ from mdlora.formats.fileio import atomic_write
 from mdlora.formats.files import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    REGISTRY,
     ArtifactError,
     package_digest,
     sha256_bytes,
@@ -54,7 +55,7 @@ from mdlora.formats.files import (
 log = logging.getLogger("mdlora.service")
 
 DomainKey = tuple[str, str]
-REGISTRY_FILE = "registry.json"
+REGISTRY_FILE = REGISTRY
 STATE_FORMAT = "mdlora-registry"
 RESTORE_LOCK_MS = 10_000  # how long one replica may hold the restore lock
 

@@ -44,6 +44,7 @@ from mdlora.formats.adapter_package import (
     write_adapter_package,
 )
 from mdlora.formats.artifact import (
+    check_artifact_target,
     adapter_dir,
     load_artifact,
     save_artifact,
@@ -390,6 +391,13 @@ def add_domain(
     """
     settings = settings or AddDomainSettings()
     artifact = Path(artifact)
+    if artifact_out is not None:
+        if Path(artifact_out).resolve() == artifact.resolve():
+            raise ArtifactError(
+                f"--artifact-out {artifact_out} is the artifact being read: write the grown "
+                "artifact to a new folder (a service may be serving this one)"
+            )
+        check_artifact_target(artifact_out)  # before the training, not after it
     art = load_artifact(artifact)
     if art.encoder is None:
         raise ArtifactError(f"{artifact} has no encoder.json: add-domain needs the encoder")

@@ -10,8 +10,10 @@ scores with torch by default, and ``mdlora export --run`` writes it later).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+from mdlora.formats.files import MANIFEST, REGISTRY
 from mdlora.training.config import TrainConfig, config_from_dict
 from mdlora.training.run import RunResult
 
@@ -77,6 +79,10 @@ def quickstart(
         verdict = "beats" if mlora > base else "does NOT beat"
         print(f"MLoRA {verdict} Base on test WAUC: {100 * mlora:.2f}% vs {100 * base:.2f}%")
     print(f"3/4 exporting the artifact to {out}")
+    if (out / REGISTRY).exists() and (out / MANIFEST).is_file():  # an earlier quickstart's
+        print(f"    replacing the previous quickstart artifact at {out} and the adapters "
+              "registered on it")  # fmt: skip
+        shutil.rmtree(out)
     for path in export_run(run_dir, out, onnx=onnx):
         print(f"    artifact written: {path}")
     from mdlora.training.data.synthetic import write_synthetic

@@ -74,6 +74,39 @@ def test_saving_over_an_existing_artifact_replaces_it(tmp_path: Path) -> None:
     assert load_artifact(tmp_path / "art").model.config.method == "moe"
 
 
+def test_an_artifact_never_replaces_a_folder_it_would_lose_something_in(tmp_path: Path) -> None:
+    """Not a folder of other files, not a file, not the adapters a service registered."""
+    mine = tmp_path / "project"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("important")
+    with pytest.raises(ArtifactError, match="holds no mdlora artifact"):
+        save_artifact(build("mlora"), mine)
+    assert (mine / "notes.txt").read_text() == "important" and (mine / "sub").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ArtifactError, match="is a file"):
+        save_artifact(build("mlora"), tmp_path / "file")
+    served = tmp_path / "served"
+    save_artifact(build("mlora"), served)
+    (served / "registry.json").write_text("{}")  # what a service writes on registration
+    with pytest.raises(ArtifactError, match="registered with a service"):
+        save_artifact(build("moe1"), served)
+    assert load_artifact(served).model.config.method == "mlora"
+    (tmp_path / "empty").mkdir()
+    save_artifact(build("mlora"), tmp_path / "empty")  # an empty folder is fine
+
+
+def test_add_domain_refuses_to_write_the_grown_artifact_over_its_source(tmp_path: Path) -> None:
+    from mdlora.training.add_domain import add_domain
+
+    art = save_artifact(build("mlora"), tmp_path / "art")
+    with pytest.raises(ArtifactError, match="is the artifact being read"):
+        add_domain(art, tmp_path / "rows.parquet", "new", artifact_out=tmp_path / "." / "art")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x.txt").write_text("x")
+    with pytest.raises(ArtifactError, match="holds no mdlora artifact"):  # before any training
+        add_domain(art, tmp_path / "rows.parquet", "new", artifact_out=tmp_path / "busy")
+
+
 def _rewrite(
     path: Path, manifest_path: Path | None, change: Callable[[dict[str, torch.Tensor]], object]
 ) -> None:
