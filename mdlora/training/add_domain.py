@@ -44,8 +44,8 @@ from mdlora.formats.adapter_package import (
     write_adapter_package,
 )
 from mdlora.formats.artifact import (
-    check_artifact_target,
     adapter_dir,
+    check_artifact_target,
     load_artifact,
     save_artifact,
 )
