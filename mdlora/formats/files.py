@@ -102,7 +102,11 @@ def expected_tensors(
 
 
 def _is_pickle(data: bytes) -> bool:
-    """A torch.save zip archive or a raw pickle (protocol 2, 4 or 5)."""
+    """A torch.save zip archive or a raw pickle (protocol 2, 4 or 5). Not a (truncated)
+    safetensors file whose header length happens to start so (a 640-byte header is
+    ``80 02 00 ...``): there the JSON header opens at byte 8."""
+    if data[8:9] == b"{":
+        return False
     return data[:4] == b"PK\x03\x04" or data[:2] in (b"\x80\x02", b"\x80\x04", b"\x80\x05")
 
 

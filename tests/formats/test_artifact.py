@@ -174,6 +174,15 @@ def test_pickle_and_truncated_files_are_refused(tmp_path: Path) -> None:
     torch.save({"x": torch.zeros(2)}, pkg_dir / ADAPTER_WEIGHTS)  # a pickle, renamed
     with pytest.raises(ArtifactError, match="pickles are never loaded"):
         read_adapter_package(pkg_dir)
+    # a header of 640 bytes starts the file with 80 02, pickle protocol 2's first bytes: a
+    # truncated safetensors file is still called one, not a pickle
+    from mdlora.formats.files import load_safetensors_bytes
+
+    header = json.dumps({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})
+    data = (640).to_bytes(8, "little") + header.ljust(640).encode() + b"\0" * 8
+    assert data[:2] == b"\x80\x02" and load_safetensors_bytes(data, "w")["x"].shape == (2,)
+    with pytest.raises(ArtifactError, match="not a valid safetensors file"):
+        load_safetensors_bytes(data[:300], "w")
 
 
 def test_adapter_for_another_backbone_is_refused(tmp_path: Path) -> None:
