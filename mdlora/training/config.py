@@ -17,6 +17,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
+import numbers
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -161,6 +163,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):
             self.data = make_data_config(self.data)
+        for name in ("phase_epochs", "phase_lr"):
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"{name} must be a mapping of phase kind to value (e.g. "
+                                  f"{{gate: 2}}), got {getattr(self, name)!r}")  # fmt: skip
         # YAML 1.1 reads "1e-3" (no dot) as a string
         for name in ("lr", "l2"):
             setattr(self, name, _number(name, getattr(self, name)))
@@ -170,10 +176,6 @@ class TrainConfig:
         for key in (*self.phase_epochs, *self.phase_lr):
             if key not in PHASE_KINDS:
                 raise ConfigError(f"phase_epochs/phase_lr key {key!r} is not one of {PHASE_KINDS}")
-        if self.threads is not None and (
-            not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1
-        ):
-            raise ConfigError(f"threads must be an integer >= 1, got {self.threads!r}")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.l2 is not None and self.l2 < 0:
@@ -181,21 +183,26 @@ class TrainConfig:
         for k, v in self.phase_lr.items():
             if not v >= 0:
                 raise ConfigError(f"phase_lr.{k} must be >= 0, got {v}")
-        for name in ("epochs", "patience", "eval_batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.eval_every is not None and (
-            not isinstance(self.eval_every, int) or isinstance(self.eval_every, bool)
-            or self.eval_every < 1
-        ):  # fmt: skip
-            raise ConfigError(
-                f"eval_every must be an integer >= 1 (steps) or null (once per epoch), "
-                f"got {self.eval_every!r}"
-            )
+        self._check_integers()
         self._check_adapt_rows()
         self._check_model()
+
+    def _check_integers(self) -> None:
+        """Integer knobs: whole numbers only (``2.0`` is 2; ``2.5``, ``true``, ``"abc"`` are
+        refused rather than truncated)."""
+        for name in ("epochs", "patience", "eval_batch_size"):
+            setattr(self, name, integer(name, getattr(self, name)))
+        self.seed = integer("seed", self.seed, minimum=None)
+        for name in ("batch_size", "threads"):
+            if getattr(self, name) is not None:
+                setattr(self, name, integer(name, getattr(self, name)))
+        if self.eval_every is not None:
+            self.eval_every = integer(
+                "eval_every", self.eval_every, hint="(steps), or null (once per epoch)"
+            )
+        self.phase_epochs = {
+            k: integer(f"phase_epochs.{k}", v, minimum=0) for k, v in self.phase_epochs.items()
+        }
 
     def _check_adapt_rows(self) -> None:
         self.adapt_fraction = float(_number("adapt_fraction", self.adapt_fraction))
@@ -373,12 +380,28 @@ LATER_DEFAULTS: dict[str, Any] = {
 
 
 def _number(name: str, value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
     if isinstance(value, str):
         try:
             return float(value)
         except ValueError:
             raise ConfigError(f"{name} must be a number, got {value!r}") from None
     return value
+
+
+def integer(name: str, value: Any, minimum: int | None = 1, hint: str = "") -> int:
+    """``value`` as an ``int``: an integer, or a float with nothing after the point (``2.0``);
+    a boolean, a string or ``2.5`` is refused (a ConfigError naming ``name``), not truncated."""
+    whole = (
+        isinstance(value, numbers.Integral)
+        or (isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer())
+    ) and not isinstance(value, bool)
+    if not whole or (minimum is not None and int(value) < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ConfigError(f"{name} must be an integer{bound}{' ' + hint if hint else ''}, "
+                          f"got {value!r}")  # fmt: skip
+    return int(value)
 
 
 def make_data_config(d: dict[str, Any]) -> DataConfig:
