@@ -227,8 +227,9 @@ def save_artifact(
                     "path": str(path.relative_to(tmp)),
                     "sha256": sha256_bytes((path / ADAPTER_WEIGHTS).read_bytes()),
                 })  # fmt: skip
-        if encoder is not None:
-            (tmp / ENCODER).write_text(json.dumps(encoder))
+        encoder_bytes = None if encoder is None else json.dumps(encoder).encode()
+        if encoder_bytes is not None:
+            (tmp / ENCODER).write_bytes(encoder_bytes)
         manifest = {
             "format": "mdlora-artifact",
             "schema_version": SCHEMA_VERSION,
@@ -238,6 +239,7 @@ def save_artifact(
             "routing": model.routing,
             "files": files,
             "encoder": ENCODER if encoder is not None else None,
+            **({"encoder_sha256": sha256_bytes(encoder_bytes)} if encoder_bytes else {}),
             "adapters": adapters,
             "metrics": metrics or {},
             **(extra or {}),
@@ -272,7 +274,57 @@ def read_manifest(directory: Path | str) -> dict[str, Any]:
             f"{path}: schema version {manifest.get('schema_version')} is not supported "
             f"(this mdlora reads version {SCHEMA_VERSION})"
         )
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise ArtifactError(f"{path}: {problem}; re-export the artifact (mdlora export --run RUN)")
     return manifest
+
+
+def _manifest_problem(m: dict[str, Any]) -> str | None:
+    """What is missing or of the wrong type in a manifest's fields that loading reads."""
+    if not isinstance(m.get("model"), dict):
+        return "'model' (the model config) is missing or not an object"
+    files = m.get("files")
+    if not isinstance(files, dict):
+        return "'files' (the weight files and their checksums) is missing or not an object"
+    for name, info in files.items():
+        if not (isinstance(info, dict) and isinstance(info.get("sha256"), str)
+                and isinstance(info.get("tensors"), dict)):  # fmt: skip
+            return f"files[{name!r}] needs a 'sha256' string and a 'tensors' object"
+    adapters = m.get("adapters", [])
+    if not isinstance(adapters, list):
+        return "'adapters' is not a list"
+    for i, a in enumerate(adapters):
+        keys = ("division", "domain", "version", "path", "sha256")
+        if not (isinstance(a, dict) and all(k in a for k in keys)):
+            return f"adapters[{i}] needs {', '.join(keys)}"
+    if m.get("encoder") is not None and not isinstance(m["encoder"], str):
+        return "'encoder' is not a file name"
+    return None
+
+
+def _read_encoder(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The artifact's encoder dict, checked against the manifest's checksum (artifacts
+    written before it was recorded have none)."""
+    path = directory / manifest["encoder"]
+    if not path.is_file():
+        raise ArtifactError(
+            f"{directory}: {manifest['encoder']} is listed in the manifest but missing"
+        )
+    data = path.read_bytes()
+    want = manifest.get("encoder_sha256")
+    if want is not None and sha256_bytes(data) != want:
+        raise ArtifactError(
+            f"{path}: checksum does not match the manifest (file changed?); put back the "
+            "encoder the artifact was saved with, or re-export it"
+        )
+    try:
+        encoder = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(encoder, dict):
+        raise ArtifactError(f"{path} is not an encoder (a JSON object is expected)")
+    return encoder
 
 
 #: the rank temperatures that configs saved without ``alpha`` and ``ranks`` were built with
@@ -294,10 +346,15 @@ def load_artifact(directory: Path | str, map_location: str | torch.device = "cpu
     """Rebuild the model of an artifact directory, checking every file against the manifest."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    config = model_config_from_dict(manifest["model"])
+    try:
+        config = model_config_from_dict(manifest["model"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ArtifactError(
+            f"{directory}: the manifest's model config is invalid ({exc})"
+        ) from None
     encoder = None
     if manifest.get("encoder"):
-        encoder = json.loads((directory / manifest["encoder"]).read_text())
+        encoder = _read_encoder(directory, manifest)
         problem = disagreement(encoder, config, "manifest's")
         if problem:  # never serve one list and encode with another
             raise ArtifactError(

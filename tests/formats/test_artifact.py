@@ -291,6 +291,10 @@ def test_an_encoder_whose_domains_differ_from_the_manifest_is_refused_at_load(
 
     path = build_demo_artifact(tmp_path / "a", method="mlora", division="age")
     assert load_artifact(path).encoder is not None  # as written, the two agree
+    # as an artifact written before the encoder's checksum was recorded (else that fires)
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["encoder_sha256"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
     enc = json.loads((path / "encoder.json").read_text())
     enc[field]["age"] = ["1", "18", "25", "35", "45", "56", "50"]  # two ids swapped
     (path / "encoder.json").write_text(json.dumps(enc))
@@ -397,3 +401,34 @@ def test_artifact_apply_adapter_refused_leaves_the_artifact_as_it_was(tmp_path: 
     assert art.model.domain_names("age")[-1] != "99"
     after = art.model.state_dict()
     assert set(after) == set(state) and all(torch.equal(after[k], state[k]) for k in state)
+
+
+def test_an_edited_or_broken_encoder_or_manifest_is_refused_with_what_is_wrong(
+    tmp_path: Path,
+) -> None:
+    from tests.service.demo import build_demo_artifact
+
+    path = build_demo_artifact(tmp_path / "a", method="mlora", division="age")
+    good = (path / "encoder.json").read_bytes()
+    enc = json.loads(good)
+    enc["vocabs"]["user_id"][:2] = enc["vocabs"]["user_id"][1::-1]  # two ids swapped
+    (path / "encoder.json").write_text(json.dumps(enc))
+    with pytest.raises(ArtifactError, match=r"encoder.json: checksum does not match"):
+        load_artifact(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["encoder_sha256"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    (path / "encoder.json").write_text("[]")
+    with pytest.raises(ArtifactError, match="is not an encoder"):
+        load_artifact(path)
+    (path / "encoder.json").write_bytes(good)
+    for key, want in (("files", "'files' .* is missing"), ("model", "'model' .* is missing")):
+        broken = {k: v for k, v in manifest.items() if k != key}
+        (path / "manifest.json").write_text(json.dumps(broken))
+        with pytest.raises(ArtifactError, match=want):
+            load_artifact(path)
+    name = next(iter(manifest["files"]))
+    broken = {**manifest, "files": {name: {"tensors": {}}}}
+    (path / "manifest.json").write_text(json.dumps(broken))
+    with pytest.raises(ArtifactError, match=r"needs a 'sha256' string"):
+        load_artifact(path)
