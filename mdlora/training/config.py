@@ -116,6 +116,18 @@ class DataConfig:
                 "data.source 'table' needs data.schema: label, divisions, sparse, "
                 "multi_hot, dense (see configs/user-table.yaml)"
             )
+        if self.source == "preset":
+            from mdlora.training.data.presets import PRESETS
+
+            if self.preset not in PRESETS:
+                raise ConfigError(f"data.preset {_said([str(self.preset)], PRESETS)} is not a "
+                                  f"preset; use one of {sorted(PRESETS)}")  # fmt: skip
+        if self.options is None:  # "options:" with nothing under it
+            self.options = {}
+        if not isinstance(self.options, dict):
+            raise ConfigError(f"data.options must be a mapping (e.g. {{max_rows: 50000}}), "
+                              f"got {self.options!r}")  # fmt: skip
+        self.options = _checked_options(self.options)
 
 
 @dataclass
@@ -402,6 +414,28 @@ def integer(name: str, value: Any, minimum: int | None = 1, hint: str = "") -> i
         raise ConfigError(f"{name} must be an integer{bound}{' ' + hint if hint else ''}, "
                           f"got {value!r}")  # fmt: skip
     return int(value)
+
+
+#: ``data.options`` that are counts (at least 1) or seeds (at least 0), for every data source
+#: that takes them (the preparing functions refuse the options they do not take)
+INTEGER_OPTIONS = {"n_rows": 1, "n_domains": 1, "n_users": 1, "n_items": 1, "n_segments": 1,
+                   "n_categories": 1, "n_tags": 1, "max_tags": 1, "max_rows": 1,
+                   "batch_rows": 1, "seed": 0}  # fmt: skip
+
+
+def _checked_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the counts, seeds and ``sample_frac`` checked (``null``: left out)."""
+    out = dict(options)
+    for key, minimum in INTEGER_OPTIONS.items():
+        if out.get(key) is not None:
+            out[key] = integer(f"data.options.{key}", out[key], minimum)
+    frac = out.get("sample_frac")
+    if frac is not None:
+        frac = _number("data.options.sample_frac", frac)
+        if not isinstance(frac, numbers.Real) or not 0 < float(frac) <= 1:
+            raise ConfigError(f"data.options.sample_frac must be a number in (0, 1], got {frac!r}")
+        out["sample_frac"] = frac
+    return out
 
 
 def make_data_config(d: dict[str, Any]) -> DataConfig:

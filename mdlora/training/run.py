@@ -103,7 +103,12 @@ def load_data(cfg: TrainConfig) -> PreparedData:
         from mdlora.training.data.presets import prepare_preset
 
         assert d.preset is not None
-        return _with_options(prepare_preset, f"preset {d.preset!r}", opts, d.preset, path)
+        try:  # a preset's function takes **kw: an option it does not know is a TypeError
+            return _with_options(prepare_preset, f"preset {d.preset!r}", opts, d.preset, path)
+        except TypeError as exc:
+            if "unexpected keyword argument" not in str(exc):
+                raise
+            raise ConfigError(f"data.options of preset {d.preset!r}: {exc}; drop it") from None
     from mdlora.training.data.tabular import TableSchema, prepare_table
 
     assert d.schema is not None

@@ -58,3 +58,63 @@ def test_whole_floats_and_numpy_integers_are_taken_as_ints() -> None:
     assert (cfg.epochs, cfg.threads) == (3, 2) and type(cfg.epochs) is int
     # the shipped config keeps its fingerprint (its integers stay what they were)
     assert load_config(QUICK).fingerprint() == "7b733514f939ed30"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.options.n_rows=abc", "data.options.n_rows must be an integer >= 1, got 'abc'"),
+        ("data.options.max_rows=abc", "data.options.max_rows must be an integer >= 1, got 'abc'"),
+        ("data.options.max_rows=2.5", "data.options.max_rows must be an integer >= 1, got 2.5"),
+        ("data.options.n_domains=true", "data.options.n_domains must be an integer >= 1"),
+        ("data.options.seed=-1", "data.options.seed must be an integer >= 0, got -1"),
+        ("data.options.sample_frac=2", "data.options.sample_frac must be a number in (0, 1]"),
+        ("data.options.sample_frac=abc", "data.options.sample_frac must be a number, got 'abc'"),
+        ("data.options=3", "data.options must be a mapping"),
+    ],
+)
+def test_data_option_counts_are_checked_with_the_config(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICK, [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_data_options_that_fit_are_kept(tmp_path: Path) -> None:
+    cfg = load_config(QUICK, ["data.options.max_rows=500.0", "data.options.sample_frac=0.5"])
+    assert cfg.data.options["max_rows"] == 500 and type(cfg.data.options["max_rows"]) is int
+    assert cfg.data.options["sample_frac"] == 0.5 and cfg.data.options["n_rows"] == 40000
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  source: synthetic\n  options:\n")  # the block left empty
+    assert load_config(path).data.options == {}
+
+
+def test_an_unknown_preset_is_a_config_error_naming_the_presets(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data: {{source: preset, preset: ml1m-mlora-gendre, path: {tmp_path}}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert (
+        "data.preset 'ml1m-mlora-gendre' (did you mean 'ml1m-mlora-gender'?) is not a "
+        "preset; use one of [" in str(err.value)
+    )
+
+
+def test_an_option_a_preset_does_not_take_is_a_config_error(tmp_path: Path) -> None:
+    from mdlora.training.run import load_data
+
+    cfg = config_from_dict(
+        {
+            "data": {
+                "source": "preset",
+                "preset": "ml1m-mlora-gender",
+                "path": str(tmp_path),
+                "options": {"n_rows": 10},
+            }
+        }
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.options of preset 'ml1m-mlora-gender': .*"
+        r"unexpected keyword argument 'n_rows'; drop it",
+    ):
+        load_data(cfg)
