@@ -81,16 +81,21 @@ def register(app: typer.Typer) -> None:
             None, "--artifact", help="artifact directory (default: $MDLORA_ARTIFACT_DIR)"
         ),
         host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0 in containers)"),
-        port: int = typer.Option(8000, help="port to listen on"),
+        port: int = typer.Option(8000, min=0, max=65535, help="port to listen on"),
     ) -> None:
         """Serve an artifact over HTTP (POST /predict, /v1 admin, /metrics, /docs)."""
         directory = artifact or os.environ.get("MDLORA_ARTIFACT_DIR")
         if not directory:
             raise typer.BadParameter("give --artifact DIR or set MDLORA_ARTIFACT_DIR")
-        from mdlora.formats.files import MANIFEST
+        from mdlora.formats.artifact import check_artifact
+        from mdlora.formats.files import MANIFEST, ArtifactError
 
         if not (Path(directory) / MANIFEST).is_file():
             raise typer.BadParameter(f"{directory} is not an artifact (no {MANIFEST})")
+        try:
+            check_artifact(directory)  # a broken artifact: one line, not a startup traceback
+        except ArtifactError as exc:
+            _exit(str(exc))
         try:
             serve_artifact(Path(directory), host, port)
         except ValueError as exc:  # settings, or an artifact the service cannot use

@@ -342,6 +342,26 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
     return ModelConfig.from_dict(d)
 
 
+def check_artifact(directory: Path | str) -> dict[str, Any]:
+    """Check an artifact's files without building its model (``ArtifactError`` says what is
+    wrong): the manifest, and every weight file, adapter package and the encoder present
+    with the checksum the manifest records. A command checks this before it starts a server,
+    so a broken artifact stops it with one line. Returns the manifest."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    listed = [(name, info["sha256"]) for name, info in manifest["files"].items()]
+    listed += [(str(Path(a["path"]) / ADAPTER_WEIGHTS), a["sha256"]) for a in manifest["adapters"]]
+    for name, want in listed:
+        path = directory / name
+        if not path.is_file():
+            raise ArtifactError(f"{directory}: {name} is listed in the manifest but missing")
+        if sha256_bytes(path.read_bytes()) != want:
+            raise ArtifactError(f"{path}: checksum does not match the manifest (file changed?)")
+    if manifest.get("encoder"):
+        _read_encoder(directory, manifest)
+    return manifest
+
+
 def load_artifact(directory: Path | str, map_location: str | torch.device = "cpu") -> Artifact:
     """Rebuild the model of an artifact directory, checking every file against the manifest."""
     directory = Path(directory)

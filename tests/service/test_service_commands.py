@@ -38,6 +38,31 @@ def test_serve_refuses_a_directory_that_is_not_an_artifact(tmp_path: Path) -> No
     assert "manifest.json" in result.output
 
 
+def test_serve_stops_on_a_broken_artifact_with_one_line(tmp_path: Path) -> None:
+    """A truncated weight file or an edited encoder: ``error: ...`` naming the file, exit 2,
+    before any server starts (not uvicorn's startup traceback); a bad port likewise."""
+    import shutil
+
+    from tests.service.demo import build_demo_artifact
+
+    art = build_demo_artifact(tmp_path / "a", method="mlora", division="age")
+    broken = tmp_path / "broken"
+    shutil.copytree(art, broken)
+    weights = (broken / "backbone.safetensors").read_bytes()
+    (broken / "backbone.safetensors").write_bytes(weights[: len(weights) // 2])
+    result = CliRunner().invoke(cli(), ["serve", "--artifact", str(broken)])
+    assert result.exit_code == 2, result.output
+    assert "backbone.safetensors: checksum does not match" in result.output
+    assert "Traceback" not in result.output
+    shutil.rmtree(broken)
+    shutil.copytree(art, broken)
+    (broken / "encoder.json").write_text("[]")
+    result = CliRunner().invoke(cli(), ["serve", "--artifact", str(broken)])
+    assert result.exit_code == 2 and "encoder.json: checksum" in result.output, result.output
+    result = CliRunner().invoke(cli(), ["serve", "--artifact", str(art), "--port", "99999"])
+    assert result.exit_code == 2 and "65535" in result.output, result.output
+
+
 def test_serve_artifact_answers_over_http(demo_artifacts: dict[str, Path]) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MDLORA_")}
