@@ -156,6 +156,8 @@ def register(app: typer.Typer) -> None:
             result = publish_features(frame, encoder, user_col, item_col, client, key_prefix)
         except (redis.RedisError, ConnectionError, TimeoutError) as exc:
             _exit(f"cannot reach or write Redis at {url}: {exc}")
+        except ValueError as exc:  # from_url: not a redis:// / rediss:// / unix:// URL
+            _exit(f"--redis-url {url}: {exc}")
         console.print(
             f"published {result['users']} users ({', '.join(result['user_columns']) or '-'}) "
             f"and {result['items']} items ({', '.join(result['item_columns']) or '-'}) "

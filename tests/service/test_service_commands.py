@@ -114,6 +114,11 @@ def test_publish_features_user_errors_are_one_line(
              "--item-field", "item", "--redis-url", f"redis://127.0.0.1:{free_port()}/0"],
             "cannot reach or write Redis",
         ),
+        "not a redis url": (
+            ["--artifact", art, "--data", str(tmp_path / "other.csv"), "--user-field", "uid",
+             "--item-field", "item", "--redis-url", "foo://bar"],
+            "--redis-url foo://bar",
+        ),
     }  # fmt: skip
     for what, (args, needle) in cases.items():
         result = CliRunner().invoke(cli(), ["publish-features", *args])
