@@ -506,7 +506,13 @@ def run_training(
     out = cfg.out_dir()
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    written: list[Path] = []  # config.yaml: only once a checkpoint check passed (or none was)
+
+    def write_config() -> None:
+        if ctx.is_main and not written:
+            save_config(cfg, out / "config.yaml")
+            written.append(out / "config.yaml")
+
     train, val, test = (to_batch(prepared.split(s), device) for s in ("train", "val", "test"))
     rows = PhaseRows(cfg, prepared.train, train, prepared.train_order)
     settings = LoopSettings(
@@ -525,11 +531,13 @@ def run_training(
                   f"{which} ({len(rows_batch)} rows)")  # fmt: skip
 
         def train_it() -> PhaseResult:
+            write_config()  # before training, so that an interrupted run keeps its config
             res = train_phase(model, ph, rows_batch, val, settings, ctx, index)
             res.rows = which
             return res
 
         results.append(ckpt.run(model, tag, index, ph, train_it))
+        write_config()  # a resumed phase: its checkpoint was made under this config
 
     def fresh_model() -> MultiDomainModel:
         torch.manual_seed(cfg.seed)

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import typer
+import yaml
 from typer.testing import CliRunner, Result
 
 from mdlora.cli.training import register
+from tests.training.helpers import TINY
 
 runner = CliRunner()
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -24,6 +26,19 @@ def _app() -> typer.Typer:
 
     register(app)
     return app
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("train-command") / "tiny.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny-cli",
+        "data": {"source": "synthetic", "options": dict(TINY)},
+        "method": "base", "backbone": "wdl", "embed_dim": 4, "tower": [16], "dropout": 0.0,
+        "lr": 0.003, "batch_size": 512, "epochs": 1, "seed": 0, "threads": 1,
+        "progress": False, "onnx": False,
+    }))  # fmt: skip
+    return path
 
 
 def _one_line_error(res: Result, *parts: str) -> None:
@@ -51,3 +66,21 @@ def test_bad_values_are_one_line_errors(override: str, message: str, tmp_path: P
                                  override, "--out", str(tmp_path / "run")])  # fmt: skip
     _one_line_error(res, message)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_refused_resume_leaves_the_run_folder_as_it_was(tiny: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    res = runner.invoke(_app(), ["train", "--config", str(tiny), "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    assert run / "config.yaml" in before and run / "metrics.json" in before
+    res = runner.invoke(_app(), ["train", "--config", str(tiny), "backbone=dcn", "epochs=1",
+                                 "--out", str(run), "--resume"])  # fmt: skip
+    _one_line_error(res, "written under a different config")
+    after = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    assert after == before  # config.yaml still the finished run's, nothing else touched
+    # a resume under the same config is taken, and writes the folder as before
+    res = runner.invoke(_app(), ["train", "--config", str(tiny), "--out", str(run), "--resume"])
+    assert res.exit_code == 0 and "resumed phase backbone" in res.output, res.output
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["backbone"] == "wdl" and saved["resume"] is True
