@@ -201,3 +201,7 @@ def test_answers_say_what_the_scores_could_not_use(make_artifact: Callable[[str]
         assert "dense feature(s) ['age']" in got
         got = " | ".join(warnings({"user_id": 4}, [{"movie_id": 3}]))
         assert "no value for feature(s) ['age', 'first_genre', 'genres', 'occupation']" in got
+        # a feature some items have and others not (or that the store lacks for them)
+        got = " | ".join(warnings(full_user, [item, {"movie_id": 5, "genres": ["Drama"]}]))
+        assert "no value for item feature(s) first_genre for 1 of 2 items" in got, got
+        assert "no value for feature(s)" not in got
