@@ -503,7 +503,11 @@ def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML config file and apply ``key=value`` overrides."""
+    """Read a YAML config file and apply ``key=value`` overrides.
+
+    The file must name its data (``data.source``): generated rows are only used when asked
+    for (``source: synthetic``), never as a silent default as in :class:`DataConfig`.
+    """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p} (see configs/ for examples)")
@@ -514,7 +518,16 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: a config must be a YAML mapping of keys to values")
     raw.setdefault("name", p.stem)
-    return config_from_dict(apply_overrides(raw, overrides or []))
+    merged = apply_overrides(raw, overrides or [])
+    cfg = config_from_dict(merged)
+    data = merged.get("data")
+    if not isinstance(data, dict) or not data.get("source"):  # no silent synthetic default
+        raise ConfigError(
+            f"{p} does not say which rows to train on: set data.source: preset (with "
+            "data.preset, data.path), table (data.path, data.schema) or synthetic for "
+            "generated rows; see configs/"
+        )
+    return cfg
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

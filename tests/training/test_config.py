@@ -196,7 +196,7 @@ def test_an_empty_model_block_and_numpy_numbers_are_taken(tmp_path: Path) -> Non
     from tests.models.helpers import make_config
 
     path = tmp_path / "c.yaml"
-    path.write_text("method: mlora\nmodel:\n")  # the block left empty
+    path.write_text("data: {source: synthetic}\nmethod: mlora\nmodel:\n")  # the block left empty
     assert load_config(path).model == {}
     # the Python API may hand the core numpy numbers
     cfg = make_config("deepfm", "moe2", gate_dim=np.int64(3), dropout=np.float32(0.1))

@@ -118,3 +118,20 @@ def test_an_option_a_preset_does_not_take_is_a_config_error(tmp_path: Path) -> N
         r"unexpected keyword argument 'n_rows'; drop it",
     ):
         load_data(cfg)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "method: moe\n", "data:\n", "data: {options: {max_rows: 10}}\n", "data: {path: x.csv}\n"],
+    ids=["empty", "no-data", "empty-data", "options-only", "path-only"],
+)
+def test_a_config_file_without_a_data_source_is_refused(text: str, tmp_path: Path) -> None:
+    """No silent training on generated rows: the README documents no synthetic default."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "does not say which rows to train on: set data.source" in str(err.value)
+    assert "synthetic for generated rows" in str(err.value) and "\n" not in str(err.value)
+    # asked for, generated rows are fine (in the file or as an override)
+    assert load_config(path, ["data.source=synthetic"]).data.source == "synthetic"

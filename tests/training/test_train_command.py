@@ -84,3 +84,11 @@ def test_a_refused_resume_leaves_the_run_folder_as_it_was(tiny: Path, tmp_path: 
     assert res.exit_code == 0 and "resumed phase backbone" in res.output, res.output
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["backbone"] == "wdl" and saved["resume"] is True
+
+
+def test_an_empty_config_file_is_refused_not_trained_on_generated_rows(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    res = runner.invoke(_app(), ["train", "--config", str(path), "--out", str(tmp_path / "run")])
+    _one_line_error(res, "does not say which rows to train on", "data.source")
+    assert not (tmp_path / "run").exists()
