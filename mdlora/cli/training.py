@@ -34,6 +34,20 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _interrupted(out: Path, config: Path, overrides: list[str]) -> str:
+    """The one line ``mdlora train`` prints on Ctrl-C: what the run folder kept, and the
+    command that continues from its checkpoints (the same config, overrides and folder)."""
+    import shlex
+
+    done = sorted((out / "checkpoints").glob("*.safetensors"))
+    if not done:
+        return f"interrupted before any phase finished: nothing to resume in {out}"
+    keep = [o for o in overrides if o.partition("=")[0].strip() not in ("out", "resume")]
+    cmd = ["mdlora", "train", "--config", str(config), *keep, "--out", str(out), "--resume"]
+    return (f"interrupted: {len(done)} finished phase(s) are checkpointed in {out}; "
+            f"continue with: {shlex.join(cmd)}")  # fmt: skip
+
+
 def register(app: typer.Typer) -> None:
     """Add the training commands to ``app``."""
 
@@ -82,6 +96,10 @@ def register(app: typer.Typer) -> None:
             result = run_training(cfg, ctx, dev)
         except (ConfigError, DataError, FileNotFoundError) as exc:
             raise _fail(str(exc)) from None
+        except KeyboardInterrupt:  # Ctrl-C: say what is kept and how to go on, then exit 130
+            if ctx.is_main:
+                typer.secho(_interrupted(cfg.out_dir(), config, extra), err=True)
+            raise typer.Exit(code=130) from None
         finally:
             shutdown(ctx)
         if ctx.is_main:

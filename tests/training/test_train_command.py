@@ -3,7 +3,9 @@ folder as it was, no silent synthetic data, and what to do after Ctrl-C."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer
@@ -92,3 +94,45 @@ def test_an_empty_config_file_is_refused_not_trained_on_generated_rows(tmp_path:
     res = runner.invoke(_app(), ["train", "--config", str(path), "--out", str(tmp_path / "run")])
     _one_line_error(res, "does not say which rows to train on", "data.source")
     assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_says_how_to_continue_and_the_command_resumes(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mdlora.training.run as run_module
+
+    real = run_module.train_phase
+
+    def interrupted_in_phase_two(*args: Any, **kwargs: Any) -> Any:
+        if args[1].name != "backbone":  # Ctrl-C in the second phase (adapters)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "train_phase", interrupted_in_phase_two)
+    run = tmp_path / "my run"
+    args = ["train", "--config", str(tiny), "method=mlora", "--out", str(run)]
+    res = runner.invoke(_app(), args)
+    assert res.exit_code == 130, res.output
+    lines = [line for line in res.output.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1, res.output
+    assert f"1 finished phase(s) are checkpointed in {run}; continue with: mdlora train" in lines[0]
+    command = shlex.split(lines[0].partition("continue with: ")[2])
+    assert command[:2] == ["mdlora", "train"] and command[-1] == "--resume"
+    assert "method=mlora" in command and str(run) in command
+    monkeypatch.setattr(run_module, "train_phase", real)
+    res = runner.invoke(_app(), command[1:])  # what the user is told to run
+    assert res.exit_code == 0 and "resumed phase backbone" in res.output, res.output
+
+
+def test_ctrl_c_before_any_checkpoint_says_there_is_nothing_to_resume(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mdlora.training.run as run_module
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "train_phase", interrupted)
+    res = runner.invoke(_app(), ["train", "--config", str(tiny), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 130, res.output
+    assert "interrupted before any phase finished: nothing to resume in" in res.output
