@@ -224,6 +224,14 @@ def _check_grown_fields(config: dict[str, Any]) -> None:
             f"{where}: {GROWN_VOCAB!r} must map column names to lists of string values"
             + (f" (the package has {EMBEDDING_ROWS!r} rows for them)" if rows else "")
         )
+    own = vocab.get(str(config.get("division")))
+    if own is not None and own != [config.get("domain")]:
+        # the division's own column grew exactly the new domain's name (add-domain)
+        raise ArtifactError(
+            f"{where}: the package's grown ids are for domain {own} but it names domain "
+            f"{config.get('domain')!r} (was its config edited?): a package's rows belong to "
+            "the domain it was trained for"
+        )
     n = sum(len(v) for v in vocab.values())
     n_rows = rows["shape"][0] if rows is not None and rows["shape"] else 0
     if n != n_rows:

@@ -205,6 +205,11 @@ def test_packages_whose_rows_and_values_disagree_are_refused(root: Path, tmp_pat
     write_adapter_package(no_values, tmp_path / "bad2")
     with pytest.raises(ArtifactError, match="grown_vocab"):
         read_adapter_package(tmp_path / "bad2")
+    assert pkg.config[GROWN_VOCAB]["domain"] == ["d_new"]  # the division's own column
+    moved = type(pkg)(dict(pkg.config, domain="d1"), pkg.tensors)  # config edited to retarget
+    write_adapter_package(moved, tmp_path / "bad3")
+    with pytest.raises(ArtifactError, match=r"grown ids are for domain \['d_new'\] but it names"):
+        read_adapter_package(tmp_path / "bad3")
 
 
 def test_add_domain_grows_and_trains_rows_on_the_device(root: Path, device: torch.device) -> None:
