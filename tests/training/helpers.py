@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import typer
 
 from mdlora.training.config import TrainConfig, config_from_dict
 from mdlora.training.data.prepared import PreparedData
@@ -52,3 +53,17 @@ def domain_effect_prepared() -> PreparedData:
     """Synthetic data with strong per-domain effects (3 domains of similar size)."""
     df = tiny_frame(n_rows=16_000, n_domains=3, seed=5, domain_strength=2.0)
     return prepare_table(df, synthetic_schema(), seed=0, name="domain-effects")
+
+
+def training_cli() -> typer.Typer:
+    """A typer app with the training commands (``mdlora.cli.training``), for CliRunner."""
+    from mdlora.cli.training import register
+
+    app = typer.Typer()
+
+    @app.callback()
+    def main() -> None:
+        """Test app with the training commands."""
+
+    register(app)
+    return app

@@ -6,28 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
-import typer
 import yaml
 from typer.testing import CliRunner
 
-from mdlora.cli.training import register
 from mdlora.formats.adapter_package import read_adapter_package
 from mdlora.formats.artifact import load_artifact
 from mdlora.training.data.synthetic import make_synthetic
 from tests.training.helpers import TINY
+from tests.training.helpers import training_cli as _app
 
 runner = CliRunner()
-
-
-def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def main() -> None:
-        """Test app with the training commands."""
-
-    register(app)
-    return app
 
 
 @pytest.fixture(scope="module")

@@ -8,26 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import typer
 import yaml
 from typer.testing import CliRunner, Result
 
-from mdlora.cli.training import register
 from tests.training.helpers import TINY
+from tests.training.helpers import training_cli as _app
 
 runner = CliRunner()
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-
-def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def main() -> None:
-        """Test app with the training commands."""
-
-    register(app)
-    return app
 
 
 @pytest.fixture(scope="module")
