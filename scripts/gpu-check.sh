@@ -18,6 +18,9 @@
 #     typing_extensions opentelemetry-api deepctr-torch
 # then, on the device tool: run(command="bash scripts/gpu-check.sh", carry=[".whl"]).
 #
+# Then, optionally (a second call: REPRODUCE=1 SKIP_TESTS=1 SKIP_BENCH=1): 4. a timed slice of
+# mdlora reproduce --device cuda, to estimate the whole grid's time on the GPU.
+#
 # Knobs: TEST_TIMEOUT (s, default 200), BENCH_TIMEOUT (s, default 260), WORKERS (pytest-xdist
 # workers, default 8), TESTS (paths), SKIP_TESTS=1, SKIP_BENCH=1, BENCH_ARGS (e.g.
 # "--skip-service").
@@ -89,5 +92,46 @@ if [ "${SKIP_BENCH:-0}" != "1" ]; then
   stamp "bench exit code $rc"
   tail -n 45 "$OUT/bench.log"
   tail -n 1 "$OUT/bench.log" >"$OUT/bench.json"
+fi
+# ------------------------------------------------------------- 4. reproduce (optional)
+# REPRODUCE=1 (a second device call: the two sections above take the first's 8 minutes):
+# table 1's gender cells, seed 1, on REPRODUCE_BACKBONES with --workers (one group per
+# backbone, so each worker takes one), timed per cell, to estimate the 312-cell grid on this
+# GPU (target: under 20 minutes). ML-1M from ../shared/data when present, else a generated
+# look-alike of its size (the timing is what counts here, not the numbers).
+if [ "${REPRODUCE:-0}" = "1" ]; then
+  DATA=${DATA_DIR:-../shared/data}
+  if [ ! -f "$DATA/ml-1m/ratings.dat" ] && [ ! -f "$DATA/ml-1m/ratings_no_timestamp.dat" ]; then
+    DATA=/tmp/mdlora-ml1m-like
+    "$PY" -c "from mdlora.training.data.synthetic import write_movielens_1m_like as w; \
+w('$DATA/ml-1m', n_users=6040, n_movies=3706, n_ratings=1_000_209)"
+  fi
+  BACKBONES=${REPRODUCE_BACKBONES:-deepfm,dcn,wdl,nfm,autoint,pnn}
+  stamp "reproduce: table1, gender, seed 1, $BACKBONES, ${REPRODUCE_WORKERS:-6} workers, $DATA"
+  t0=$(date +%s)
+  # shellcheck disable=SC2086
+  timeout "${REPRODUCE_TIMEOUT:-420}" "$PY" -m mdlora.cli.reproduce \
+    --device "${REPRODUCE_DEVICE:-cuda}" ${REPRODUCE_ARGS:-} --workers "${REPRODUCE_WORKERS:-6}" \
+    --table table1 --split gender --seed 1 \
+    --backbone "$BACKBONES" --data-dir "$DATA" --results-dir "$OUT/reproduce" \
+    --work-dir /tmp/mdlora-reproduce --docs-dir "$OUT/reproduce-docs" >"$OUT/reproduce.log" 2>&1
+  rc=$?
+  wall=$(( $(date +%s) - t0 ))
+  stamp "reproduce exit code $rc after $wall s"
+  tail -n 5 "$OUT/reproduce.log"
+  "$PY" - "$OUT/reproduce" "$wall" "${REPRODUCE_WORKERS:-6}" <<'PYEOF'
+import json, pathlib, statistics, sys
+root, wall, workers = pathlib.Path(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+cells = [json.loads(p.read_text()) for p in root.rglob("*.json")]
+cells = [c for c in cells if isinstance(c, dict) and "seconds" in c]
+if not cells:
+    sys.exit("no finished cell")
+for c in sorted(cells, key=lambda c: (c["backbone"], c["method"])):
+    print(f"  {c['backbone']:8s} {c['method']:12s} {c['seconds']:7.1f} s")
+mean = statistics.fmean(c["seconds"] for c in cells)
+print(f"{len(cells)} cells in {wall:.0f} s wall with {workers} workers, {mean:.1f} s a cell: the "
+      f"312-cell grid at this rate ~{312 * wall / len(cells) / 60:.1f} min "
+      f"({312 * mean / 60:.1f} min of cell time)")
+PYEOF
 fi
 stamp "done"
