@@ -118,3 +118,28 @@ def test_warm_up_compiles_the_grouped_kernel_for_every_block_size(
     warm_up(new)
     assert blocks <= {min(BLOCK_SIZES)}  # at most the four-row batch's
     grouped.reset()
+
+
+@pytest.mark.parametrize("multi_hot", [False, True])
+@pytest.mark.parametrize("dense", [0, 3])
+def test_a_batch_reaches_the_device_in_one_packed_copy_unchanged(
+    device: torch.device, multi_hot: bool, dense: int
+) -> None:
+    """On a GPU a request's arrays travel in one pinned buffer, viewed by type on the device:
+    the batch is the one the separate copies give (on the CPU the packing is forced)."""
+    from mdlora.service.runtime import Rows, device_batch
+
+    g = np.random.default_rng(0)
+    rows = Rows(
+        g.integers(0, 50, (37, 4)), g.random((37, dense), dtype=np.float32),
+        g.integers(0, 7, (37, 2)), g.integers(-1, 9, (37, 2, 5)) if multi_hot else None,
+    )  # fmt: skip
+    packed = device_batch(rows, device, packed=True)
+    plain = device_batch(rows, device, packed=False)
+    for name in ("sparse", "dense", "domains", "multi_hot"):
+        a, b = getattr(packed, name), getattr(plain, name)
+        if b is None:
+            assert a is None
+            continue
+        assert a.device.type == device.type and a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b), name
