@@ -126,9 +126,11 @@ def _no_version_check() -> None:
 
 
 def worker_deepctr(
-    folder: Path, backbone: str, threads: int, device: str = "cpu"
+    folder: Path, backbone: str, threads: int, device: str = "cpu", warmup_rows: int = 0
 ) -> dict[str, Any]:
-    """One epoch of DeepCTR-Torch's own ``fit`` (metrics off, no progress bar) on ``device``."""
+    """One epoch of DeepCTR-Torch's own ``fit`` (metrics off, no progress bar) on ``device``;
+    ``warmup_rows``: first an untimed ``fit`` on that many rows (a GPU's first calls load
+    kernels and create library handles, which a steady-state rate should not count)."""
     _no_version_check()
     import torch
     from deepctr_torch.inputs import SparseFeat
@@ -148,6 +150,9 @@ def worker_deepctr(
                     **common)  # fmt: skip
     model.compile(torch.optim.Adam(model.parameters(), lr=LR), "binary_crossentropy", metrics=[])
     x = {f"f{j}": sparse[:, j] for j in range(sparse.shape[1])}
+    if warmup_rows > 0:
+        head = {k: v[:warmup_rows] for k, v in x.items()}
+        model.fit(head, labels[:warmup_rows], batch_size=BATCH, epochs=1, verbose=0)
     t0 = time.perf_counter()
     model.fit(x, labels, batch_size=BATCH, epochs=1, verbose=0, shuffle=True)
     seconds = time.perf_counter() - t0
@@ -200,6 +205,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--prepare", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cpu", help=argparse.SUPPRESS)  # the deepctr worker's
+    ap.add_argument("--warmup-rows", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.prepare:
         print(json.dumps({"source": write_data(args.prepare, args.rows)}))
@@ -208,7 +214,8 @@ def main() -> None:
         if args.worker == "ours":
             print(json.dumps(worker_ours(args.data, args.backbone, args.threads)))
         else:
-            print(json.dumps(worker_deepctr(args.data, args.backbone, args.threads, args.device)))
+            print(json.dumps(worker_deepctr(args.data, args.backbone, args.threads, args.device,
+                                            args.warmup_rows)))  # fmt: skip
         return
 
     deepctr_python = ensure_deepctr_venv()
