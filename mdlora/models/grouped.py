@@ -47,8 +47,9 @@ _TRIED = False
 #: why the kernels were turned off for this process (a compile or launch failed, or their
 #: first result differed from the eager path's), or None
 BROKEN: str | None = None
-#: whether a kernel result of this process has been checked against the eager path
-VERIFIED = False
+#: the block sizes whose first kernel result in this process was checked against the eager
+#: path (Triton compiles a variant per block size, so each is checked once)
+VERIFIED: set[int] = set()
 #: what callers warmed the kernels up for in this process (the service's warm-up: a device,
 #: tower shape and block size compile once, so later snapshots skip them)
 WARMED: set[tuple[Any, ...]] = set()
@@ -198,8 +199,9 @@ def _kernel() -> Any:
 def reset() -> None:
     """Forget the built kernels, any failure, the check and the warm-ups (tests switch
     ``TRITON_INTERPRET``)."""
-    global _KERNEL, _TRIED, BROKEN, VERIFIED
-    _KERNEL, _TRIED, BROKEN, VERIFIED = None, False, None, False
+    global _KERNEL, _TRIED, BROKEN
+    _KERNEL, _TRIED, BROKEN = None, False, None
+    VERIFIED.clear()
     WARMED.clear()
 
 
@@ -213,13 +215,13 @@ def _turn_off(reason: str) -> None:
     logger.warning("grouped kernels off for this process (eager path from now on): %s", reason)
 
 
-def verify(got: Tensor, want: Tensor) -> bool:
-    """Check the kernels' first result in this process against the eager path's: equal to
-    float rounding, the kernels stay on (and this is not asked again); else they are turned
-    off with a warning, so a GPU or Triton where they compute wrongly scores on the eager
-    path instead of silently (raised with ``MDLORA_GROUPED_STRICT=1``)."""
-    global VERIFIED
-    VERIFIED = True
+def verify(got: Tensor, want: Tensor, block: int = 0) -> bool:
+    """Check the kernels' first result for ``block`` (a plan's block size) in this process
+    against the eager path's: equal to float rounding, the kernels stay on (and this block
+    size is not checked again); else they are turned off with a warning, so a GPU or Triton
+    where they compute wrongly scores on the eager path instead of silently (raised with
+    ``MDLORA_GROUPED_STRICT=1``)."""
+    VERIFIED.add(block)
     rtol, atol = 1e-3, 1e-4
     if got.shape == want.shape and tf32_matmul(got.device):
         # the eager reference multiplied in TF32 (10-bit mantissa): its own error reaches

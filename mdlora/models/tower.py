@@ -135,12 +135,13 @@ class AdaptedTower(nn.Module):
         plan = SegmentPlan(route.index, banks[0].a.shape[0])
         if grouped.available(x):
             out = self._grouped(x, plan, banks)
-            if out is not None and not grouped.VERIFIED:
-                # the first kernel result of the process is checked against the eager ops
-                # on their own layout; a mismatch turns the kernels off (grouped.verify)
-                eager = SegmentPlan(route.index, banks[0].a.shape[0], use_kernels=False)
+            if out is not None and plan.block not in grouped.VERIFIED:
+                # the first kernel result of the process per block size (a compiled variant
+                # each) is checked against the eager ops on their own layout; a mismatch
+                # turns the kernels off (grouped.verify)
+                eager = SegmentPlan(route.index, banks[0].a.shape[0], plan.block, False)
                 want = self._eager(x, eager, banks)
-                return out if grouped.verify(out, want) else want
+                return out if grouped.verify(out, want, plan.block) else want
             if out is not None:
                 return out
         return self._eager(x, plan, banks)

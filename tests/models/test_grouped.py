@@ -283,6 +283,36 @@ def test_a_kernel_that_computes_wrongly_is_caught_by_the_first_check(
     assert not grouped.runs_on(kernel)
 
 
+def test_each_block_size_is_checked_on_its_first_result(
+    kernel: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Triton compiles a variant per block size: one that computes wrongly is caught on its
+    own first result, even after another size passed."""
+    from mdlora.models.lora import segment_block
+
+    model = perturb(MultiDomainModel(make_config("deepfm", "mlora"))).eval().to(kernel)
+    model.set_routing("segment")
+    small, large = make_batch(40, seed=6).to(kernel), make_batch(600, seed=7).to(kernel)
+    n_dom = len(model.config.divisions[0].domains)
+    b_small, b_large = segment_block(40, n_dom), segment_block(600, n_dom)
+    assert b_small != b_large
+    grouped.reset()
+    score(model, small)
+    assert set(grouped.VERIFIED) == {b_small}
+    right = grouped.grouped_linear
+
+    def wrong_for_large(*args: object, **kw: object) -> torch.Tensor | None:
+        out = right(*args, **kw)  # type: ignore[arg-type]
+        plan = args[3]
+        return None if out is None else out * (1.05 if plan.block == b_large else 1.0)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(grouped, "grouped_linear", wrong_for_large)
+    with pytest.raises(AssertionError, match="differs from the eager path"):
+        score(model, large)
+    assert set(grouped.VERIFIED) == {b_small, b_large}
+    grouped.reset()
+
+
 def test_the_first_check_allows_for_a_tf32_reference_only_where_matmuls_use_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
