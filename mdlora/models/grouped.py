@@ -23,7 +23,7 @@ varies from call to call; every row is computed on its own, so no score does.
 
 It runs where Triton 3.x and a CUDA tensor are present, with autograd off
 (``MDLORA_GROUPED_KERNEL=0`` turns it off; a kernel that fails to compile or launch, or whose
-first result in the process differs from the eager path's, turns it off for the process,
+first result for a block size differs from the eager path's, turns it off for the process,
 with a warning, and scoring goes on on the eager path);
 ``TRITON_INTERPRET=1`` runs the same kernel on CPU tensors (how the tests check it without a
 GPU). Elsewhere :func:`grouped_linear` returns ``None`` and the caller keeps the eager path.
