@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -202,6 +203,14 @@ def test_a_sliced_reports_time_lines_count_only_the_slices_cells(tmp_path: Path)
     assert len(times) == 4  # one per table
     assert times[0].startswith("Time: 1 cell(s) ran in 1m00s in total on cuda; the 215 cells")
     assert times[1].startswith("Time: 0 cell(s) ran in 0m00s in total on —; the 36 cells")
+    # and a missing cell's estimate comes from the slice's own cells where any ran
+    from mdlora.training.reproduce import Cell, estimate_seconds
+    from mdlora.training.reproduce.cache import load_cache
+
+    records = load_cache(res)
+    want = Cell("table1", "gender", "deepfm", "mlora", 2, slice=sl)
+    assert estimate_seconds(want, records) == 60.0
+    assert estimate_seconds(dataclasses.replace(want, slice=Slice()), records) == 100.0
 
 
 # ------------------------------------------------------------------ tiny real run (CI)

@@ -12,13 +12,17 @@ from typing import Any
 
 from mdlora.training.reproduce.cache import _alias, load_cache, write_cell
 from mdlora.training.reproduce.data import DataCache
-from mdlora.training.reproduce.grid import Cell, Settings, check_data
+from mdlora.training.reproduce.grid import Cell, Settings, Slice, check_data
 from mdlora.training.reproduce.runner import run_cell
 
 
 # ------------------------------------------------------------------------------- grid
 def estimate_seconds(cell: Cell, done: list[dict[str, Any]]) -> float:
-    """A cell's expected duration from finished cells like it (same table, method, split)."""
+    """A cell's expected duration from finished cells like it (same table, method, split),
+    of its own data slice where any finished (a quick slice's cells say little of a full
+    run's, and the other way round)."""
+    own = [r for r in done if Slice.from_dict(r.get("slice") or {}) == cell.slice]
+    done = own or done
 
     def mean_of(pred: Callable[[dict[str, Any]], bool]) -> float | None:
         xs = [r["seconds"] for r in done if pred(r) and not r.get("same_run_as")]
