@@ -482,6 +482,11 @@ class ControlPlane:
             state = self._read()
             current = self._sync(state)
             if key not in current.adapters:
+                if key in state.domains:  # removed: its versions stay listed (GET)
+                    raise NotFound(
+                        f"{key[0]}/{key[1]} is not served (it was removed); its versions stay "
+                        "listed: register a package to serve it again"
+                    )
                 raise NotFound(
                     f"no adapter for {key[0]}/{key[1]}; known: "
                     f"{sorted('/'.join(k) for k in current.adapters)}",

@@ -130,7 +130,10 @@ def test_register_roll_back_and_remove(make_artifact: Callable[[str], Path]) -> 
         assert c.delete("/v1/adapters/age/25", headers=AUTH).status_code == 409  # trained with it
         assert c.delete("/v1/adapters/age/99", headers=AUTH).status_code == 200
         assert predict(c, "99").status_code == 404
-        assert c.delete("/v1/adapters/age/99", headers=AUTH).status_code == 404
+        again = c.delete("/v1/adapters/age/99", headers=AUTH)
+        assert again.status_code == 404 and "is not served (it was removed)" in again.text
+        gone = c.get("/v1/adapters/age/99", headers=AUTH).json()  # the history stays
+        assert gone["active_version"] is None and gone["versions"]
         assert c.get("/v1/adapters/age/nope", headers=AUTH).status_code == 404
         listing = c.get("/v1/adapters", headers=AUTH).json()
         r = c.post(
