@@ -394,21 +394,59 @@ PROBE_ROWS = 64
 
 def probe_problem(snapshot: Snapshot, division: str, domain: str) -> str | None:
     """Score a probe batch in ``division/domain`` with ``snapshot`` (random ids, the
-    out-of-vocabulary ones and the ends of the dense range); what is wrong with the scores,
-    or None when every one is a finite probability."""
+    out-of-vocabulary ones, the ends of the dense range, and every id the domain grew, up to
+    ``PROBE_GROWN``); what is wrong with the scores, or None when they are finite
+    probabilities that are not all saturated at exactly 0 or 1."""
     rows = synthetic_rows(snapshot.serving_model, PROBE_ROWS, seed=1)
     rows.sparse[:4] = 0  # out-of-vocabulary rows
     rows.dense[4:8] = 0.0
     rows.dense[8:12] = 1.0
-    rows.domains[:, snapshot.divisions.index(division)] = snapshot.domain_ids[division][domain]
-    probs = np.asarray(runner_of(snapshot).score(rows), dtype=np.float64)
+    grown = _grown_probe(snapshot, division, domain)
+    batches = [rows] if grown is None else [rows, grown]
+    d = snapshot.domain_ids[division][domain]
+    for batch in batches:
+        batch.domains[:, snapshot.divisions.index(division)] = d
+    runner = runner_of(snapshot)
+    probs = np.concatenate([np.asarray(runner.score(b), dtype=np.float64) for b in batches])
     bad = int((~np.isfinite(probs)).sum())
     if bad:
         return (
             f"its scores are not finite numbers for {bad} of {len(probs)} probe rows (weights "
-            "too large for float32 arithmetic?)"
+            "too large for float32 arithmetic?"
+            + (" the ids the package grew are among them)" if grown is not None else ")")
+        )
+    if ((probs == 0.0) | (probs == 1.0)).all():
+        return (
+            f"every one of its {len(probs)} probe scores is exactly {probs[0]:.0f}: weights "
+            "this large saturate the model, so no two items could be told apart"
         )
     return None
+
+
+#: the most grown ids of a domain the probe scores (each of its grown rows, up to this)
+PROBE_GROWN = 4096
+
+
+def _grown_probe(snapshot: Snapshot, division: str, domain: str) -> Rows | None:
+    """Probe rows that use the ids ``division/domain`` grew (their rows are only reached
+    through them): each grown column cycles through its ids, up to ``PROBE_GROWN`` rows."""
+    lookup = snapshot.grown_lookups.get((division, domain))
+    if lookup is None:
+        return None
+    ids = {c: np.fromiter(m.values(), np.int64) for c, m in lookup.maps.items() if m}
+    if not ids:
+        return None
+    n = min(PROBE_GROWN, max(len(v) for v in ids.values()))
+    rows = synthetic_rows(snapshot.serving_model, n, seed=2)
+    enc = snapshot.base.encoder
+    multi = [m.name for m in enc.multi_hot_columns]
+    for col, values in ids.items():
+        cycled = np.resize(values, n)
+        if col in enc.sparse_columns:
+            rows.sparse[:, enc.sparse_columns.index(col)] = cycled
+        elif col in multi and rows.multi_hot is not None:
+            rows.multi_hot[:, multi.index(col), 0] = cycled
+    return rows
 
 
 @dataclass

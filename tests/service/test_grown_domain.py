@@ -170,3 +170,26 @@ def test_replicas_follow_a_grown_domain_and_its_rollback(
         assert scores(b) == grown
         assert a.delete(f"/v1/adapters/{pkg.division}/kids", headers=AUTH).status_code == 200
         wait_until(lambda: scores(b) == 404, timeout=2.0)
+
+
+def test_a_package_whose_grown_rows_overflow_or_whose_scores_saturate_is_refused(
+    make_artifact: Callable[[str], Path],
+) -> None:
+    """The probe scores every id the package grew (their rows are reached through them
+    alone) and refuses scores that are all exactly 0 or 1; nothing is registered."""
+    art = make_artifact("mlora")
+    pkg, _ = grown_package(art, "huge")
+    rows = pkg.tensors[EMBEDDING_ROWS]
+    rows.zero_()
+    rows[-1] = 3e38  # one grown row (the domain's own value) whose products overflow
+    saturated, _ = grown_package(art, "sat", seed=1)
+    for name, t in saturated.tensors.items():
+        if name.endswith("bias"):
+            t.fill_(1e30)  # finite, but every score becomes exactly 1
+    with _client(art) as c:
+        listing = c.get("/v1/adapters", headers=AUTH).json()
+        r = c.post("/v1/adapters", files=upload_files(pkg), headers=AUTH)
+        assert r.status_code == 422 and "ids the package grew" in r.json()["detail"], r.text
+        r = c.post("/v1/adapters", files=upload_files(saturated), headers=AUTH)
+        assert r.status_code == 422 and "saturate the model" in r.json()["detail"], r.text
+        assert c.get("/v1/adapters", headers=AUTH).json() == listing
