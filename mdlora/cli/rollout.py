@@ -97,6 +97,16 @@ def start(
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             _fail(f"{package} is not an adapter package (missing {missing})")
+        try:  # checked here, before the upload: a refused start must start nothing
+            named = json.loads(files[0].read_bytes())
+        except ValueError as exc:
+            _fail(f"{files[0]} is not valid JSON ({exc})")
+        if not isinstance(named, dict):
+            _fail(f"{files[0]} is not an adapter config (a JSON object)")
+        if named.get("domain") != domain:
+            _fail(f"the package is for domain {named.get('domain')!r}, not {domain!r}")
+        if division is not None and named.get("division") != division:
+            _fail(f"the package is for division {named.get('division')!r}, not {division!r}")
         added = _call(
             "POST",
             url,
@@ -109,8 +119,6 @@ def start(
             data={"canary_percent": str(percent)},
         )
         division = division or str(added["division"])
-        if added["domain"] != domain:
-            _fail(f"the package is for domain {added['domain']!r}, not {domain!r}")
         _show(_call("GET", url, token, _path(domain, division)))
         return
     body = {"version": version, "percent": percent}

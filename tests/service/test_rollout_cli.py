@@ -36,6 +36,15 @@ def test_an_operator_runs_a_rollout_from_the_command_line(
     app = create_app(ServiceSettings(artifact_dir=art, admin_token=ADMIN_TOKEN))
     with live_server(app) as url:
         auth = ["--url", url, "--token", TOKEN]
+        # a package for another domain or division is refused before anything is uploaded
+        for args in (["other"], [DOM, "--division", "nope"]):
+            refused = run(cli(), ["rollout", "start", *args, "--package", str(package),
+                                  "--percent", "15", *auth])  # fmt: skip
+            assert refused.exit_code == 2 and "the package is for" in refused.output
+        versions = get_json(
+            url, f"/v1/adapters/{DIV}/{DOM}", headers={"Authorization": f"Bearer {TOKEN}"}
+        )["versions"]
+        assert len(versions) == 1, versions  # nothing registered, no canary started
         started = run(cli(), ["rollout", "start", DOM, "--package", str(package),
                               "--percent", "15", *auth])  # fmt: skip
         assert started.exit_code == 0, started.output
