@@ -58,6 +58,13 @@ class DomainGate(nn.Module):
             gate[d, sel] = torch.softmax(logits[d, sel], dim=0)
         return gate, usable
 
+    def sharers(self, domain: int) -> list[int]:
+        """The other domains whose gate rows can weigh ``domain``'s experts: a new version of
+        those experts changes their scores too."""
+        owned = self.owner == domain
+        usable = torch.isfinite(self.mask[:, owned]).any(dim=1)
+        return [d for d in usable.nonzero().flatten().tolist() if d != domain]
+
     def scope(self, domain: int) -> str:
         """``"own"`` if ``domain``'s gate row sees only its own experts, else ``"all"``."""
         others = self.owner != domain

@@ -463,6 +463,14 @@ class ControlPlane:
                     "not be checked: make sure it was trained against this export"
                 )
                 log.warning("%s/%s v%d: %s", key[0], key[1], record.version, warnings[-1])
+            shared = current.gate_sharers(key)
+            if shared:
+                warnings.append(
+                    f"MoE-MLoRA: the gates of {len(shared)} other domain(s) ({shared[:5]}) mix "
+                    f"{key[0]}/{key[1]}'s experts, so this version changes their scores too "
+                    "(roll back to undo it)"
+                )
+                log.warning("%s/%s v%d: %s", key[0], key[1], record.version, warnings[-1])
             return {
                 "warnings": warnings,
                 "division": key[0],

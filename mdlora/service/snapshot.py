@@ -279,6 +279,15 @@ class Snapshot:
         clone.registry_version = registry_version
         return clone
 
+    def gate_sharers(self, key: DomainKey) -> list[str]:
+        """The other domains whose MoE gates mix ``key``'s experts, so that a new version of
+        them changes their scores too (none without a gate, or for a domain not served)."""
+        gate, ids = self.model.gate, self.domain_ids.get(key[0], {})
+        if gate is None or key[1] not in ids or key[0] != self.divisions[0]:
+            return []
+        names = {i: n for n, i in ids.items()}
+        return [names[d] for d in gate.sharers(ids[key[1]]) if d in names]
+
     def describe(self) -> dict[str, Any]:
         """JSON description for ``GET /v1/models``."""
         cfg = self.model.config

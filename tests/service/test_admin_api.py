@@ -521,3 +521,23 @@ def test_a_stored_package_with_another_gate_scope_still_loads(
         assert r.json()["adapter_versions"] == {"gender": 2}
         again = c.post("/v1/adapters", files=upload_files(_renamed(pkg, version=3)), headers=AUTH)
         assert again.status_code == 422 and "scope" in again.json()["detail"]
+
+
+def test_a_moe_version_whose_experts_other_gates_mix_says_their_scores_change(
+    make_artifact: Callable[[str], Path],
+) -> None:
+    """MoE-MLoRA: the artifact's domains gate over every expert, so a new version of one
+    domain's experts moves the others' scores; the answer names them (a new 'own'-scope
+    domain moves nobody and says nothing)."""
+    art = make_artifact("moe")
+    model = load_artifact(art).model
+    with client(art) as c:
+        before = c.post("/predict", json={**PREDICT, "domain": "M"}).json()["scores"]
+        r = c.post("/v1/adapters", files=upload_files(demo_adapter(model, "gender", "F", seed=3)),
+                   headers=AUTH)  # fmt: skip
+        assert r.status_code == 201, r.text
+        assert any("changes their scores too" in w and "'M'" in w for w in r.json()["warnings"])
+        assert c.post("/predict", json={**PREDICT, "domain": "M"}).json()["scores"] != before
+        new = c.post("/v1/adapters", files=upload_files(demo_adapter(model, "gender", "X")),
+                     headers=AUTH)  # fmt: skip
+        assert new.status_code == 201 and new.json()["warnings"] == [], new.text
