@@ -162,14 +162,19 @@ def parse_adapter_package(
 def _check_config_fields(config: dict[str, Any]) -> None:
     """Types of the config fields a server reads (so a malformed config is a 4xx, not a crash)."""
     where = ADAPTER_CONFIG
-    for key in ("division", "domain", "model_signature", "tensors"):
+    for key in ("division", "domain", "model_signature", "method", "backbone", "tensors"):
         if key not in config:
             raise ArtifactError(f"{where} lacks the {key!r} field")
-    for key in ("division", "domain", "model_signature", "method", "backbone"):
+    for key in ("division", "domain", "model_signature", "method", "backbone", "backbone_sha256"):
         if key in config and not isinstance(config[key], str):
             raise ArtifactError(f"{where}: {key!r} must be a string, got {config[key]!r}")
     if not config["domain"].strip():
         raise ArtifactError("adapter domain name is empty")
+    if config["domain"] != config["domain"].strip():
+        # " d1 " would be a domain of its own beside "d1", reachable only by that exact name
+        raise ArtifactError(
+            f"adapter domain name {config['domain']!r} starts or ends with white space"
+        )
     tensors = config["tensors"]
     if not isinstance(tensors, dict) or not tensors:
         raise ArtifactError(f"{where}: 'tensors' must map tensor names to shape and dtype")
@@ -216,6 +221,11 @@ def _check_grown_fields(config: dict[str, Any]) -> None:
     rows = config["tensors"].get(EMBEDDING_ROWS)
     if vocab is None and rows is None:
         return
+    if rows is None:
+        raise ArtifactError(
+            f"{where}: {GROWN_VOCAB!r} lists grown ids but 'tensors' has no {EMBEDDING_ROWS!r} "
+            "for their rows"
+        )
     if not isinstance(vocab, dict) or not all(
         isinstance(k, str) and isinstance(v, list) and all(isinstance(x, str) for x in v)
         for k, v in vocab.items()

@@ -247,6 +247,13 @@ def _bad_packages(model: Any, tmp: Path) -> dict[str, tuple[bytes, bytes]]:
         "future schema": malformed(schema_version=99),
         "ranks not the model's": malformed(ranks=[8]),
         "experts not the model's": malformed(experts=1_000_000_000),
+        "method missing": (
+            json.dumps({k: v for k, v in json.loads(cfg).items() if k != "method"}).encode(),
+            weights,
+        ),
+        "backbone_sha256 a number": malformed(backbone_sha256=5),
+        "domain name padded": malformed(domain="  88 "),
+        "grown ids without rows listed": malformed(grown_vocab={"user_id": ["9999999"]}),
     }
 
 
@@ -298,6 +305,10 @@ def test_refusals_name_the_problem(make_artifact: Callable[[str], Path], tmp_pat
         "other backbone weights": "other backbone weights",
         "config nested 100,000 deep": "nested too deeply",
         "header shape not its bytes": "tensor 'tower.0.lora_A': shape [",
+        "method missing": "lacks the 'method' field",
+        "backbone_sha256 a number": "'backbone_sha256' must be a string, got 5",
+        "domain name padded": "starts or ends with white space",
+        "grown ids without rows listed": "has no 'embedding.rows'",
     }
     with client(art, max_adapter_bytes=65_536, max_adapter_rank=64) as c:
         for what, needle in expect.items():
