@@ -59,6 +59,7 @@ from mdlora.service.registry import (
 from mdlora.service.rollout import Rollouts, attach
 from mdlora.service.runtime import probe_problem
 from mdlora.service.snapshot import ArtifactBase, LoadedAdapter, Snapshot, SnapshotHolder
+from mdlora.service.views import describe_domain, registration_warnings
 
 log = logging.getLogger("mdlora.service")
 T = TypeVar("T")
@@ -455,22 +456,9 @@ class ControlPlane:
                 continue
             self.metrics.adapter_loads.labels("ok").inc()
             log.info("registered %s/%s v%d", key[0], key[1], record.version)
-            warnings = []
-            if "backbone_sha256" not in pkg.config:
-                warnings.append(
-                    "the package does not name the backbone it was trained against "
-                    "(backbone_sha256; written by an older mdlora or edited), so that could "
-                    "not be checked: make sure it was trained against this export"
-                )
-                log.warning("%s/%s v%d: %s", key[0], key[1], record.version, warnings[-1])
-            shared = current.gate_sharers(key)
-            if shared:
-                warnings.append(
-                    f"MoE-MLoRA: the gates of {len(shared)} other domain(s) ({shared[:5]}) mix "
-                    f"{key[0]}/{key[1]}'s experts, so this version changes their scores too "
-                    "(roll back to undo it)"
-                )
-                log.warning("%s/%s v%d: %s", key[0], key[1], record.version, warnings[-1])
+            warnings = registration_warnings(pkg.config, current.gate_sharers(key), key)
+            for w in warnings:
+                log.warning("%s/%s v%d: %s", key[0], key[1], record.version, w)
             return {
                 "warnings": warnings,
                 "division": key[0],
@@ -569,35 +557,7 @@ class ControlPlane:
         return [self.describe(k) for k in sorted(keys)]
 
     def describe(self, key: DomainKey) -> dict[str, Any]:
-        snap, state = self.holder.current, self.known_state
-        served = snap.adapters.get(key)
-        artifact = self.base.adapters.get(key)
-        entry = state.domains.get(key)
-        if served is None and entry is None:
-            raise NotFound(f"no adapter for {key[0]}/{key[1]}")
-        versions = []
-        if artifact is not None:
-            versions.append(
-                {"version": artifact.version, "origin": "artifact", "sha256": artifact.sha256}
-            )
-        for r in entry.versions if entry else ():
-            versions.append(
-                {
-                    "version": r.version,
-                    "origin": "registry",
-                    "sha256": r.sha256,
-                    "package_sha256": r.package or None,
-                    "size": r.size,
-                    "created_at": r.created_at,
-                }
-            )
-        return {
-            "division": key[0],
-            "domain": key[1],
-            "active_version": served.version if served else None,
-            "origin": served.origin if served else None,
-            "trained_with_artifact": artifact is not None,
-            # ids the served version brought that the export never saw (new users, items)
-            "grown_ids": sum(len(v) for v in snap.grown.get(key, {}).values()),
-            "versions": versions,
-        }
+        """One domain's served version and every version it has had (``views``)."""
+        return describe_domain(
+            self.holder.current, self.known_state, self.base.adapters.get(key), key
+        )

@@ -112,6 +112,14 @@ class VersionRecord:
             out["package"] = self.package
         return out
 
+    def view(self) -> dict[str, Any]:
+        """The version as the admin API lists it."""
+        return {
+            "version": self.version, "origin": "registry", "sha256": self.sha256,
+            "package_sha256": self.package or None, "size": self.size,
+            "created_at": self.created_at,
+        }  # fmt: skip
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> VersionRecord:
         return cls(
