@@ -94,12 +94,13 @@ def _build() -> Any:
         live = local < BLOCK
         d = tl.load(block_domain_ptr + blk)
         sample = tl.load(rows_ptr + slot, mask=live, other=-1)  # -1: a padding row
+        # a slot's batch row (read in place by the first layer, written by the last)
+        row = tl.where(sample >= 0, sample, 0)
+        row_ok = live & (sample >= 0)
         if GATHER_IN:
-            src = tl.where(sample >= 0, sample, 0)
-            src_ok = live & (sample >= 0)
+            src, src_ok = row, row_ok
         else:
-            src = slot
-            src_ok = live
+            src, src_ok = slot, live
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         # builtins only: triton's @jit helpers (tl.zeros ...) cannot run in an interpreted
         # kernel once triton was imported without TRITON_INTERPRET
@@ -115,11 +116,9 @@ def _build() -> Any:
         if RELU:
             acc = tl.maximum(acc, 0.0)
         if SCATTER_OUT:
-            dst = tl.where(sample >= 0, sample, 0)
-            dst_ok = live & (sample >= 0)
+            dst, dst_ok = row, row_ok
         else:
-            dst = slot
-            dst_ok = live
+            dst, dst_ok = slot, live
         tl.store(out_ptr + dst[:, None] * stride_out + rn[None, :], acc,
                  mask=dst_ok[:, None] & (rn[None, :] < N))  # fmt: skip
 
