@@ -303,21 +303,26 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
     return None
 
 
+def _read_listed(directory: Path, name: str, sha256: str | None) -> bytes:
+    """The bytes of a file the manifest lists, refused when missing or when they do not have
+    the checksum it records (``None``: none recorded, as for older artifacts' encoders)."""
+    path = directory / name
+    if not path.is_file():
+        raise ArtifactError(f"{directory}: {name} is listed in the manifest but missing")
+    data = path.read_bytes()
+    if sha256 is not None and sha256_bytes(data) != sha256:
+        raise ArtifactError(
+            f"{path}: checksum does not match the manifest (file changed?); put back the file "
+            "the artifact was saved with, or re-export it"
+        )
+    return data
+
+
 def _read_encoder(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """The artifact's encoder dict, checked against the manifest's checksum (artifacts
     written before it was recorded have none)."""
     path = directory / manifest["encoder"]
-    if not path.is_file():
-        raise ArtifactError(
-            f"{directory}: {manifest['encoder']} is listed in the manifest but missing"
-        )
-    data = path.read_bytes()
-    want = manifest.get("encoder_sha256")
-    if want is not None and sha256_bytes(data) != want:
-        raise ArtifactError(
-            f"{path}: checksum does not match the manifest (file changed?); put back the "
-            "encoder the artifact was saved with, or re-export it"
-        )
+    data = _read_listed(directory, manifest["encoder"], manifest.get("encoder_sha256"))
     try:
         encoder = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -352,11 +357,7 @@ def check_artifact(directory: Path | str) -> dict[str, Any]:
     listed = [(name, info["sha256"]) for name, info in manifest["files"].items()]
     listed += [(str(Path(a["path"]) / ADAPTER_WEIGHTS), a["sha256"]) for a in manifest["adapters"]]
     for name, want in listed:
-        path = directory / name
-        if not path.is_file():
-            raise ArtifactError(f"{directory}: {name} is listed in the manifest but missing")
-        if sha256_bytes(path.read_bytes()) != want:
-            raise ArtifactError(f"{path}: checksum does not match the manifest (file changed?)")
+        _read_listed(directory, name, want)
     if manifest.get("encoder"):
         _read_encoder(directory, manifest)
     return manifest
@@ -386,11 +387,7 @@ def load_artifact(directory: Path | str, map_location: str | torch.device = "cpu
     shared: dict[str, Tensor] = {}
     for name, info in manifest["files"].items():
         path = directory / name
-        if not path.is_file():
-            raise ArtifactError(f"{directory}: {name} is listed in the manifest but missing")
-        data = path.read_bytes()
-        if sha256_bytes(data) != info["sha256"]:
-            raise ArtifactError(f"{path}: checksum does not match the manifest (file changed?)")
+        data = _read_listed(directory, name, info["sha256"])
         tensors = load_safetensors_bytes(data, str(path))
         try:
             check_tensors(expected_tensors(info["tensors"]), tensors, str(path))
