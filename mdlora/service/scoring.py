@@ -272,13 +272,11 @@ class Predictor:
             )
         # a column counts as given where it has a value: an item the request or the feature
         # store gave no value for (not published, say) is scored with that feature missing
-        nothing = {c for c, vals in g.items.items() if all(v is None for v in vals)}
+        nones = {c: sum(v is None for v in vals) for c, vals in g.items.items()}  # one pass
+        nothing = {c for c, k in nones.items() if k == len(g.items[c])}
         nothing |= {c for c, v in user.items() if v is None and c not in g.items}
         missing = sorted(enc.columns - (given - nothing))
-        partly = {
-            c: sum(v is None for v in vals) for c, vals in g.items.items()
-            if c in enc.columns and c not in nothing and any(v is None for v in vals)
-        }  # fmt: skip
+        partly = {c: k for c, k in nones.items() if k and c in enc.columns and c not in nothing}
         if partly:
             shown = ", ".join(f"{c} for {k} of {g.n}" for c, k in sorted(partly.items())[:10])
             out.append(f"no value for item feature(s) {shown} items: scored as missing there")
