@@ -33,7 +33,6 @@ from mdlora.formats.adapter_package import (
     AdapterPackage,
     apply_adapter,
     backbone_bytes,
-    check_adapter_fits,
     make_adapter_package,
     read_adapter_package,
     write_adapter_package,
@@ -106,8 +105,9 @@ class Artifact:
         returns the domain's id.
 
         The in-process twin of registering a package with the service. All or nothing: the
-        package and its grown ids are checked against the model and the encoder before either
-        changes, so a refused package (``ArtifactError``) leaves the artifact as it was.
+        grown ids are checked against a copy of the encoder and the package against the model
+        before either changes, so a refused package (``ArtifactError``) leaves the artifact as
+        it was.
         ``max_rank``: refuse adapters of a higher rank. A package whose domain the model
         already has replaces that domain's adapter (and its grown ids, rows included).
         """
@@ -115,9 +115,8 @@ class Artifact:
         from mdlora.formats.encoder import FeatureEncoder
         from mdlora.formats.grown import place
 
-        check_adapter_fits(self.model, pkg, max_rank)
         encoder = None
-        if self.encoder is not None:
+        if self.encoder is not None:  # the encoder's change, made on a copy first
             encoder = FeatureEncoder.from_dict(self.encoder)
             domains = model_domains(self.model.config)
             if pkg.division not in domains:
@@ -132,7 +131,7 @@ class Artifact:
                 encoder.set_grown(pkg.division, pkg.domain, pkg.config.get(GROWN_VOCAB) or {})
             except ValueError as exc:
                 raise ArtifactError(f"adapter {pkg.division}/{pkg.domain}: {exc}") from None
-        domain_id = apply_adapter(self.model, pkg, max_rank)
+        domain_id = apply_adapter(self.model, pkg, max_rank)  # checks, then installs
         if encoder is not None:
             place(encoder, self.model)  # checked above: the rows and the ids agree
             self.encoder = encoder.to_dict()
